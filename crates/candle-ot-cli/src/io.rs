@@ -1,0 +1,81 @@
+//! Reading point clouds for `candle-ot distance`: `.npy`, `.safetensors` and `.csv`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// Reads a point cloud (N, D) or (B, N, D) as f64 on the CPU.
+///
+/// - `.npy`: any float array;
+/// - `.safetensors`: the tensor named `key` (default: `x` if present, else the only tensor);
+/// - `.csv`: one point per line, comma-separated numbers; a first line that does not parse
+///   is taken as a header.
+pub fn read_points(path: &Path, key: Option<&str>) -> Result<Tensor> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let t = match ext.as_str() {
+        "npy" => Tensor::read_npy(path)
+            .with_context(|| format!("cannot read {} as .npy", path.display()))?,
+        "safetensors" => {
+            let mut ts = candle_core::safetensors::load(path, &Device::Cpu)
+                .with_context(|| format!("cannot read {} as .safetensors", path.display()))?;
+            match key {
+                Some(k) => ts
+                    .remove(k)
+                    .ok_or_else(|| anyhow!("{} has no tensor {k:?}", path.display()))?,
+                None if ts.contains_key("x") => ts.remove("x").expect("checked"),
+                None if ts.len() == 1 => ts.into_values().next().expect("one tensor"),
+                None => bail!(
+                    "{} holds several tensors ({:?}): name one with --key",
+                    path.display(),
+                    ts.keys().collect::<Vec<_>>()
+                ),
+            }
+        }
+        "csv" | "txt" => read_csv(path)?,
+        _ => bail!(
+            "{}: unknown extension {ext:?}, expected .npy, .safetensors or .csv",
+            path.display()
+        ),
+    };
+    if !t.dtype().is_float() {
+        bail!("{}: points must be floating point, got {:?}", path.display(), t.dtype());
+    }
+    Ok(t.to_dtype(DType::F64)?)
+}
+
+fn read_csv(path: &Path) -> Result<Tensor> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed: Result<Vec<f64>, _> = line.split(',').map(|s| s.trim().parse::<f64>()).collect();
+        match parsed {
+            Ok(r) => rows.push(r),
+            Err(_) if rows.is_empty() && k == 0 => continue, // header
+            Err(e) => bail!("{}:{}: not a number ({e}): {line:?}", path.display(), k + 1),
+        }
+    }
+    let d = rows.first().map(|r| r.len()).unwrap_or(0);
+    if rows.is_empty() || d == 0 {
+        bail!("{}: no points", path.display());
+    }
+    if let Some(bad) = rows.iter().position(|r| r.len() != d) {
+        bail!(
+            "{}: row {} has {} columns, the first has {d}",
+            path.display(),
+            bad + 1,
+            rows[bad].len()
+        );
+    }
+    let n = rows.len();
+    let flat: Vec<f64> = rows.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, (n, d), &Device::Cpu)?)
+}

@@ -1,0 +1,78 @@
+//! # candle-ot
+//!
+//! Optimal-transport losses between weighted point clouds for the
+//! [Candle](https://github.com/huggingface/candle) ML framework: the Sinkhorn divergence,
+//! the Hausdorff divergence and kernel norms, with the options, defaults and numbers of
+//! GeomLoss 0.3.1's `SamplesLoss`, differentiable through Candle's autograd.
+//!
+//! ## The maths
+//!
+//! For measures `α = Σ_i a_i δ_{x_i}` and `β = Σ_j b_j δ_{y_j}`, a cost
+//! `C(x, y) = |x − y|^p / p` (p ∈ {1, 2}), ε = blur^p and, for unbalanced transport,
+//! ρ = reach^p, entropic optimal transport is
+//!
+//! ```text
+//! OT_ε(α, β) = min_{π ≥ 0} ⟨π, C⟩ + ε KL(π | α⊗β) + ρ KL(π1 | α) + ρ KL(πᵀ1 | β)
+//! ```
+//!
+//! (the last two terms replaced by the marginal constraints when balanced). Its dual
+//! potentials solve `f = λ softmin_ε(C, log b + g/ε)`, `g = λ softmin_ε(Cᵀ, log a + f/ε)` with
+//!
+//! ```text
+//! softmin_ε(C, h)_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε),      λ = 1 / (1 + ε/ρ)
+//! ```
+//!
+//! and the debiased Sinkhorn divergence is `S_ε(α, β) = OT_ε(α, β) − ½ OT_ε(α, α) − ½ OT_ε(β, β)`.
+//! [`sinkhorn`] runs GeomLoss's ε-scaling loop against any [`softmin::Softmin`];
+//! [`divergence`] turns potentials into values; [`kernel_loss`] has the kernel norms and the
+//! Hausdorff divergence.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use candle_ot::{Backend, Loss, SamplesLoss};
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let x = Var::from_tensor(&Tensor::rand(0f32, 1., (200, 3), &dev)?)?; // (N, D)
+//! let y = Tensor::rand(0f32, 1., (300, 3), &dev)?; // (M, D)
+//! let loss = SamplesLoss::builder(Loss::Sinkhorn)
+//!     .p(2)
+//!     .blur(0.05)
+//!     .scaling(0.5)
+//!     .backend(Backend::Online)
+//!     .build()?;
+//! let value = loss.forward(&x, &y)?; // a scalar tensor
+//! let grads = value.backward()?;
+//! let grad_x = grads.get(&x).expect("x is a variable"); // (N, D)
+//! assert_eq!(grad_x.dims(), &[200, 3]);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Backends
+//!
+//! - [`Backend::Tensorized`]: dense matrices, any device, O(N·M) memory.
+//! - [`Backend::Online`]: streaming custom ops with a `(max, sum)` log-sum-exp, O(N + M)
+//!   memory, multi-threaded and vectorised on the CPU.
+//! - [`Backend::Auto`]: online on the CPU, tensorized elsewhere.
+//!
+//! Inputs are f32 or f64 (f16/bf16 are computed in f32); batches are `(B, N, D)` with weights
+//! `(B, N)`. Errors are [`OtError`] values converted into [`candle_core::Error`].
+
+pub mod cost;
+pub mod divergence;
+pub mod error;
+pub mod kernel_loss;
+pub mod options;
+pub mod samples_loss;
+pub mod schedule;
+pub mod sinkhorn;
+pub mod softmin;
+mod threads;
+
+pub use cost::{CostKind, KernelKind};
+pub use error::OtError;
+pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
+pub use samples_loss::{SamplesLoss, Solution};
+pub use sinkhorn::{DualPotentials, SinkhornDiagnostics};
+pub use threads::{num_threads, set_num_threads};

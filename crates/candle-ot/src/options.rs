@@ -1,0 +1,258 @@
+//! Options of [`crate::SamplesLoss`]: GeomLoss's names, defaults and meanings, as a typed
+//! builder validated at build time.
+
+use crate::error::opt_err;
+use candle_core::Result;
+
+/// Which loss [`crate::SamplesLoss`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Loss {
+    /// The Sinkhorn divergence `S_ε` (debiased, the default) or the raw `OT_ε`.
+    #[default]
+    Sinkhorn,
+    /// The Hausdorff divergence built on the softmin at ε = blur^p.
+    Hausdorff,
+    /// The energy distance, kernel `k(x, y) = −|x − y|`.
+    Energy,
+    /// The Gaussian kernel norm, `k(x, y) = exp(−|x − y|² / 2σ²)`, σ = blur.
+    Gaussian,
+    /// The Laplacian kernel norm, `k(x, y) = exp(−|x − y| / σ)`, σ = blur.
+    Laplacian,
+}
+
+impl Loss {
+    /// GeomLoss's name of the loss.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Sinkhorn => "sinkhorn",
+            Loss::Hausdorff => "hausdorff",
+            Loss::Energy => "energy",
+            Loss::Gaussian => "gaussian",
+            Loss::Laplacian => "laplacian",
+        }
+    }
+
+    /// Whether this is a kernel-norm loss (energy, gaussian, laplacian).
+    pub fn is_kernel(self) -> bool {
+        matches!(self, Loss::Energy | Loss::Gaussian | Loss::Laplacian)
+    }
+}
+
+impl std::str::FromStr for Loss {
+    type Err = candle_core::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "sinkhorn" => Loss::Sinkhorn,
+            "hausdorff" => Loss::Hausdorff,
+            "energy" => Loss::Energy,
+            "gaussian" => Loss::Gaussian,
+            "laplacian" => Loss::Laplacian,
+            _ => {
+                return opt_err(
+                    "loss",
+                    format!(
+                        "expected sinkhorn, hausdorff, energy, gaussian or laplacian, got {s:?}"
+                    ),
+                )
+            }
+        })
+    }
+}
+
+/// How the reductions over all pairs (x_i, y_j) are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// Picks an exact backend: `Online` on the CPU, `Tensorized` on other devices (until
+    /// their streaming kernels exist).
+    #[default]
+    Auto,
+    /// Dense N×M matrices with Candle tensor ops; any device; O(N·M·D) memory.
+    Tensorized,
+    /// Streaming custom ops; O((N + M)·D) memory.
+    Online,
+    /// Coarse-to-fine clustering with kernel truncation (not available yet: an error).
+    Multiscale,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = candle_core::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Backend::Auto,
+            "tensorized" => Backend::Tensorized,
+            "online" => Backend::Online,
+            "multiscale" => Backend::Multiscale,
+            _ => {
+                return opt_err(
+                    "backend",
+                    format!("expected auto, tensorized, online or multiscale, got {s:?}"),
+                )
+            }
+        })
+    }
+}
+
+/// The validated options of a [`crate::SamplesLoss`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplesLossOptions {
+    /// The loss.
+    pub loss: Loss,
+    /// Exponent of the cost `|x − y|^p / p`: 1 or 2. Default 2.
+    pub p: u32,
+    /// Blur σ: ε = σ^p for Sinkhorn and Hausdorff, the kernel width for kernel losses.
+    /// Default 0.05.
+    pub blur: f64,
+    /// Reach: `None` for balanced OT (default), else the unbalanced OT with ρ = reach^p.
+    pub reach: Option<f64>,
+    /// Diameter of the data for the ε schedule; `None` (default) estimates it from the data.
+    pub diameter: Option<f64>,
+    /// Ratio between successive ε of the schedule, in (0, 1). Default 0.5.
+    pub scaling: f64,
+    /// Multiscale kernel truncation (in units of ε). Default 5.
+    pub truncate: f64,
+    /// Multiscale cluster size; `None` (default) picks it from the data.
+    pub cluster_scale: Option<f64>,
+    /// Debiased Sinkhorn divergence `S_ε` (default) or the raw `OT_ε`.
+    pub debias: bool,
+    /// The backend.
+    pub backend: Backend,
+    /// After the schedule, iterate at the last ε until `max_i |f̃_i − f_i|/ε < tol`. `None`
+    /// (default) runs GeomLoss's fixed schedule.
+    pub tol: Option<f64>,
+    /// The most extra iterations `tol` may take. Default 1000.
+    pub max_iter: usize,
+}
+
+impl Default for SamplesLossOptions {
+    fn default() -> Self {
+        Self {
+            loss: Loss::Sinkhorn,
+            p: 2,
+            blur: 0.05,
+            reach: None,
+            diameter: None,
+            scaling: 0.5,
+            truncate: 5.0,
+            cluster_scale: None,
+            debias: true,
+            backend: Backend::Auto,
+            tol: None,
+            max_iter: 1000,
+        }
+    }
+}
+
+impl SamplesLossOptions {
+    /// Checks every option; the error names the option, its range and the value received.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &'static str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                opt_err(name, format!("must be a finite number > 0, got {v}"))
+            }
+        };
+        if !(self.p == 1 || self.p == 2) {
+            return opt_err("p", format!("must be 1 or 2, got {}", self.p));
+        }
+        pos("blur", self.blur)?;
+        if let Some(r) = self.reach {
+            pos("reach", r)?;
+        }
+        if let Some(d) = self.diameter {
+            pos("diameter", d)?;
+        }
+        if !(self.scaling > 0.0 && self.scaling < 1.0) {
+            return opt_err(
+                "scaling",
+                format!("must be in the open interval (0, 1), got {}", self.scaling),
+            );
+        }
+        pos("truncate", self.truncate)?;
+        if let Some(c) = self.cluster_scale {
+            pos("cluster_scale", c)?;
+        }
+        if let Some(t) = self.tol {
+            pos("tol", t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builder of [`crate::SamplesLoss`]; `build` validates the options.
+#[derive(Clone, Debug, Default)]
+pub struct SamplesLossBuilder {
+    opts: SamplesLossOptions,
+}
+
+impl SamplesLossBuilder {
+    /// A builder with GeomLoss's defaults for `loss`.
+    pub fn new(loss: Loss) -> Self {
+        Self {
+            opts: SamplesLossOptions {
+                loss,
+                ..Default::default()
+            },
+        }
+    }
+    /// Cost exponent, 1 or 2 (default 2).
+    pub fn p(mut self, p: u32) -> Self {
+        self.opts.p = p;
+        self
+    }
+    /// Blur σ (default 0.05): ε = σ^p, or the kernel width.
+    pub fn blur(mut self, blur: f64) -> Self {
+        self.opts.blur = blur;
+        self
+    }
+    /// Reach of unbalanced OT, ρ = reach^p (default: balanced).
+    pub fn reach(mut self, reach: impl Into<Option<f64>>) -> Self {
+        self.opts.reach = reach.into();
+        self
+    }
+    /// Diameter for the ε schedule (default: estimated from the data).
+    pub fn diameter(mut self, diameter: impl Into<Option<f64>>) -> Self {
+        self.opts.diameter = diameter.into();
+        self
+    }
+    /// ε-scaling ratio in (0, 1) (default 0.5).
+    pub fn scaling(mut self, scaling: f64) -> Self {
+        self.opts.scaling = scaling;
+        self
+    }
+    /// Multiscale truncation (default 5).
+    pub fn truncate(mut self, truncate: f64) -> Self {
+        self.opts.truncate = truncate;
+        self
+    }
+    /// Multiscale cluster scale (default: from the data).
+    pub fn cluster_scale(mut self, cluster_scale: impl Into<Option<f64>>) -> Self {
+        self.opts.cluster_scale = cluster_scale.into();
+        self
+    }
+    /// Debiased `S_ε` (true, default) or raw `OT_ε` (false).
+    pub fn debias(mut self, debias: bool) -> Self {
+        self.opts.debias = debias;
+        self
+    }
+    /// The backend (default `Auto`).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.opts.backend = backend;
+        self
+    }
+    /// Iterate at the last ε until the update is below `tol` (units of ε).
+    pub fn tol(mut self, tol: impl Into<Option<f64>>) -> Self {
+        self.opts.tol = tol.into();
+        self
+    }
+    /// The most extra iterations for `tol` (default 1000).
+    pub fn max_iter(mut self, max_iter: usize) -> Self {
+        self.opts.max_iter = max_iter;
+        self
+    }
+    /// Validates the options.
+    pub fn build(self) -> Result<crate::SamplesLoss> {
+        self.opts.validate()?;
+        Ok(crate::SamplesLoss::from_options_unchecked(self.opts))
+    }
+}

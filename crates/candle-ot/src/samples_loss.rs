@@ -1,0 +1,485 @@
+//! The public front: shapes, weights, dtypes, batches, backend choice.
+
+use crate::cost::{CostKind, KernelKind};
+use crate::divergence::{sinkhorn_cost, sinkhorn_potentials};
+use crate::error::OtError;
+use crate::kernel_loss::{hausdorff_loss, kernel_loss};
+use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
+use crate::schedule::{epsilon_schedule, estimate_diameter};
+use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
+use crate::softmin::{Online, Softmin, Tensorized};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Losses between weighted point clouds `α = Σ_i a_i δ_{x_i}` and `β = Σ_j b_j δ_{y_j}`,
+/// with GeomLoss's options and numbers.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_ot::{Loss, SamplesLoss};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = Tensor::new(&[[0.0f64, 0.0], [1.0, 0.0], [0.0, 1.0]], &dev)?; // (N, D)
+/// let y = (&x + 0.25)?; // a translated copy
+/// let loss = SamplesLoss::builder(Loss::Sinkhorn).blur(0.01).build()?;
+/// let s = loss.forward(&x, &y)?.to_scalar::<f64>()?;
+/// // For a translation by t and a small blur, S_ε ≈ ½|t|² (p = 2).
+/// assert!((s - 0.0625).abs() < 1e-3);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplesLoss {
+    opts: SamplesLossOptions,
+}
+
+/// Everything [`SamplesLoss::solve`] computes. Tensors have no batch axis when the inputs
+/// had none.
+#[derive(Clone, Debug)]
+pub struct Solution {
+    /// The loss: a scalar, or (B,) for batched inputs. Differentiable.
+    pub loss: Tensor,
+    /// The potential F on x (detached): `f_ba − f_aa` (debiased) or `f_ba`; for kernel losses
+    /// `K_xx a − K_xy b`. (N,) or (B, N).
+    pub f: Tensor,
+    /// The potential G on y (detached). (M,) or (B, M).
+    pub g: Tensor,
+    /// Raw potential f_ba of OT_ε(α, β) (Sinkhorn only), detached.
+    pub f_ba: Option<Tensor>,
+    /// Raw potential g_ab of OT_ε(α, β) (Sinkhorn only), detached.
+    pub g_ab: Option<Tensor>,
+    /// Symmetric potential f_aa of OT_ε(α, α) (debiased Sinkhorn only), detached.
+    pub f_aa: Option<Tensor>,
+    /// Symmetric potential g_bb of OT_ε(β, β) (debiased Sinkhorn only), detached.
+    pub g_bb: Option<Tensor>,
+    /// ε = blur^p (Sinkhorn and Hausdorff).
+    pub eps: Option<f64>,
+    /// The backend that ran (never `Auto`).
+    pub backend: Backend,
+    /// What the Sinkhorn loop did (Sinkhorn only).
+    pub diagnostics: Option<SinkhornDiagnostics>,
+    plan: Option<PlanContext>,
+}
+
+#[derive(Clone, Debug)]
+struct PlanContext {
+    cost: CostKind,
+    x: Tensor,     // (B, N, D), detached
+    y: Tensor,     // (B, M, D), detached
+    log_b: Tensor, // (B, M)
+    f_ba: Tensor,  // (B, N)
+    g_ab: Tensor,  // (B, M)
+    batched: bool,
+}
+
+/// Inputs after validation: batched, in the compute dtype.
+struct Prepared {
+    a: Tensor, // (B, N)
+    x: Tensor, // (B, N, D)
+    b: Tensor, // (B, M)
+    y: Tensor, // (B, M, D)
+    batched: bool,
+    in_dtype: DType,
+}
+
+fn shape_err(name: &'static str, expected: impl Into<String>, t: &Tensor) -> candle_core::Error {
+    OtError::Shape {
+        name,
+        expected: expected.into(),
+        got: t.dims().to_vec(),
+    }
+    .into()
+}
+
+/// Sum of `t * 0`: NaN when `t` holds a NaN or an infinity. One reduction, one scalar read.
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let s = (t.detach() * 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(s == 0.0)
+}
+
+impl SamplesLoss {
+    /// The loss with all of GeomLoss's defaults.
+    pub fn new(loss: Loss) -> Self {
+        Self {
+            opts: SamplesLossOptions {
+                loss,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A builder for the options.
+    pub fn builder(loss: Loss) -> SamplesLossBuilder {
+        SamplesLossBuilder::new(loss)
+    }
+
+    /// From options, validated.
+    pub fn from_options(opts: SamplesLossOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self { opts })
+    }
+
+    pub(crate) fn from_options_unchecked(opts: SamplesLossOptions) -> Self {
+        Self { opts }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &SamplesLossOptions {
+        &self.opts
+    }
+
+    /// The loss between uniformly weighted clouds: x (N, D) or (B, N, D), y (M, D) or (B, M, D).
+    /// Returns a scalar, or (B,).
+    pub fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(self.run(None, x, None, y, false)?.loss)
+    }
+
+    /// The loss between weighted clouds: a (N,) or (B, N), x (N, D) or (B, N, D), b and y alike.
+    pub fn forward_weighted(&self, a: &Tensor, x: &Tensor, b: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(self.run(Some(a), x, Some(b), y, false)?.loss)
+    }
+
+    /// The potentials (F, G), as GeomLoss's `potentials=True` returns them. Weights default to
+    /// uniform.
+    pub fn potentials(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = self.run(a, x, b, y, true)?;
+        Ok((s.f, s.g))
+    }
+
+    /// Loss, potentials and diagnostics in one run. Weights default to uniform.
+    pub fn solve(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Solution> {
+        self.run(a, x, b, y, true)
+    }
+
+    /// The backend `Auto` resolves to on `device` (an error for unavailable combinations).
+    pub fn resolve_backend(&self, device: &Device) -> Result<Backend> {
+        match self.opts.backend {
+            Backend::Auto => Ok(if device.is_cpu() {
+                Backend::Online
+            } else {
+                Backend::Tensorized
+            }),
+            Backend::Multiscale => Err(OtError::Unsupported(
+                "the multiscale backend is not implemented yet; use Backend::Online or Backend::Tensorized".into(),
+            )
+            .into()),
+            Backend::Online if !device.is_cpu() => Err(OtError::Unsupported(format!(
+                "the online backend has no kernels for {:?} yet; use Backend::Tensorized",
+                device.location()
+            ))
+            .into()),
+            b => Ok(b),
+        }
+    }
+
+    fn prepare(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Prepared> {
+        let batched = match (x.rank(), y.rank()) {
+            (2, 2) => false,
+            (3, 3) => true,
+            (2 | 3, _) => return Err(shape_err("y", format!("(M, D) or (B, M, D) like x {:?}", x.dims()), y)),
+            _ => return Err(shape_err("x", "(N, D) or (B, N, D)", x)),
+        };
+        if !x.device().same_device(y.device()) {
+            return Err(OtError::Mismatch(format!(
+                "x and y must be on the same device, got {:?} and {:?}",
+                x.device().location(),
+                y.device().location()
+            ))
+            .into());
+        }
+        let (x, y) = if batched {
+            (x.clone(), y.clone())
+        } else {
+            (x.unsqueeze(0)?, y.unsqueeze(0)?)
+        };
+        let (bx, n, d) = x.dims3()?;
+        let (by, m, dy) = y.dims3()?;
+        if bx != by {
+            return Err(OtError::Mismatch(format!(
+                "x and y must have the same batch size, got x {:?} and y {:?}",
+                x.dims(),
+                y.dims()
+            ))
+            .into());
+        }
+        if d != dy {
+            return Err(OtError::Mismatch(format!(
+                "x and y must have the same dimension D, got x {:?} and y {:?}",
+                x.dims(),
+                y.dims()
+            ))
+            .into());
+        }
+        if n == 0 || d == 0 || bx == 0 {
+            return Err(OtError::Empty { name: "x", got: x.dims().to_vec() }.into());
+        }
+        if m == 0 {
+            return Err(OtError::Empty { name: "y", got: y.dims().to_vec() }.into());
+        }
+        let in_dtype = x.dtype();
+        let dtype = match (x.dtype(), y.dtype()) {
+            (DType::F64, DType::F64) => DType::F64,
+            (DType::F32 | DType::F16 | DType::BF16, DType::F32 | DType::F16 | DType::BF16) => {
+                DType::F32
+            }
+            (dx, dy) => {
+                return Err(OtError::Unsupported(format!(
+                    "x and y must be floating point of the same precision (f64, or f32/f16/bf16), got {dx:?} and {dy:?}"
+                ))
+                .into())
+            }
+        };
+        if dtype == DType::F64 && x.device().is_metal() {
+            return Err(OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into());
+        }
+        let x = x.to_dtype(dtype)?;
+        let y = y.to_dtype(dtype)?;
+        if !all_finite(&x)? {
+            return Err(OtError::NonFinite { name: "x" }.into());
+        }
+        if !all_finite(&y)? {
+            return Err(OtError::NonFinite { name: "y" }.into());
+        }
+        let weights = |w: Option<&Tensor>, name: &'static str, k: usize| -> Result<Tensor> {
+            let w = match w {
+                None => return Tensor::full(1.0 / k as f64, (bx, k), x.device())?.to_dtype(dtype),
+                Some(w) => w,
+            };
+            let expected = if batched {
+                format!("({bx}, {k}) to match the points")
+            } else {
+                format!("({k},) to match the points")
+            };
+            let w = match (batched, w.dims()) {
+                (false, [kk]) if *kk == k => w.unsqueeze(0)?,
+                (true, [bb, kk]) if *bb == bx && *kk == k => w.clone(),
+                _ => return Err(shape_err(name, expected, w)),
+            };
+            if !w.device().same_device(x.device()) {
+                return Err(OtError::Mismatch(format!(
+                    "{name} must be on the device of the points, got {:?}",
+                    w.device().location()
+                ))
+                .into());
+            }
+            let w = w.to_dtype(dtype)?;
+            if !all_finite(&w)? {
+                return Err(OtError::NonFinite { name }.into());
+            }
+            let min = w.detach().flatten_all()?.min(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if min < 0.0 {
+                return Err(OtError::Weights {
+                    name,
+                    reason: format!("weights must be >= 0, got a minimum of {min}"),
+                }
+                .into());
+            }
+            let sums = w.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if let Some(i) = sums.iter().position(|s| *s <= 0.0) {
+                return Err(OtError::Weights {
+                    name,
+                    reason: format!("weights of batch item {i} sum to 0: at least one must be positive"),
+                }
+                .into());
+            }
+            Ok(w)
+        };
+        let a = weights(a, "a", n)?;
+        let b = weights(b, "b", m)?;
+        if self.opts.loss == Loss::Sinkhorn && self.opts.reach.is_none() {
+            let sa = a.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let sb = b.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for (i, (sa, sb)) in sa.iter().zip(&sb).enumerate() {
+                if (sa - sb).abs() > 1e-5 * sa.max(*sb) {
+                    return Err(OtError::Weights {
+                        name: "a, b",
+                        reason: format!(
+                            "balanced OT needs equal total masses, got {sa} and {sb} (batch item {i}); normalise the weights or set a reach"
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(Prepared {
+            a,
+            x,
+            b,
+            y,
+            batched,
+            in_dtype,
+        })
+    }
+
+    fn run(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+        want_potentials: bool,
+    ) -> Result<Solution> {
+        let prep = self.prepare(a, x, b, y)?;
+        let backend = self.resolve_backend(prep.x.device())?;
+        let cost = CostKind::from_p(self.opts.p).expect("validated p");
+        let mut sol = match backend {
+            Backend::Tensorized => self.run_with(&Tensorized { cost }, &prep, want_potentials)?,
+            Backend::Online => self.run_with(&Online { cost }, &prep, want_potentials)?,
+            Backend::Auto | Backend::Multiscale => unreachable!("resolved above"),
+        };
+        sol.backend = backend;
+        if !prep.batched {
+            sol.loss = sol.loss.squeeze(0)?;
+            sol.f = sol.f.squeeze(0)?;
+            sol.g = sol.g.squeeze(0)?;
+            for t in [&mut sol.f_ba, &mut sol.g_ab, &mut sol.f_aa, &mut sol.g_bb]
+                .into_iter()
+                .flatten()
+            {
+                *t = t.squeeze(0)?;
+            }
+        }
+        if sol.loss.dtype() != prep.in_dtype {
+            sol.loss = sol.loss.to_dtype(prep.in_dtype)?;
+        }
+        Ok(sol)
+    }
+
+    fn run_with<S: Softmin>(&self, backend: &S, p: &Prepared, want_potentials: bool) -> Result<Solution> {
+        let o = &self.opts;
+        let pf = o.p as f64;
+        let eps = o.blur.powf(pf);
+        let rho = o.reach.map(|r| r.powf(pf));
+        let log = |w: &Tensor| w.detach().log(); // log 0 = −∞: zero weights are masked.
+        let solution = |loss, f: Tensor, g: Tensor, eps, diagnostics| Solution {
+            loss,
+            f,
+            g,
+            f_ba: None,
+            g_ab: None,
+            f_aa: None,
+            g_bb: None,
+            eps,
+            backend: o.backend,
+            diagnostics,
+            plan: None,
+        };
+        match o.loss {
+            Loss::Sinkhorn => {
+                let diameter = match o.diameter {
+                    Some(d) => d,
+                    None => estimate_diameter(&p.x, &p.y)?,
+                };
+                let params = LoopParams {
+                    eps_list: epsilon_schedule(o.p, diameter, o.blur, o.scaling),
+                    rho,
+                    debias: o.debias,
+                    tol: o.tol,
+                    max_iter: o.max_iter,
+                };
+                let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
+                let (pot, diag) = sinkhorn_loop(backend, &p.x, &p.y, &log_a, &log_b, &params)?;
+                let loss = sinkhorn_cost(&p.a, &p.b, &pot, eps, rho)?;
+                let (f, g) = sinkhorn_potentials(&pot)?;
+                let mut sol = solution(loss, f.detach(), g.detach(), Some(eps), Some(diag));
+                sol.f_ba = Some(pot.f_ba.detach());
+                sol.g_ab = Some(pot.g_ab.detach());
+                sol.f_aa = pot.f_aa.map(|t| t.detach());
+                sol.g_bb = pot.g_bb.map(|t| t.detach());
+                sol.plan = Some(PlanContext {
+                    cost: CostKind::from_p(o.p).expect("validated p"),
+                    x: p.x.detach(),
+                    y: p.y.detach(),
+                    log_b,
+                    f_ba: pot.f_ba.detach(),
+                    g_ab: pot.g_ab.detach(),
+                    batched: p.batched,
+                });
+                Ok(sol)
+            }
+            Loss::Hausdorff => {
+                let (loss, f, g) = hausdorff_loss(
+                    backend,
+                    eps,
+                    rho,
+                    &p.a,
+                    &p.x,
+                    &log(&p.a)?,
+                    &p.b,
+                    &p.y,
+                    &log(&p.b)?,
+                )?;
+                Ok(solution(loss, f, g, Some(eps), None))
+            }
+            Loss::Energy | Loss::Gaussian | Loss::Laplacian => {
+                let kind = match o.loss {
+                    Loss::Energy => KernelKind::Energy,
+                    Loss::Gaussian => KernelKind::Gaussian,
+                    _ => KernelKind::Laplacian,
+                };
+                let _ = want_potentials;
+                let (loss, f, g) = kernel_loss(backend, kind, o.blur, &p.a, &p.x, &p.b, &p.y)?;
+                Ok(solution(loss, f, g, None, None))
+            }
+        }
+    }
+}
+
+impl Solution {
+    /// Soft transfer of values through the transport plan of `OT_ε(α, β)`:
+    ///
+    /// ```text
+    /// out_i = Σ_j π_ij v_j / a_i = Σ_j b_j exp((f_ba,i + g_ab,j − C(x_i, y_j)) / ε) v_j
+    /// ```
+    ///
+    /// built from the raw potentials f_ba, g_ab (never the debiased F, G), streamed (online) or
+    /// dense (tensorized) like the loss. v (M, K) or (B, M, K) → (N, K) or (B, N, K).
+    /// Sinkhorn losses only.
+    pub fn transfer(&self, v: &Tensor) -> Result<Tensor> {
+        let ctx = self.plan.as_ref().ok_or_else(|| {
+            candle_core::Error::from(OtError::Unsupported(
+                "a transport plan exists for the sinkhorn loss only".into(),
+            ))
+        })?;
+        let eps = self.eps.expect("sinkhorn has eps");
+        let (_, m, _) = ctx.y.dims3()?;
+        let v = if ctx.batched { v.clone() } else { v.unsqueeze(0)? };
+        if v.rank() != 3 || v.dim(0)? != ctx.y.dim(0)? || v.dim(1)? != m {
+            return Err(shape_err(
+                "v",
+                format!("(M, K) or (B, M, K) with M = {m}"),
+                &v,
+            ));
+        }
+        let v = v.to_dtype(ctx.x.dtype())?;
+        let h = (&ctx.log_b + (&ctx.g_ab / eps)?)?; // (B, M)
+        let out = match self.backend {
+            Backend::Online => Online { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?,
+            _ => Tensorized { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?,
+        };
+        if ctx.batched {
+            Ok(out)
+        } else {
+            out.squeeze(0)
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The ε-scaling schedule, the diameter estimate and the unbalanced dampening, exactly as
+//! GeomLoss 0.3.1 computes them.
+
+use candle_core::{Result, Tensor};
+
+/// The diameter of `x ∪ y`: the Euclidean length of the diagonal of their common bounding box,
+/// over all batch items together (GeomLoss's `max_diameter`). x (.., D), y (.., D).
+pub fn estimate_diameter(x: &Tensor, y: &Tensor) -> Result<f64> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let pts = Tensor::cat(&[x.reshape(((), d))?, y.reshape(((), d))?], 0)?; // (B·N + B·M, D)
+    let pts = pts.detach().to_dtype(candle_core::DType::F64)?;
+    let lo = pts.min(0)?.to_vec1::<f64>()?;
+    let hi = pts.max(0)?.to_vec1::<f64>()?;
+    Ok(lo
+        .iter()
+        .zip(&hi)
+        .map(|(l, h)| (h - l) * (h - l))
+        .sum::<f64>()
+        .sqrt())
+}
+
+/// GeomLoss's ε list:
+///
+/// ```text
+/// [diameter^p] + [exp(e) for e in numpy.arange(p·ln(diameter), p·ln(blur), p·ln(scaling))] + [blur^p]
+/// ```
+///
+/// `diameter^p` appears twice (once alone, once as the first value of the `arange`). The
+/// `arange` is reproduced to the last bit: numpy computes `len = ceil((stop − start)/step)`
+/// and the values `start + i·δ` with `δ = (start + step) − start`.
+///
+/// When the diameter is 0 (all points identical), the schedule is the single value `blur^p`.
+pub fn epsilon_schedule(p: u32, diameter: f64, blur: f64, scaling: f64) -> Vec<f64> {
+    let pf = p as f64;
+    let blur_p = blur.powf(pf);
+    if diameter <= 0.0 || !diameter.is_finite() {
+        return vec![blur_p];
+    }
+    let start = pf * diameter.ln();
+    let stop = pf * blur.ln();
+    let step = pf * scaling.ln();
+    let mut eps = vec![diameter.powf(pf)];
+    let len = ((stop - start) / step).ceil();
+    if len > 0.0 {
+        let len = len as usize;
+        let delta = (start + step) - start;
+        for i in 0..len {
+            let e = if i == 0 { start } else { start + (i as f64) * delta };
+            eps.push(e.exp());
+        }
+    }
+    eps.push(blur_p);
+    eps
+}
+
+/// The dampening factor `λ(ε) = 1 / (1 + ε/ρ)` of unbalanced OT (1 when balanced).
+pub fn dampening(eps: f64, rho: Option<f64>) -> f64 {
+    match rho {
+        None => 1.0,
+        Some(rho) => 1.0 / (1.0 + eps / rho),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_repeats_the_diameter_and_ends_at_blur() {
+        let e = epsilon_schedule(2, 2.0, 0.05, 0.5);
+        assert_eq!(e[0], 4.0);
+        assert!((e[1] - 4.0).abs() < 1e-12);
+        assert_eq!(*e.last().unwrap(), 0.05f64.powi(2));
+        // arange(ln 4, ln 0.0025, ln 0.25): ceil(ln(1600)/ln 4) = ceil(5.32) = 6 values.
+        assert_eq!(e.len(), 1 + 6 + 1);
+    }
+
+    #[test]
+    fn zero_diameter_gives_a_single_blur() {
+        assert_eq!(epsilon_schedule(1, 0.0, 0.1, 0.5), vec![0.1]);
+    }
+
+    #[test]
+    fn diameter_below_blur_skips_the_arange() {
+        assert_eq!(epsilon_schedule(1, 0.01, 0.1, 0.5), vec![0.01, 0.1]);
+    }
+}

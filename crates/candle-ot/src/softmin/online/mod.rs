@@ -1,0 +1,381 @@
+//! The online (streaming) backend: Candle custom ops that never materialise an N×M matrix.
+//!
+//! Candle's custom ops take at most three tensors. The softmin needs three (`x`, `y`, `h`)
+//! and is a [`CustomOp3`]; the reductions of its backward need five (`x`, `y`, `h`, the
+//! output `f`, the incoming gradient) and take them *packed*: one tensor of rows
+//! `[x_i, α_i]` and one of columns `[y_j, β_j, w_j…]`, built with a `cat` on the last axis.
+//! This keeps each reduction one pass over the pairs, with the per-point scalars next to the
+//! coordinates they go with (one cache line), and needs no change to Candle.
+//!
+//! Ops (each a private struct, with `cpu_fwd`; CUDA and Metal paths are filled by the kernel
+//! issues and until then return Candle's "no cuda/metal implementation" error):
+//! - `SoftminOp`: `(x, y, h) ↦ f`, `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`, with a `bwd`
+//!   that streams the gradients with respect to all three inputs;
+//! - `LseWeightedOp`: packed softmax-weighted sums, used by that `bwd` and by plan application;
+//! - `KernelProductOp`: `(x, y, b) ↦ Σ_j k(x_i, y_j) b_j` with a streaming `bwd`;
+//! - `KernelSumsOp`: the packed sums of that `bwd`.
+
+pub(crate) mod cpu;
+pub(crate) mod real;
+
+pub use cpu::{simd_level, SimdLevel};
+
+use crate::cost::{CostKind, KernelKind};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor,
+};
+use cpu::Weighted;
+
+fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("candle-ot: online op inputs must be contiguous"),
+    }
+}
+
+fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
+    match l.shape().dims() {
+        &[b, n, d] => Ok((b, n, d)),
+        d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// `(x, y, h) ↦ f`, `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`.
+/// x (B, N, D), y (B, M, D), h (B, M) → f (B, N).
+#[derive(Clone, Debug)]
+struct SoftminOp {
+    cost: CostKind,
+    eps: f64,
+}
+
+impl CustomOp3 for SoftminOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-softmin"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = dims3(l1, "x")?;
+        let (_, m, _) = dims3(l2, "y")?;
+        if l3.shape().dims() != [b, m] {
+            candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
+        }
+        fn run<T: real::Real + candle_core::WithDType>(
+            op: &SoftminOp,
+            s: [(&CpuStorage, &Layout); 3],
+            dims: (usize, usize, usize, usize),
+        ) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s[0].0, s[0].1)?;
+            let y = contiguous::<T>(s[1].0, s[1].1)?;
+            let h = contiguous::<T>(s[2].0, s[2].1)?;
+            let mut out = vec![T::ZERO; dims.0 * dims.1];
+            cpu::softmin(op.cost, op.eps, x, y, h, dims, &mut out);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let s = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(self, s, (b, n, m, d))?,
+            DType::F64 => run::<f64>(self, s, (b, n, m, d))?,
+            dt => candle_core::bail!("candle-ot softmin: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        h: &Tensor,
+        f: &Tensor,
+        grad_f: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // π_ij = exp(h_j + f_i/ε − C_ij/ε): the softmax weights of row i (rows sum to 1).
+        let eps = self.eps;
+        let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
+        let grad_x = {
+            // Σ_j π_ij ∇₁C(x_i, y_j), times grad_f_i.
+            let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
+            let ones = h.ones_like()?.unsqueeze(2)?;
+            let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
+            let s = lse_weighted(self.cost, eps, &rows, &cols, Weighted::Grad { with_mass: false })?;
+            s.broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
+        };
+        let (grad_y, grad_h) = if y.track_op() || h.track_op() {
+            // Σ_i g_i π_ij [∇₁C(y_j, x_i), 1]: ∂f_i/∂y_j = π_ij ∇₁C(y_j, x_i), ∂f_i/∂h_j = −ε π_ij.
+            let d = x.dim(2)?;
+            let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
+            let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
+            let s = lse_weighted(self.cost, eps, &rows, &cols, Weighted::Grad { with_mass: true })?;
+            let gy = s.narrow(2, 0, d)?; // (B, M, D)
+            let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
+            (Some(gy), Some(gh))
+        } else {
+            (None, None)
+        };
+        Ok((Some(grad_x), grad_y, grad_h))
+    }
+}
+
+/// Streaming softmin `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`, differentiable with respect
+/// to `x`, `y` and `h`. x (B, N, D), y (B, M, D), h (B, M) → (B, N).
+pub fn softmin(cost: CostKind, eps: f64, x: &Tensor, y: &Tensor, h: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&y.contiguous()?, &h.contiguous()?, SoftminOp { cost, eps })
+}
+
+/// Same as [`softmin`], outside the autograd graph (for the loop's inner iterations).
+pub(crate) fn softmin_no_bwd(
+    cost: CostKind,
+    eps: f64,
+    x: &Tensor,
+    y: &Tensor,
+    h: &Tensor,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&y.contiguous()?, &h.contiguous()?, &SoftminOp { cost, eps })
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// Packed softmax-weighted sums, see [`cpu::lse_weighted`].
+#[derive(Clone, Debug)]
+struct LseWeightedOp {
+    cost: CostKind,
+    eps: f64,
+    mode: Weighted,
+}
+
+impl CustomOp2 for LseWeightedOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-lse-weighted"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d1) = dims3(l1, "rows")?;
+        let (_, m, _) = dims3(l2, "cols")?;
+        let d = d1 - 1;
+        let od = self.mode.out_dim(d);
+        fn run<T: real::Real + candle_core::WithDType>(
+            op: &LseWeightedOp,
+            s: [(&CpuStorage, &Layout); 2],
+            dims: (usize, usize, usize),
+            len: usize,
+        ) -> Result<CpuStorage> {
+            let rows = contiguous::<T>(s[0].0, s[0].1)?;
+            let cols = contiguous::<T>(s[1].0, s[1].1)?;
+            let mut out = vec![T::ZERO; len];
+            cpu::lse_weighted(op.cost, op.eps, rows, cols, dims, op.mode, &mut out);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let s = [(s1, l1), (s2, l2)];
+        let len = b * n * od;
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(self, s, (n, m, d), len)?,
+            DType::F64 => run::<f64>(self, s, (n, m, d), len)?,
+            dt => candle_core::bail!("candle-ot: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, n, od))))
+    }
+}
+
+pub(crate) fn lse_weighted(
+    cost: CostKind,
+    eps: f64,
+    rows: &Tensor,
+    cols: &Tensor,
+    mode: Weighted,
+) -> Result<Tensor> {
+    rows.contiguous()?
+        .apply_op2_no_bwd(&cols.contiguous()?, &LseWeightedOp { cost, eps, mode })
+}
+
+/// Streaming plan application `out_i = Σ_j exp(f_i/ε + h_j − C(x_i, y_j)/ε) v_j`.
+/// x (B, N, D), f (B, N), y (B, M, D), h (B, M), v (B, M, K) → (B, N, K).
+pub(crate) fn plan_apply(
+    cost: CostKind,
+    eps: f64,
+    x: &Tensor,
+    f: &Tensor,
+    y: &Tensor,
+    h: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor> {
+    let k = v.dim(2)?;
+    let rows = Tensor::cat(&[x, &(f / eps)?.unsqueeze(2)?], 2)?; // (B, N, D+1)
+    let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, v], 2)?; // (B, M, D+1+K)
+    lse_weighted(cost, eps, &rows, &cols, Weighted::Values { k })
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// `(x, y, b) ↦ u`, `u_i = Σ_j k(x_i, y_j) b_j`. x (B, N, D), y (B, M, D), b (B, M) → (B, N).
+#[derive(Clone, Debug)]
+struct KernelProductOp {
+    kind: KernelKind,
+    sigma: f64,
+}
+
+impl CustomOp3 for KernelProductOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-kernel-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = dims3(l1, "x")?;
+        let (_, m, _) = dims3(l2, "y")?;
+        if l3.shape().dims() != [b, m] {
+            candle_core::bail!("candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {l3:?}")
+        }
+        fn run<T: real::Real + candle_core::WithDType>(
+            op: &KernelProductOp,
+            s: [(&CpuStorage, &Layout); 3],
+            (b, n, m, d): (usize, usize, usize, usize),
+        ) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s[0].0, s[0].1)?;
+            let y = contiguous::<T>(s[1].0, s[1].1)?;
+            let w = contiguous::<T>(s[2].0, s[2].1)?;
+            // Pack [y_j, b_j] once: O(M·D), the layout the sum streams over.
+            let mut cols = Vec::with_capacity(b * m * (d + 1));
+            for (yj, wj) in y.chunks(d).zip(w) {
+                cols.extend_from_slice(yj);
+                cols.push(*wj);
+            }
+            let mut out = vec![T::ZERO; b * n];
+            cpu::kernel_sums(op.kind, op.sigma, x, &cols, (n, m, d), false, &mut out);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let s = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(self, s, (b, n, m, d))?,
+            DType::F64 => run::<f64>(self, s, (b, n, m, d))?,
+            dt => candle_core::bail!("candle-ot kernel product: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        b: &Tensor,
+        _u: &Tensor,
+        grad_u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(2)?;
+        let grad_x = if x.track_op() {
+            let cols = Tensor::cat(&[y, &b.unsqueeze(2)?], 2)?; // (B, M, D+1)
+            let s = kernel_sums(self.kind, self.sigma, x, &cols, true)?; // (B, N, D+1)
+            Some(s.narrow(2, 0, d)?.broadcast_mul(&grad_u.unsqueeze(2)?)?)
+        } else {
+            None
+        };
+        let (grad_y, grad_b) = if y.track_op() || b.track_op() {
+            let cols = Tensor::cat(&[x, &grad_u.unsqueeze(2)?], 2)?; // (B, N, D+1)
+            let s = kernel_sums(self.kind, self.sigma, y, &cols, true)?; // (B, M, D+1)
+            let gy = s.narrow(2, 0, d)?.broadcast_mul(&b.unsqueeze(2)?)?;
+            let gb = s.narrow(2, d, 1)?.squeeze(2)?;
+            (Some(gy), Some(gb))
+        } else {
+            (None, None)
+        };
+        Ok((grad_x, grad_y, grad_b))
+    }
+}
+
+/// Streaming kernel product `u_i = Σ_j k(x_i, y_j) b_j`, differentiable in x, y and b.
+/// x (B, N, D), y (B, M, D), b (B, M) → (B, N).
+pub fn kernel_product(
+    kind: KernelKind,
+    sigma: f64,
+    x: &Tensor,
+    y: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &y.contiguous()?,
+        &b.contiguous()?,
+        KernelProductOp { kind, sigma },
+    )
+}
+
+/// Packed kernel sums `[Σ_c w_c ∇₁k(p_r, q_c), Σ_c w_c k(p_r, q_c)]`.
+#[derive(Clone, Debug)]
+struct KernelSumsOp {
+    kind: KernelKind,
+    sigma: f64,
+    grad: bool,
+}
+
+impl CustomOp2 for KernelSumsOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-kernel-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = dims3(l1, "rows")?;
+        let (_, m, _) = dims3(l2, "cols")?;
+        let od = if self.grad { d + 1 } else { 1 };
+        fn run<T: real::Real + candle_core::WithDType>(
+            op: &KernelSumsOp,
+            s: [(&CpuStorage, &Layout); 2],
+            dims: (usize, usize, usize),
+            len: usize,
+        ) -> Result<CpuStorage> {
+            let rows = contiguous::<T>(s[0].0, s[0].1)?;
+            let cols = contiguous::<T>(s[1].0, s[1].1)?;
+            let mut out = vec![T::ZERO; len];
+            cpu::kernel_sums(op.kind, op.sigma, rows, cols, dims, op.grad, &mut out);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let s = [(s1, l1), (s2, l2)];
+        let len = b * n * od;
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(self, s, (n, m, d), len)?,
+            DType::F64 => run::<f64>(self, s, (n, m, d), len)?,
+            dt => candle_core::bail!("candle-ot: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, n, od))))
+    }
+}
+
+fn kernel_sums(
+    kind: KernelKind,
+    sigma: f64,
+    rows: &Tensor,
+    cols: &Tensor,
+    grad: bool,
+) -> Result<Tensor> {
+    rows.contiguous()?
+        .apply_op2_no_bwd(&cols.contiguous()?, &KernelSumsOp { kind, sigma, grad })
+}

@@ -1,0 +1,349 @@
+// candle-ot CUDA kernels: shared core (streaming log-sum-exp and kernel sums over point clouds).
+//
+// This header is self-contained (no system headers), so it compiles under both nvcc and NVRTC.
+// `softmin.cu` and `kernel_sums.cu` include it only when `CANDLE_OT_COMMON_CUH` is not yet defined:
+// the Rust crate `candle-ot-kernels` ships each .cu with this header prepended, so runtime
+// compilation needs no include path.
+//
+// ---------------------------------------------------------------------------------------------
+// One algorithm for every entry point ("row reduction"):
+//   * a ROW set (the points whose output row is computed) and an OTHER set (the points reduced
+//     over), e.g. rows = x_i and others = y_j for softmin, rows = y_j and others = x_i for grad_y;
+//   * per (row r, other q): squared distance sq = sum_d (p_r,d - p_q,d)^2 from DIRECT differences
+//     (never |x|^2 + |y|^2 - 2 x.y), then either
+//       - log domain (softmin family): z = a_q - C(sq)/eps, accumulated with a running (max, sum)
+//         pair: (m, s) <- push z: if z > m { s = s*exp(m - z) + u; m = z } else s += exp(z - m) u,
+//         which only ever exponentiates a non-positive, shifted value; or
+//       - linear (kernel sums): acc += w_q k(sq) u.
+//   * the OTHER set streams through shared memory in tiles of OT_TILE points (fewer when D > 8,
+//     so that a tile holds at most OT_TILE_ELEMS coordinates);
+//   * LANES = blockDim.x threads cooperate on one row (each takes every LANES-th point of a tile);
+//     their partial states are merged at the end with the associative combine
+//       (m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M)),  M = max(m, m'),
+//     where an operand with m = -inf contributes 0 (two -inf maxima give (-inf, 0), never NaN).
+//   * vector outputs (gradients: D columns, plan_apply: K columns) are accumulated OT_CH columns per
+//     pass (a compile-time D <= 8 fits in one pass); extra passes recompute the distances.
+//
+// Launch configuration (every entry point):
+//   block = (LANES, ROWS, 1): LANES in {1, 2, 4, 8, 16, 32} threads per output row, ROWS rows per
+//           block, LANES * ROWS <= OT_MAX_BLOCK (256) and a multiple of 32 (warp shuffles use the
+//           full mask). Recommended: LANES * ROWS = 256.
+//   grid  = (ceil(R / ROWS), B, 1), R = number of output rows (N for x-side outputs, M for y-side).
+//   shared memory: static only (launch with 0 bytes of dynamic shared memory).
+//   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
+//      A larger D fills the output with NaN.
+//
+// Exponentials: f32 uses __expf (ex2.approx) for the shifted terms exp(t), t <= 0: its error
+// (2 + 1.2|t|) ulp is relative to e^t, so a term's absolute error is at most ~2.5 ulp of the
+// largest term of the sum; the final log / exp use the accurate logf / expf. f64 uses exp / log.
+// ---------------------------------------------------------------------------------------------
+#ifndef CANDLE_OT_COMMON_CUH
+#define CANDLE_OT_COMMON_CUH
+
+#ifndef OT_TILE
+#define OT_TILE 256u         // max OTHER points per shared tile
+#endif
+#ifndef OT_TILE_ELEMS
+#define OT_TILE_ELEMS 2048u  // max coordinates per shared tile (= OT_TILE * 8), also max D
+#endif
+#define OT_CH 8              // vector output columns per pass (generic D, plan_apply's K)
+#define OT_MAX_BLOCK 256     // max threads per block (launch bound)
+
+// Operations and costs (compile-time tags).
+#define OT_OP_SOFTMIN 0
+#define OT_OP_GRAD_X 1
+#define OT_OP_GRAD_Y 2
+#define OT_OP_PLAN 3
+#define OT_OP_KPROD 4
+#define OT_OP_KGRAD_X 5
+#define OT_OP_KGRAD_Y 6
+
+#define OT_COST_SQE 0     // C = |x-y|^2 / 2
+#define OT_COST_EUC 1     // C = |x-y|
+#define OT_KER_GAUSS 2    // k = exp(-|x-y|^2 / (2 sigma^2))
+#define OT_KER_LAP 3      // k = exp(-|x-y| / sigma)
+#define OT_KER_ENERGY 4   // k = -|x-y|
+
+template <typename T> struct OtMath;
+
+template <> struct OtMath<float> {
+  static __device__ __forceinline__ float ninf() { return __int_as_float(0xff800000); }
+  static __device__ __forceinline__ float pinf() { return __int_as_float(0x7f800000); }
+  static __device__ __forceinline__ float nan() { return __int_as_float(0x7fffffff); }
+  // exp of a shifted (non-positive) argument: fast path.
+  static __device__ __forceinline__ float expn(float t) { return __expf(t); }
+  static __device__ __forceinline__ float exact_exp(float t) { return expf(t); }
+  static __device__ __forceinline__ float log(float t) { return logf(t); }
+  static __device__ __forceinline__ float sqrt(float t) { return sqrtf(t); }
+  static __device__ __forceinline__ float shfl_xor(float v, unsigned off) {
+    return __shfl_xor_sync(0xffffffffu, v, off);
+  }
+};
+
+template <> struct OtMath<double> {
+  static __device__ __forceinline__ double ninf() {
+    return __longlong_as_double(0xfff0000000000000ll);
+  }
+  static __device__ __forceinline__ double pinf() {
+    return __longlong_as_double(0x7ff0000000000000ll);
+  }
+  static __device__ __forceinline__ double nan() {
+    return __longlong_as_double(0x7ff8000000000000ll);
+  }
+  static __device__ __forceinline__ double expn(double t) { return ::exp(t); }
+  static __device__ __forceinline__ double exact_exp(double t) { return ::exp(t); }
+  static __device__ __forceinline__ double log(double t) { return ::log(t); }
+  static __device__ __forceinline__ double sqrt(double t) { return ::sqrt(t); }
+  static __device__ __forceinline__ double shfl_xor(double v, unsigned off) {
+    return __shfl_xor_sync(0xffffffffu, v, off);
+  }
+};
+
+__device__ __forceinline__ unsigned ot_minu(unsigned a, unsigned b) { return a < b ? a : b; }
+
+// Arguments of the core, in ROW / OTHER terms (see each entry point for the mapping).
+template <typename T> struct OtArgs {
+  const T* rp;  // row points (B, R, D)
+  const T* qp;  // other points (B, Q, D)
+  const T* r1;  // row scalar 1 (B, R) or null
+  const T* r2;  // row scalar 2 (B, R) or null
+  const T* q1;  // other scalar 1 (B, Q)
+  const T* q2;  // other scalar 2 (B, Q) or null
+  const T* qv;  // other vectors (B, Q, K) or null (plan_apply)
+  T* out;
+  unsigned R, Q, D, K;
+  T par;        // eps (softmin family) or sigma (kernel sums)
+};
+
+template <int OP> struct OtTraits {
+  static constexpr bool LOGD = OP <= OT_OP_PLAN;
+  static constexpr bool GRAD = OP == OT_OP_GRAD_X || OP == OT_OP_GRAD_Y ||
+                               OP == OT_OP_KGRAD_X || OP == OT_OP_KGRAD_Y;
+  static constexpr bool EXTRA = OP == OT_OP_SOFTMIN || OP == OT_OP_GRAD_Y ||
+                                OP == OT_OP_KPROD || OP == OT_OP_KGRAD_Y;
+  static constexpr bool HAS_Q2 = OP == OT_OP_GRAD_Y;
+  static constexpr bool HAS_V = OP == OT_OP_PLAN;
+};
+
+// Shared-memory tile, declared once per kernel (not per D specialisation).
+template <typename T, int OP> struct OtShared {
+  T pts[OT_TILE_ELEMS];
+  T q1[OT_TILE];
+  T q2[OtTraits<OP>::HAS_Q2 ? OT_TILE : 1];
+  T v[OtTraits<OP>::HAS_V ? OT_TILE * OT_CH : 1];
+};
+
+template <typename T, int DS, int OP, int COST>
+__device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh) {
+  typedef OtMath<T> MM;
+  typedef OtTraits<OP> TR;
+  constexpr int NCH = TR::HAS_V ? OT_CH : (TR::GRAD ? (DS > 0 ? DS : OT_CH) : 0);
+  constexpr int NACC = NCH + (TR::EXTRA ? 1 : 0);
+  constexpr int EX = NCH;  // index of the extra (scalar) accumulator
+  constexpr int NA = NACC > 0 ? NACC : 1;
+
+  const unsigned lanes = blockDim.x, lane = threadIdx.x;
+  const unsigned nthr = blockDim.x * blockDim.y;
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const unsigned b = blockIdx.y;
+  const unsigned r = blockIdx.x * blockDim.y + threadIdx.y;
+  const unsigned R = a.R, Q = a.Q, K = a.K;
+  const unsigned D = DS > 0 ? (unsigned)DS : a.D;
+  const bool active = r < R;
+  const unsigned long long row = (unsigned long long)b * R + (active ? r : 0u);
+  const unsigned NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
+  const unsigned outw = TR::HAS_V ? K : (TR::GRAD ? (OP == OT_OP_GRAD_Y || OP == OT_OP_KGRAD_Y ? D + 1 : D) : 1u);
+
+  if (D > OT_TILE_ELEMS) {  // unsupported (uniform across the block: no barrier skipped)
+    if (active && lane == 0)
+      for (unsigned c = 0; c < outw; ++c) a.out[row * outw + c] = MM::nan();
+    return;
+  }
+  const unsigned tp = D <= 8u ? OT_TILE : OT_TILE_ELEMS / D;  // points per tile
+  const T par = a.par;
+  const T inv = T(1) / par;
+  const T* qp = a.qp + (unsigned long long)b * Q * D;
+  const T* xg = a.rp + row * D;  // this thread's row point (row 0 of the batch when inactive)
+  T xr[DS > 0 ? DS : 1];
+#pragma unroll
+  for (int d = 0; d < DS; ++d) xr[d] = xg[d];
+
+  const unsigned npass = (NCH == 0 || NV == 0) ? 1u : (NV + NCH - 1) / NCH;
+  if (NCH > 0 && !TR::EXTRA && NV == 0) return;  // nothing to compute (e.g. K = 0)
+
+  for (unsigned pass = 0; pass < npass; ++pass) {
+    const unsigned c0 = pass * (unsigned)NCH;
+    const unsigned nc = (TR::GRAD && DS > 0) ? (unsigned)DS : (NCH == 0 ? 0u : ot_minu(NCH, NV - c0));
+    T m = TR::LOGD ? MM::ninf() : T(0);
+    T acc[NA];
+#pragma unroll
+    for (int c = 0; c < NA; ++c) acc[c] = T(0);
+
+    for (unsigned q0 = 0; q0 < Q; q0 += tp) {
+      const unsigned nq = ot_minu(tp, Q - q0);
+      __syncthreads();  // previous tile fully consumed
+      const T* src = qp + (unsigned long long)q0 * D;
+      for (unsigned e = tid; e < nq * D; e += nthr) sh.pts[e] = src[e];
+      for (unsigned e = tid; e < nq; e += nthr) {
+        const unsigned long long qi = (unsigned long long)b * Q + q0 + e;
+        T w = a.q1[qi];
+        if (OP == OT_OP_GRAD_Y) w = w * inv;  // f_i / eps
+        sh.q1[e] = w;
+        if (TR::HAS_Q2) sh.q2[e] = a.q2[qi];
+      }
+      if (TR::HAS_V) {
+        const unsigned ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
+        for (unsigned e = tid; e < nq * nc; e += nthr) {
+          const unsigned p = e / ncd, c = e - p * ncd;
+          sh.v[p * OT_CH + c] = a.qv[((unsigned long long)b * Q + q0 + p) * K + c0 + c];
+        }
+      }
+      __syncthreads();
+      if (!active) continue;
+
+      for (unsigned p = lane; p < nq; p += lanes) {
+        // Distance from direct differences.
+        T df[DS > 0 ? DS : 1];
+        T sq = T(0);
+        if (DS > 0) {
+#pragma unroll
+          for (int d = 0; d < DS; ++d) {
+            df[d] = xr[d] - sh.pts[p * DS + d];
+            sq = fma(df[d], df[d], sq);
+          }
+        } else {
+          const T* yq = sh.pts + p * D;
+          for (unsigned d = 0; d < D; ++d) {
+            const T t = xg[d] - yq[d];
+            sq = fma(t, t, sq);
+          }
+        }
+        // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
+        T z = T(0), wl = T(0), gf = T(0);
+        if (COST == OT_COST_SQE) {
+          z = sh.q1[p] - sq * (T(0.5) * inv);
+          gf = T(1);
+        } else if (COST == OT_COST_EUC) {
+          const T dist = MM::sqrt(sq);
+          z = sh.q1[p] - dist * inv;
+          gf = dist > T(0) ? T(1) / dist : T(0);
+        } else if (COST == OT_KER_GAUSS) {
+          const T k = MM::expn(-sq * (T(0.5) * inv * inv));
+          wl = k;
+          gf = -k * (inv * inv);
+        } else if (COST == OT_KER_LAP) {
+          const T dist = MM::sqrt(sq);
+          const T k = MM::expn(-dist * inv);
+          wl = k;
+          gf = dist > T(0) ? -k * inv / dist : T(0);
+        } else {  // OT_KER_ENERGY
+          const T dist = MM::sqrt(sq);
+          wl = -dist;
+          gf = dist > T(0) ? T(-1) / dist : T(0);
+        }
+        // Contributions u[c].
+        T u[NA];
+        const T wq = TR::LOGD ? (OP == OT_OP_GRAD_Y ? sh.q2[p] : T(1)) : sh.q1[p];
+        const T gw = wq * gf;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+          T v = T(0);
+          if (c < (int)nc) {
+            if (TR::HAS_V) {
+              v = sh.v[p * OT_CH + c];
+            } else {
+              const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
+              const T dc = DS > 0 ? df[ci] : xg[c0 + c] - sh.pts[p * D + c0 + c];
+              v = gw * dc;
+            }
+          }
+          u[c] = v;
+        }
+        if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
+
+        if (TR::LOGD) {
+          if (z > m) {
+            const T al = m == MM::ninf() ? T(0) : MM::expn(m - z);
+            m = z;
+#pragma unroll
+            for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
+          } else if (z > MM::ninf()) {
+            const T w = MM::expn(z - m);
+#pragma unroll
+            for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+        }
+      }
+    }
+
+    // Merge the LANES partial states of a row (lanes of a row are adjacent within a warp).
+    for (unsigned off = lanes >> 1; off > 0; off >>= 1) {
+      if (TR::LOGD) {
+        const T m2 = MM::shfl_xor(m, off);
+        const T mx = m > m2 ? m : m2;
+        const T a1 = m == MM::ninf() ? T(0) : MM::expn(m - mx);
+        const T a2 = m2 == MM::ninf() ? T(0) : MM::expn(m2 - mx);
+#pragma unroll
+        for (int c = 0; c < NACC; ++c) {
+          const T o = MM::shfl_xor(acc[c], off);
+          acc[c] = acc[c] * a1 + o * a2;
+        }
+        m = mx;
+      } else {
+#pragma unroll
+        for (int c = 0; c < NACC; ++c) acc[c] += MM::shfl_xor(acc[c], off);
+      }
+    }
+
+    if (!active || lane != 0) continue;
+    T* o = a.out + row * outw;
+    if (OP == OT_OP_SOFTMIN) {
+      o[0] = m == MM::ninf() ? MM::pinf() : -par * (m + MM::log(acc[EX]));
+    } else if (OP == OT_OP_GRAD_X || OP == OT_OP_PLAN) {
+      // pi_ij = exp(h_j - C_ij/eps + f_i/eps) = exp(z - m) * exp(m + f_i/eps)
+      T sc = m == MM::ninf() ? T(0) : MM::exact_exp(m + a.r1[row] * inv);
+      if (OP == OT_OP_GRAD_X) sc = sc * a.r2[row];
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = sc * acc[c];
+    } else if (OP == OT_OP_GRAD_Y) {
+      const T sc = m == MM::ninf() ? T(0) : MM::exact_exp(m + a.r1[row]);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = sc * acc[c];
+      if (pass == 0) o[D] = -par * (sc * acc[EX]);
+    } else if (OP == OT_OP_KPROD) {
+      o[0] = acc[EX];
+    } else if (OP == OT_OP_KGRAD_X) {
+      const T g = a.r2[row];
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = g * acc[c];
+    } else {  // OT_OP_KGRAD_Y
+      const T bw = a.r2[row];
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = bw * acc[c];
+      if (pass == 0) o[D] = acc[EX];
+    }
+  }
+}
+
+// Runtime D -> compile-time specialisation. The shared tile is declared here, once per kernel.
+template <typename T, int OP, int COST>
+__device__ __forceinline__ void ot_dispatch(const OtArgs<T>& a) {
+  __shared__ OtShared<T, OP> sh;
+  switch (a.D) {
+    case 1: ot_core<T, 1, OP, COST>(a, sh); break;
+    case 2: ot_core<T, 2, OP, COST>(a, sh); break;
+    case 3: ot_core<T, 3, OP, COST>(a, sh); break;
+    case 4: ot_core<T, 4, OP, COST>(a, sh); break;
+    case 8: ot_core<T, 8, OP, COST>(a, sh); break;
+    default: ot_core<T, 0, OP, COST>(a, sh); break;
+  }
+}
+
+#endif  // CANDLE_OT_COMMON_CUH

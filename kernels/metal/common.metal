@@ -1,0 +1,319 @@
+// candle-ot Metal kernels: shared core (streaming log-sum-exp and kernel sums over point clouds).
+// Faithful twin of kernels/cuda/common.cuh, f32 only (Metal has no f64).
+//
+// `softmin.metal` and `kernel_sums.metal` include this file only when `CANDLE_OT_COMMON_METAL` is
+// not yet defined; the Rust crate `candle-ot-kernels` ships each .metal with this file prepended,
+// so `newLibraryWithSource` needs no include path.
+//
+// ---------------------------------------------------------------------------------------------
+// Algorithm (identical to the CUDA core):
+//   * a ROW set (points whose output row is computed) and an OTHER set (points reduced over);
+//   * per (row r, other q): sq = sum_d (p_r,d - p_q,d)^2 from DIRECT differences; then
+//       - log domain (softmin family): z = a_q - C(sq)/eps, accumulated with a running (max, sum)
+//         pair: if z > m { s = s*exp(m - z) + u; m = z } else s += exp(z - m) u (exp arguments
+//         are always <= 0: never an unshifted exponential);
+//       - linear (kernel sums): acc += w_q k(sq) u;
+//   * the OTHER set streams through threadgroup memory in tiles of OT_TILE points (fewer when
+//     D > 8: a tile holds at most OT_TILE_ELEMS coordinates);
+//   * LANES = threads_per_threadgroup.x threads cooperate on one row; their partial states are
+//     merged through threadgroup memory (tree, lane + off -> lane, off = LANES/2, ..., 1) with
+//       (m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M)),  M = max(m, m'),
+//     where an operand with m = -inf contributes 0 (two -inf maxima give (-inf, 0), never NaN).
+//     (CUDA merges the same partials with warp shuffles in the same order.)
+//   * vector outputs (gradients: D columns, plan_apply: K columns) are accumulated OT_CH columns
+//     per pass (a compile-time D <= 8 fits in one pass); extra passes recompute the distances.
+//
+// Launch configuration (every entry point):
+//   threadsPerThreadgroup = (LANES, ROWS, 1): LANES in {1, 2, 4, 8, 16, 32} threads per output
+//       row, ROWS rows per threadgroup, LANES * ROWS <= OT_MAX_BLOCK (256).
+//   threadgroups = (ceil(R / ROWS), B, 1) (dispatchThreadgroups), R = number of output rows.
+//   threadgroup memory: static only (no setThreadgroupMemoryLength), <= 27.7 KB (plan_apply).
+//   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
+//      A larger D fills the output with NaN.
+//
+// Math: metal::fast::exp for the shifted terms exp(t), t <= 0 (error relative to e^t, so each
+// term's absolute error is a few ulp of the largest term); metal::precise::exp / precise::log for
+// the final scale factors and logarithm. -inf entries (masked points) must survive compilation:
+// build the library with fast math disabled (MTLCompileOptions.fastMathEnabled = NO, or
+// mathMode = MTLMathModeSafe), otherwise the compiler may assume no infinities.
+//
+// The helpers take the threadgroup tile through a deduced pointer type (`TGP` is
+// `threadgroup OtShared<OP>*`), declared once in each kernel function.
+// ---------------------------------------------------------------------------------------------
+#ifndef CANDLE_OT_COMMON_METAL
+#define CANDLE_OT_COMMON_METAL
+
+#include <metal_stdlib>
+using namespace metal;
+
+#ifndef OT_TILE
+#define OT_TILE 256u         // max OTHER points per threadgroup tile
+#endif
+#ifndef OT_TILE_ELEMS
+#define OT_TILE_ELEMS 2048u  // max coordinates per tile (= OT_TILE * 8), also max D
+#endif
+#define OT_CH 8              // vector output columns per pass (generic D, plan_apply's K)
+#define OT_MAX_BLOCK 256     // max threads per threadgroup (merge scratch size)
+
+#define OT_OP_SOFTMIN 0
+#define OT_OP_GRAD_X 1
+#define OT_OP_GRAD_Y 2
+#define OT_OP_PLAN 3
+#define OT_OP_KPROD 4
+#define OT_OP_KGRAD_X 5
+#define OT_OP_KGRAD_Y 6
+
+#define OT_COST_SQE 0     // C = |x-y|^2 / 2
+#define OT_COST_EUC 1     // C = |x-y|
+#define OT_KER_GAUSS 2    // k = exp(-|x-y|^2 / (2 sigma^2))
+#define OT_KER_LAP 3      // k = exp(-|x-y| / sigma)
+#define OT_KER_ENERGY 4   // k = -|x-y|
+
+#define OT_NINF (-INFINITY)
+
+inline float ot_expn(float t) { return metal::fast::exp(t); }      // t <= 0
+inline float ot_exact_exp(float t) { return metal::precise::exp(t); }
+inline float ot_log(float t) { return metal::precise::log(t); }
+inline uint ot_minu(uint a, uint b) { return a < b ? a : b; }
+
+// Arguments of the core, in ROW / OTHER terms (see each entry point for the mapping).
+struct OtArgs {
+  device const float* rp;  // row points (B, R, D)
+  device const float* qp;  // other points (B, Q, D)
+  device const float* r1;  // row scalar 1 (B, R) or null
+  device const float* r2;  // row scalar 2 (B, R) or null
+  device const float* q1;  // other scalar 1 (B, Q)
+  device const float* q2;  // other scalar 2 (B, Q) or null
+  device const float* qv;  // other vectors (B, Q, K) or null (plan_apply)
+  device float* out;
+  uint R, Q, D, K;
+  float par;               // eps (softmin family) or sigma (kernel sums)
+};
+
+template <int OP> struct OtTraits {
+  static constexpr constant bool LOGD = OP <= OT_OP_PLAN;
+  static constexpr constant bool GRAD = OP == OT_OP_GRAD_X || OP == OT_OP_GRAD_Y ||
+                                        OP == OT_OP_KGRAD_X || OP == OT_OP_KGRAD_Y;
+  static constexpr constant bool EXTRA = OP == OT_OP_SOFTMIN || OP == OT_OP_GRAD_Y ||
+                                         OP == OT_OP_KPROD || OP == OT_OP_KGRAD_Y;
+  static constexpr constant bool HAS_Q2 = OP == OT_OP_GRAD_Y;
+  static constexpr constant bool HAS_V = OP == OT_OP_PLAN;
+};
+
+// Threadgroup tile, declared once per kernel function (not per D specialisation).
+template <int OP> struct OtShared {
+  float pts[OT_TILE_ELEMS];
+  float q1[OT_TILE];
+  float q2[OtTraits<OP>::HAS_Q2 ? OT_TILE : 1];
+  float v[OtTraits<OP>::HAS_V ? OT_TILE * OT_CH : 1];
+  float scr[OT_MAX_BLOCK * (OT_CH + 2)];  // lane merge: (m, acc[0..NACC)) per thread
+};
+
+template <int DS, int OP, int COST, typename TGP>
+inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
+  typedef OtTraits<OP> TR;
+  constexpr int NCH = TR::HAS_V ? OT_CH : (TR::GRAD ? (DS > 0 ? DS : OT_CH) : 0);
+  constexpr int NACC = NCH + (TR::EXTRA ? 1 : 0);
+  constexpr int EX = NCH;  // index of the extra (scalar) accumulator
+  constexpr int NA = NACC > 0 ? NACC : 1;
+  constexpr uint STRIDE = (uint)NACC + 1u;  // merge scratch per thread
+
+  const uint lanes = tptg.x, lane = ltid.x;
+  const uint nthr = tptg.x * tptg.y;
+  const uint tid = ltid.y * tptg.x + ltid.x;
+  const uint b = tgid.y;
+  const uint r = tgid.x * tptg.y + ltid.y;
+  const uint R = a.R, Q = a.Q, K = a.K;
+  const uint D = DS > 0 ? (uint)DS : a.D;
+  const bool active = r < R;
+  const ulong row = (ulong)b * R + (active ? r : 0u);
+  const uint NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
+  const uint outw = TR::HAS_V ? K : (TR::GRAD ? (OP == OT_OP_GRAD_Y || OP == OT_OP_KGRAD_Y ? D + 1 : D) : 1u);
+
+  if (D > OT_TILE_ELEMS) {  // unsupported (uniform across the threadgroup: no barrier skipped)
+    if (active && lane == 0)
+      for (uint c = 0; c < outw; ++c) a.out[row * outw + c] = NAN;
+    return;
+  }
+  const uint tp = D <= 8u ? OT_TILE : OT_TILE_ELEMS / D;  // points per tile
+  const float par = a.par;
+  const float inv = 1.0f / par;
+  device const float* qp = a.qp + (ulong)b * Q * D;
+  device const float* xg = a.rp + row * D;  // this thread's row point (row 0 when inactive)
+  float xr[DS > 0 ? DS : 1];
+  for (int d = 0; d < DS; ++d) xr[d] = xg[d];
+
+  const uint npass = (NCH == 0 || NV == 0) ? 1u : (NV + NCH - 1) / NCH;
+  if (NCH > 0 && !TR::EXTRA && NV == 0) return;  // nothing to compute (e.g. K = 0)
+
+  for (uint pass = 0; pass < npass; ++pass) {
+    const uint c0 = pass * (uint)NCH;
+    const uint nc = (TR::GRAD && DS > 0) ? (uint)DS : (NCH == 0 ? 0u : ot_minu(NCH, NV - c0));
+    float m = TR::LOGD ? OT_NINF : 0.0f;
+    float acc[NA];
+    for (int c = 0; c < NA; ++c) acc[c] = 0.0f;
+
+    for (uint q0 = 0; q0 < Q; q0 += tp) {
+      const uint nq = ot_minu(tp, Q - q0);
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // previous tile fully consumed
+      device const float* src = qp + (ulong)q0 * D;
+      for (uint e = tid; e < nq * D; e += nthr) sh->pts[e] = src[e];
+      for (uint e = tid; e < nq; e += nthr) {
+        const ulong qi = (ulong)b * Q + q0 + e;
+        float w = a.q1[qi];
+        if (OP == OT_OP_GRAD_Y) w = w * inv;  // f_i / eps
+        sh->q1[e] = w;
+        if (TR::HAS_Q2) sh->q2[e] = a.q2[qi];
+      }
+      if (TR::HAS_V) {
+        const uint ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
+        for (uint e = tid; e < nq * nc; e += nthr) {
+          const uint p = e / ncd, c = e - p * ncd;
+          sh->v[p * OT_CH + c] = a.qv[((ulong)b * Q + q0 + p) * K + c0 + c];
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (!active) continue;
+
+      for (uint p = lane; p < nq; p += lanes) {
+        // Distance from direct differences.
+        float df[DS > 0 ? DS : 1];
+        float sq = 0.0f;
+        if (DS > 0) {
+          for (int d = 0; d < DS; ++d) {
+            df[d] = xr[d] - sh->pts[p * DS + d];
+            sq = fma(df[d], df[d], sq);
+          }
+        } else {
+          for (uint d = 0; d < D; ++d) {
+            const float t = xg[d] - sh->pts[p * D + d];
+            sq = fma(t, t, sq);
+          }
+        }
+        // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
+        float z = 0.0f, wl = 0.0f, gf = 0.0f;
+        if (COST == OT_COST_SQE) {
+          z = sh->q1[p] - sq * (0.5f * inv);
+          gf = 1.0f;
+        } else if (COST == OT_COST_EUC) {
+          const float dist = sqrt(sq);
+          z = sh->q1[p] - dist * inv;
+          gf = dist > 0.0f ? 1.0f / dist : 0.0f;
+        } else if (COST == OT_KER_GAUSS) {
+          const float k = ot_expn(-sq * (0.5f * inv * inv));
+          wl = k;
+          gf = -k * (inv * inv);
+        } else if (COST == OT_KER_LAP) {
+          const float dist = sqrt(sq);
+          const float k = ot_expn(-dist * inv);
+          wl = k;
+          gf = dist > 0.0f ? -k * inv / dist : 0.0f;
+        } else {  // OT_KER_ENERGY
+          const float dist = sqrt(sq);
+          wl = -dist;
+          gf = dist > 0.0f ? -1.0f / dist : 0.0f;
+        }
+        // Contributions u[c].
+        float u[NA];
+        const float wq = TR::LOGD ? (OP == OT_OP_GRAD_Y ? sh->q2[p] : 1.0f) : sh->q1[p];
+        const float gw = wq * gf;
+        for (int c = 0; c < NCH; ++c) {
+          float v = 0.0f;
+          if (c < (int)nc) {
+            if (TR::HAS_V) {
+              v = sh->v[p * OT_CH + c];
+            } else {
+              const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
+              const float dc = DS > 0 ? df[ci] : xg[c0 + c] - sh->pts[p * D + c0 + c];
+              v = gw * dc;
+            }
+          }
+          u[c] = v;
+        }
+        if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
+
+        if (TR::LOGD) {
+          if (z > m) {
+            const float al = m == OT_NINF ? 0.0f : ot_expn(m - z);
+            m = z;
+            for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
+          } else if (z > OT_NINF) {
+            const float w = ot_expn(z - m);
+            for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+          }
+        } else {
+          for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+        }
+      }
+    }
+
+    // Merge the LANES partial states of a row through threadgroup memory (tree).
+    for (uint off = lanes >> 1; off > 0; off >>= 1) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      sh->scr[tid * STRIDE] = m;
+      for (int c = 0; c < NACC; ++c) sh->scr[tid * STRIDE + 1 + c] = acc[c];
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (lane < off) {
+        const uint pt = (tid + off) * STRIDE;
+        if (TR::LOGD) {
+          const float m2 = sh->scr[pt];
+          const float mx = m > m2 ? m : m2;
+          const float a1 = m == OT_NINF ? 0.0f : ot_expn(m - mx);
+          const float a2 = m2 == OT_NINF ? 0.0f : ot_expn(m2 - mx);
+          for (int c = 0; c < NACC; ++c) acc[c] = acc[c] * a1 + sh->scr[pt + 1 + c] * a2;
+          m = mx;
+        } else {
+          for (int c = 0; c < NACC; ++c) acc[c] += sh->scr[pt + 1 + c];
+        }
+      }
+    }
+
+    if (!active || lane != 0) continue;
+    device float* o = a.out + row * outw;
+    if (OP == OT_OP_SOFTMIN) {
+      o[0] = m == OT_NINF ? INFINITY : -par * (m + ot_log(acc[EX]));
+    } else if (OP == OT_OP_GRAD_X || OP == OT_OP_PLAN) {
+      // pi_ij = exp(h_j - C_ij/eps + f_i/eps) = exp(z - m) * exp(m + f_i/eps)
+      float sc = m == OT_NINF ? 0.0f : ot_exact_exp(m + a.r1[row] * inv);
+      if (OP == OT_OP_GRAD_X) sc = sc * a.r2[row];
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = sc * acc[c];
+    } else if (OP == OT_OP_GRAD_Y) {
+      const float sc = m == OT_NINF ? 0.0f : ot_exact_exp(m + a.r1[row]);
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = sc * acc[c];
+      if (pass == 0) o[D] = -par * (sc * acc[EX]);
+    } else if (OP == OT_OP_KPROD) {
+      o[0] = acc[EX];
+    } else if (OP == OT_OP_KGRAD_X) {
+      const float g = a.r2[row];
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = g * acc[c];
+    } else {  // OT_OP_KGRAD_Y
+      const float bw = a.r2[row];
+      for (int c = 0; c < NCH; ++c)
+        if (c < (int)nc) o[c0 + c] = bw * acc[c];
+      if (pass == 0) o[D] = acc[EX];
+    }
+  }
+}
+
+// Runtime D -> compile-time specialisation.
+template <int OP, int COST, typename TGP>
+inline void ot_dispatch(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
+  switch (a.D) {
+    case 1: ot_core<1, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    case 2: ot_core<2, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    case 3: ot_core<3, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    case 4: ot_core<4, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    case 8: ot_core<8, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    default: ot_core<0, OP, COST>(a, sh, ltid, tgid, tptg); break;
+  }
+}
+
+// Thread-position parameters shared by every entry point.
+#define OT_TG_PARAMS                                                                        \
+  uint2 ltid [[thread_position_in_threadgroup]], uint2 tgid [[threadgroup_position_in_grid]], \
+      uint2 tptg [[threads_per_threadgroup]]
+
+#endif  // CANDLE_OT_COMMON_METAL
