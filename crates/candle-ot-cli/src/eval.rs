@@ -21,6 +21,8 @@ pub struct Case {
     pub tensors: HashMap<String, Tensor>,
     /// The options from `params` (GeomLoss defaults where absent).
     pub options: SamplesLossOptions,
+    /// The file's metadata (string to string).
+    pub metadata: HashMap<String, String>,
 }
 
 fn json_f64(v: &serde_json::Value, key: &str) -> Result<Option<f64>> {
@@ -89,11 +91,16 @@ pub fn read_case(path: &Path) -> Result<Case> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-    let params = meta.metadata().as_ref().and_then(|m| m.get("params").cloned());
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let params = metadata.get("params").cloned();
     let options = parse_params(params.as_deref())?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("cannot load the tensors of {}", path.display()))?;
-    Ok(Case { tensors, options })
+    Ok(Case {
+        tensors,
+        options,
+        metadata,
+    })
 }
 
 /// What [`evaluate`] computed.
@@ -122,7 +129,9 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     let lead = |t: &Tensor| -> Vec<usize> { t.dims()[..t.rank().saturating_sub(1)].to_vec() };
     let uniform = |t: &Tensor| -> Result<Tensor> {
         let dims = lead(t);
-        let k = *dims.last().ok_or_else(|| anyhow!("points must have a rank of 2 or 3"))?;
+        let k = *dims
+            .last()
+            .ok_or_else(|| anyhow!("points must have a rank of 2 or 3"))?;
         Ok(Tensor::full(1.0 / k.max(1) as f64, dims, &Device::Cpu)?)
     };
     let a = match get("a") {
@@ -135,7 +144,12 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     };
     let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
     let (va, vx, vb, vy) = (var(&a)?, var(x)?, var(&b)?, var(y)?);
-    let sol = loss.solve(Some(va.as_tensor()), vx.as_tensor(), Some(vb.as_tensor()), vy.as_tensor())?;
+    let sol = loss.solve(
+        Some(va.as_tensor()),
+        vx.as_tensor(),
+        Some(vb.as_tensor()),
+        vy.as_tensor(),
+    )?;
     let grads = sol.loss.sum_all()?.backward()?;
     let f64_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?) };
     let grad_of = |v: &Var| -> Result<Tensor> {

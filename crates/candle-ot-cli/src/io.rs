@@ -42,21 +42,26 @@ pub fn read_points(path: &Path, key: Option<&str>) -> Result<Tensor> {
         ),
     };
     if !t.dtype().is_float() {
-        bail!("{}: points must be floating point, got {:?}", path.display(), t.dtype());
+        bail!(
+            "{}: points must be floating point, got {:?}",
+            path.display(),
+            t.dtype()
+        );
     }
     Ok(t.to_dtype(DType::F64)?)
 }
 
 fn read_csv(path: &Path) -> Result<Tensor> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut rows: Vec<Vec<f64>> = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let parsed: Result<Vec<f64>, _> = line.split(',').map(|s| s.trim().parse::<f64>()).collect();
+        let parsed: Result<Vec<f64>, _> =
+            line.split(',').map(|s| s.trim().parse::<f64>()).collect();
         match parsed {
             Ok(r) => rows.push(r),
             Err(_) if rows.is_empty() && k == 0 => continue, // header

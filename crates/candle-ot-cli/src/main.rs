@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "candle-ot", version, about = "Optimal-transport losses for Candle")]
+#[command(
+    name = "candle-ot",
+    version,
+    about = "Optimal-transport losses for Candle"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -179,9 +183,17 @@ fn run(cli: Cli) -> Result<()> {
             let xs = io::read_points(&x, key.as_deref())?.to_dtype(dt)?;
             let ys = io::read_points(&y, key.as_deref())?.to_dtype(dt)?;
             if xs.rank() != ys.rank() {
-                bail!("x is {:?} but y is {:?}: both (N, D) or both (B, N, D)", xs.dims(), ys.dims());
+                bail!(
+                    "x is {:?} but y is {:?}: both (N, D) or both (B, N, D)",
+                    xs.dims(),
+                    ys.dims()
+                );
             }
-            let v = l.forward(&xs, &ys)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let v = l
+                .forward(&xs, &ys)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
             println!("{}", s.join(" "));
         }

@@ -136,7 +136,13 @@ impl SamplesLoss {
     }
 
     /// The loss between weighted clouds: a (N,) or (B, N), x (N, D) or (B, N, D), b and y alike.
-    pub fn forward_weighted(&self, a: &Tensor, x: &Tensor, b: &Tensor, y: &Tensor) -> Result<Tensor> {
+    pub fn forward_weighted(
+        &self,
+        a: &Tensor,
+        x: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Tensor> {
         Ok(self.run(Some(a), x, Some(b), y, false)?.loss)
     }
 
@@ -195,7 +201,13 @@ impl SamplesLoss {
         let batched = match (x.rank(), y.rank()) {
             (2, 2) => false,
             (3, 3) => true,
-            (2 | 3, _) => return Err(shape_err("y", format!("(M, D) or (B, M, D) like x {:?}", x.dims()), y)),
+            (2 | 3, _) => {
+                return Err(shape_err(
+                    "y",
+                    format!("(M, D) or (B, M, D) like x {:?}", x.dims()),
+                    y,
+                ))
+            }
             _ => return Err(shape_err("x", "(N, D) or (B, N, D)", x)),
         };
         if !x.device().same_device(y.device()) {
@@ -230,10 +242,18 @@ impl SamplesLoss {
             .into());
         }
         if n == 0 || d == 0 || bx == 0 {
-            return Err(OtError::Empty { name: "x", got: x.dims().to_vec() }.into());
+            return Err(OtError::Empty {
+                name: "x",
+                got: x.dims().to_vec(),
+            }
+            .into());
         }
         if m == 0 {
-            return Err(OtError::Empty { name: "y", got: y.dims().to_vec() }.into());
+            return Err(OtError::Empty {
+                name: "y",
+                got: y.dims().to_vec(),
+            }
+            .into());
         }
         let in_dtype = x.dtype();
         let dtype = match (x.dtype(), y.dtype()) {
@@ -249,7 +269,9 @@ impl SamplesLoss {
             }
         };
         if dtype == DType::F64 && x.device().is_metal() {
-            return Err(OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into());
+            return Err(
+                OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into(),
+            );
         }
         let x = x.to_dtype(dtype)?;
         let y = y.to_dtype(dtype)?;
@@ -285,7 +307,12 @@ impl SamplesLoss {
             if !all_finite(&w)? {
                 return Err(OtError::NonFinite { name }.into());
             }
-            let min = w.detach().flatten_all()?.min(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let min = w
+                .detach()
+                .flatten_all()?
+                .min(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             if min < 0.0 {
                 return Err(OtError::Weights {
                     name,
@@ -297,7 +324,9 @@ impl SamplesLoss {
             if let Some(i) = sums.iter().position(|s| *s <= 0.0) {
                 return Err(OtError::Weights {
                     name,
-                    reason: format!("weights of batch item {i} sum to 0: at least one must be positive"),
+                    reason: format!(
+                        "weights of batch item {i} sum to 0: at least one must be positive"
+                    ),
                 }
                 .into());
             }
@@ -364,7 +393,12 @@ impl SamplesLoss {
         Ok(sol)
     }
 
-    fn run_with<S: Softmin>(&self, backend: &S, p: &Prepared, want_potentials: bool) -> Result<Solution> {
+    fn run_with<S: Softmin>(
+        &self,
+        backend: &S,
+        p: &Prepared,
+        want_potentials: bool,
+    ) -> Result<Solution> {
         let o = &self.opts;
         let pf = o.p as f64;
         let eps = o.blur.powf(pf);
@@ -462,7 +496,11 @@ impl Solution {
         })?;
         let eps = self.eps.expect("sinkhorn has eps");
         let (_, m, _) = ctx.y.dims3()?;
-        let v = if ctx.batched { v.clone() } else { v.unsqueeze(0)? };
+        let v = if ctx.batched {
+            v.clone()
+        } else {
+            v.unsqueeze(0)?
+        };
         if v.rank() != 3 || v.dim(0)? != ctx.y.dim(0)? || v.dim(1)? != m {
             return Err(shape_err(
                 "v",
@@ -473,8 +511,12 @@ impl Solution {
         let v = v.to_dtype(ctx.x.dtype())?;
         let h = (&ctx.log_b + (&ctx.g_ab / eps)?)?; // (B, M)
         let out = match self.backend {
-            Backend::Online => Online { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?,
-            _ => Tensorized { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?,
+            Backend::Online => {
+                Online { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?
+            }
+            _ => {
+                Tensorized { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?
+            }
         };
         if ctx.batched {
             Ok(out)

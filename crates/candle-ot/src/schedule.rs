@@ -45,7 +45,11 @@ pub fn epsilon_schedule(p: u32, diameter: f64, blur: f64, scaling: f64) -> Vec<f
         let len = len as usize;
         let delta = (start + step) - start;
         for i in 0..len {
-            let e = if i == 0 { start } else { start + (i as f64) * delta };
+            let e = if i == 0 {
+                start
+            } else {
+                start + (i as f64) * delta
+            };
             eps.push(e.exp());
         }
     }

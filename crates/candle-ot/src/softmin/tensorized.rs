@@ -23,7 +23,10 @@ pub(crate) fn logsumexp_last(z: &Tensor) -> Result<Tensor> {
         DType::F64 => f64::MIN,
         _ => f32::MIN as f64,
     };
-    let m = z.max_keepdim(D::Minus1)?.detach().clamp(lowest, f64::INFINITY)?; // (.., 1)
+    let m = z
+        .max_keepdim(D::Minus1)?
+        .detach()
+        .clamp(lowest, f64::INFINITY)?; // (.., 1)
     let s = z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?; // (.., 1)
     (s + m)?.squeeze(D::Minus1)
 }
@@ -66,7 +69,7 @@ impl Softmin for Tensorized {
             .unsqueeze(1)?
             .broadcast_sub(&(c / eps)?)?
             .broadcast_add(&(f / eps)?.unsqueeze(2)?)?; // (B, N, M)
-        // Shift each row by its (detached, floored) maximum before exponentiating.
+                                                        // Shift each row by its (detached, floored) maximum before exponentiating.
         let m = z.max_keepdim(2)?.detach().clamp(-1e30, f64::INFINITY)?; // (B, N, 1)
         let e = z.broadcast_sub(&m)?.exp()?; // (B, N, M)
         e.matmul(&v.contiguous()?)?.broadcast_mul(&m.exp()?) // (B, N, K)

@@ -16,6 +16,9 @@
 //! drivers spread rows over the thread pool. Each output row is reduced by one thread in a
 //! fixed order: results do not depend on the number of threads.
 
+// Lane loops index several fixed-size arrays in lock step: that is what vectorises.
+#![allow(clippy::needless_range_loop)]
+
 use super::real::Real;
 use crate::cost::{CostKind, KernelKind};
 use rayon::prelude::*;
@@ -404,19 +407,17 @@ pub(crate) fn lse_weighted<T: Real>(
     let cs = mode.col_dim(d);
     let od = mode.out_dim(d);
     crate::threads::install(|| {
-        out.par_chunks_mut(n * od)
-            .enumerate()
-            .for_each(|(bi, ob)| {
-                lse_weighted_item(
-                    cost,
-                    eps,
-                    &rows[bi * n * rs..(bi + 1) * n * rs],
-                    &cols[bi * m * cs..(bi + 1) * m * cs],
-                    d,
-                    mode,
-                    ob,
-                )
-            })
+        out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
+            lse_weighted_item(
+                cost,
+                eps,
+                &rows[bi * n * rs..(bi + 1) * n * rs],
+                &cols[bi * m * cs..(bi + 1) * m * cs],
+                d,
+                mode,
+                ob,
+            )
+        })
     })
 }
 
@@ -504,18 +505,16 @@ pub(crate) fn kernel_sums<T: Real>(
 ) {
     let od = if grad { d + 1 } else { 1 };
     crate::threads::install(|| {
-        out.par_chunks_mut(n * od)
-            .enumerate()
-            .for_each(|(bi, ob)| {
-                kernel_sums_item(
-                    kind,
-                    sigma,
-                    &rows[bi * n * d..(bi + 1) * n * d],
-                    &cols[bi * m * (d + 1)..(bi + 1) * m * (d + 1)],
-                    d,
-                    grad,
-                    ob,
-                )
-            })
+        out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
+            kernel_sums_item(
+                kind,
+                sigma,
+                &rows[bi * n * d..(bi + 1) * n * d],
+                &cols[bi * m * (d + 1)..(bi + 1) * m * (d + 1)],
+                d,
+                grad,
+                ob,
+            )
+        })
     })
 }

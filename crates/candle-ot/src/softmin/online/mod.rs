@@ -22,8 +22,7 @@ pub use cpu::{simd_level, SimdLevel};
 
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
-    Tensor,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use cpu::Weighted;
 
@@ -108,7 +107,13 @@ impl CustomOp3 for SoftminOp {
             let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
             let ones = h.ones_like()?.unsqueeze(2)?;
             let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
-            let s = lse_weighted(self.cost, eps, &rows, &cols, Weighted::Grad { with_mass: false })?;
+            let s = lse_weighted(
+                self.cost,
+                eps,
+                &rows,
+                &cols,
+                Weighted::Grad { with_mass: false },
+            )?;
             s.broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
         };
         let (grad_y, grad_h) = if y.track_op() || h.track_op() {
@@ -116,7 +121,13 @@ impl CustomOp3 for SoftminOp {
             let d = x.dim(2)?;
             let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
             let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
-            let s = lse_weighted(self.cost, eps, &rows, &cols, Weighted::Grad { with_mass: true })?;
+            let s = lse_weighted(
+                self.cost,
+                eps,
+                &rows,
+                &cols,
+                Weighted::Grad { with_mass: true },
+            )?;
             let gy = s.narrow(2, 0, d)?; // (B, M, D)
             let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
             (Some(gy), Some(gh))
@@ -249,7 +260,9 @@ impl CustomOp3 for KernelProductOp {
         let (b, n, d) = dims3(l1, "x")?;
         let (_, m, _) = dims3(l2, "y")?;
         if l3.shape().dims() != [b, m] {
-            candle_core::bail!("candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {l3:?}")
+            candle_core::bail!(
+                "candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {l3:?}"
+            )
         }
         fn run<T: real::Real + candle_core::WithDType>(
             op: &KernelProductOp,
