@@ -51,9 +51,10 @@ emu=(-std=c++20 -O1 -pthread -Wall -Wextra -Werror -Wno-unknown-attributes -DMET
      -I.ci/metal -Ikernels/metal .ci/metal/harness.cpp)
 
 echo "[2/3] CPU execution harness vs float64 reference"
-"$cxx" "${emu[@]}" -o "$out/harness" &
-"$cxx" "${emu[@]}" -DOT_TILE=8u -DOT_TILE_ELEMS=64u -o "$out/harness_small" &
-wait %1 && wait %2
+"$cxx" "${emu[@]}" -o "$out/harness" & c1=$!
+"$cxx" "${emu[@]}" -DOT_TILE=8u -DOT_TILE_ELEMS=64u -o "$out/harness_small" & c2=$!
+wait $c1 || { echo "check-metal: harness build failed"; exit 1; }
+wait $c2 || { echo "check-metal: harness build failed (small tiles)"; exit 1; }
 fail=0
 "$out/harness" > "$out/default.log" 2>&1 & p1=$!
 "$out/harness_small" > "$out/small.log" 2>&1 & p2=$!

@@ -47,7 +47,7 @@
 #define OT_TILE_ELEMS 2048u  // max coordinates per shared tile (= OT_TILE * 8), also max D
 #endif
 #define OT_CH 8              // vector output columns per pass (generic D, plan_apply's K)
-#define OT_MAX_BLOCK 256     // max threads per block (launch bound)
+#define OT_MAX_BLOCK 256     // max threads per block (documented limit, twin of Metal's)
 
 // Operations and costs (compile-time tags).
 #define OT_OP_SOFTMIN 0

@@ -1,1 +1,403 @@
+//! CUDA and Metal kernel sources of [candle-ot](https://github.com/candle-ot/candle-ot),
+//! embedded as strings: streaming log-sum-exp *softmin* reductions (and their gradients and the
+//! transport-plan product) and kernel sums (Gaussian, Laplacian, energy) over point clouds.
+//!
+//! This crate holds no host code: it exports the sources, the entry-point names and the launch
+//! rules that the `candle-ot` CUDA / Metal back ends bind. Each exported source is
+//! self-contained (the shared core is prepended), so it can be handed to NVRTC or to Metal's
+//! `newLibraryWithSource` without an include path.
+//!
+//! # Notation
+//!
+//! `x` is `(B, N, D)`, `y` is `(B, M, D)`, contiguous row-major, batch first. The cost is
+//! `C(x, y) = |x - y|² / 2` (`sqeuclidean`) or `|x - y|` (`euclidean`), always computed from the
+//! direct differences `x_i - y_j` (never `|x|² + |y|² - 2 x·y`). `h` (`(B, M)`) holds log-weights
+//! plus potentials and may contain `-inf` (masked points). `eps > 0`. The gradient of `|x - y|`
+//! at `x = y` is taken as 0. All sizes are `u32` (`unsigned int` / `uint`); `eps` and `sigma` have
+//! the kernel's dtype. CUDA kernels exist for `f32` and `f64`, Metal kernels for `f32` only
+//! (`f16` / `bf16` inputs are converted to `f32` by the host).
+//!
+//! # Kernels and argument order (the ABI)
+//!
+//! With `π_ij = exp(h_j - C_ij / eps + f_i / eps)` (`f` is the softmin output, `(B, N)`):
+//!
+//! | entry point (`{c}` = cost, `{t}` = `f32`/`f64`) | arguments, in order | output |
+//! |---|---|---|
+//! | `softmin_{c}_{t}` | `x, y, h, out, B, N, M, D, eps` | `out[b,i] = -eps log Σ_j exp(h_j - C_ij/eps)`, `(B,N)` |
+//! | `softmin_grad_x_{c}_{t}` | `x, y, h, f, g, out, B, N, M, D, eps` | `out[b,i,:] = g_i Σ_j π_ij ∇_x C(x_i,y_j)`, `(B,N,D)` |
+//! | `softmin_grad_y_{c}_{t}` | `x, y, h, f, g, out, B, N, M, D, eps` | `out[b,j,:D] = Σ_i g_i π_ij ∇_y C(x_i,y_j)`, `out[b,j,D] = -eps Σ_i g_i π_ij`, `(B,M,D+1)` |
+//! | `plan_apply_{c}_{t}` | `x, y, h, f, v, out, B, N, M, D, K, eps` | `out[b,i,:] = Σ_j π_ij v[b,j,:]`, `v (B,M,K)`, `(B,N,K)` |
+//! | `kernel_product_{k}_{t}` | `x, y, b, out, B, N, M, D, sigma` | `out[b,i] = Σ_j k(x_i,y_j) b_j`, `(B,N)` |
+//! | `kernel_grad_x_{k}_{t}` | `x, y, b, g, out, B, N, M, D, sigma` | `out[b,i,:] = g_i Σ_j b_j ∇_x k(x_i,y_j)`, `(B,N,D)` |
+//! | `kernel_grad_y_{k}_{t}` | `x, y, b, g, out, B, N, M, D, sigma` | `out[b,j,:D] = b_j Σ_i g_i ∇_y k(x_i,y_j)`, `out[b,j,D] = Σ_i g_i k(x_i,y_j)`, `(B,M,D+1)` |
+//!
+//! `g` is `(B, N)`, the kernel-sum weights `b` are `(B, M)`. Kernels `{k}`:
+//! `gaussian` `k = exp(-|x-y|² / (2σ²))`, `laplacian` `k = exp(-|x-y| / σ)`,
+//! `energy` `k = -|x-y|` (`sigma` unused). `∇_x C = x - y` (sqeuclidean) or
+//! `(x - y) / |x - y|` (euclidean), `∇_y C = -∇_x C`; same sign rule for `k`.
+//!
+//! A row whose `h` is entirely `-inf` gives `softmin = +inf` and zero gradients / plan products.
+//!
+//! **CUDA**: pointers are device pointers, scalars are passed by value, in the order above
+//! ([`abi`] lists them).
+//! **Metal**: the `i`-th argument above is bound at `[[buffer(i)]]`: device buffers for the
+//! pointers, `constant uint&` / `constant float&` (e.g. `setBytes`) for the scalars. Metal entry
+//! points carry the CUDA `*_f32` names.
+//!
+//! # Launch configuration (every kernel, CUDA and Metal)
+//!
+//! * Block / threadgroup `(LANES, ROWS, 1)`: `LANES` threads share one output row (power of two,
+//!   at most [`MAX_LANES`]), `ROWS` rows per block, `LANES * ROWS <= ` [`MAX_BLOCK_THREADS`]
+//!   (CUDA: also a multiple of 32, since the lanes are merged with full-warp shuffles).
+//!   Recommended `LANES * ROWS = ` [`BLOCK_THREADS`]; [`launch_config`] picks `LANES`.
+//! * Grid `(ceil(R / ROWS), B, 1)` blocks (Metal: `dispatchThreadgroups`), where `R` is the
+//!   number of output rows: `N` for `softmin`, `softmin_grad_x`, `plan_apply`,
+//!   `kernel_product`, `kernel_grad_x`; `M` for `softmin_grad_y` and `kernel_grad_y`.
+//! * Shared / threadgroup memory is static: launch with 0 dynamic bytes. Per block (CUDA f32 /
+//!   f64): 9.0 / 18.0 KiB, `softmin_grad_y` 10.0 / 20.0 KiB, `plan_apply` 17.0 / 34.0 KiB;
+//!   Metal (includes a lane-merge scratch): at most 27.7 KiB.
+//! * `D` is a runtime argument, `1 <= D <= ` [`MAX_D`], specialised at compile time for
+//!   `D ∈ {1, 2, 3, 4, 8}` and a generic loop otherwise; a larger `D` fills `out` with NaN.
+//!   Gradient outputs with a generic `D` (and `plan_apply` with `K > 8`) take
+//!   `ceil(D / 8)` (`ceil(K / 8)`) passes over the reduced set.
+//!
+//! # Numerics
+//!
+//! The reduction keeps a running `(max, sum)` pair per thread and merges threads with
+//! `(m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M))`, `M = max(m, m')`, where an operand whose
+//! max is `-inf` contributes 0 (two `-inf` maxima give `(-inf, 0)`, never NaN). Only shifted,
+//! non-positive values are exponentiated inside the loops: CUDA f32 uses `__expf` there (its
+//! error is relative to `e^t`, so each term's absolute error is a few ulp of the largest term),
+//! f64 uses `exp`; Metal uses `metal::fast::exp`. Final logarithms and scale factors use accurate
+//! functions (`logf` / `expf`, `metal::precise::log` / `exp`). Metal libraries must be compiled
+//! with fast math disabled (`MTLCompileOptions.fastMathEnabled = NO` / `MTLMathModeSafe`) so that
+//! the `-inf` masks survive.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_ot_kernels::{cuda, launch_config};
+//!
+//! assert!(cuda::SOFTMIN.contains("softmin_sqeuclidean_f32"));
+//! // 1000 output rows in a batch of 2: several lanes per row to fill the GPU.
+//! let cfg = launch_config(1000, 2);
+//! assert_eq!(cfg.block.0 * cfg.block.1, 256);
+//! assert_eq!(cfg.grid.1, 2);
+//! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+/// Threads per block (CUDA) / threadgroup (Metal) that [`launch_config`] uses.
+pub const BLOCK_THREADS: u32 = 256;
+/// Largest block / threadgroup the kernels accept (Metal's lane-merge scratch is sized for it).
+pub const MAX_BLOCK_THREADS: u32 = 256;
+/// Largest number of threads sharing one output row (`blockDim.x`, a power of two).
+pub const MAX_LANES: u32 = 32;
+/// Points of the reduced set staged per shared-memory tile when `D <= 8`.
+pub const TILE_POINTS: u32 = 256;
+/// Largest supported dimension `D` (coordinates per shared-memory tile).
+pub const MAX_D: u32 = 2048;
+/// Output columns accumulated per pass over the reduced set (generic `D`, `plan_apply`'s `K`).
+pub const CHUNK_COLUMNS: u32 = 8;
+/// Dimensions with a compile-time specialisation (others use the generic loop).
+pub const SPECIALISED_D: [u32; 5] = [1, 2, 3, 4, 8];
+
+/// Block and grid of a launch, in CUDA terms (Metal: threads per threadgroup and threadgroups).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// `(LANES, ROWS, 1)`: lanes per output row and rows per block.
+    pub block: (u32, u32, u32),
+    /// `(ceil(R / ROWS), B, 1)`.
+    pub grid: (u32, u32, u32),
+}
+
+/// Launch configuration for `rows` output rows per batch entry (`N` or `M`, see the crate docs)
+/// and `batch` entries.
+///
+/// Uses [`BLOCK_THREADS`] threads per block and gives each row the fewest lanes (a power of two,
+/// at most [`MAX_LANES`]) that still provide about 64 Ki threads in total, so that small problems
+/// fill the GPU while large ones keep one thread per row.
+pub fn launch_config(rows: u32, batch: u32) -> LaunchConfig {
+    const TARGET_THREADS: u64 = 1 << 16;
+    let work = (rows as u64).max(1) * (batch as u64).max(1);
+    let mut lanes = 1u32;
+    while lanes < MAX_LANES && work * (lanes as u64) < TARGET_THREADS {
+        lanes *= 2;
+    }
+    let rows_per_block = BLOCK_THREADS / lanes;
+    LaunchConfig {
+        block: (lanes, rows_per_block, 1),
+        grid: (rows.div_ceil(rows_per_block), batch, 1),
+    }
+}
+
+/// Argument order of every kernel family (CUDA parameter order; Metal `[[buffer(i)]]` index =
+/// position in the slice).
+pub mod abi {
+    /// `softmin_{cost}_{dtype}`.
+    pub const SOFTMIN_ARGS: &[&str] = &["x", "y", "h", "out", "B", "N", "M", "D", "eps"];
+    /// `softmin_grad_x_{cost}_{dtype}` and `softmin_grad_y_{cost}_{dtype}`.
+    pub const SOFTMIN_GRAD_ARGS: &[&str] =
+        &["x", "y", "h", "f", "g", "out", "B", "N", "M", "D", "eps"];
+    /// `plan_apply_{cost}_{dtype}`.
+    pub const PLAN_APPLY_ARGS: &[&str] = &[
+        "x", "y", "h", "f", "v", "out", "B", "N", "M", "D", "K", "eps",
+    ];
+    /// `kernel_product_{kernel}_{dtype}`.
+    pub const KERNEL_PRODUCT_ARGS: &[&str] = &["x", "y", "b", "out", "B", "N", "M", "D", "sigma"];
+    /// `kernel_grad_x_{kernel}_{dtype}` and `kernel_grad_y_{kernel}_{dtype}`.
+    pub const KERNEL_GRAD_ARGS: &[&str] = &["x", "y", "b", "g", "out", "B", "N", "M", "D", "sigma"];
+}
+
+macro_rules! entry_points {
+    ($(#[$list_doc:meta])* $list:ident { $($name:ident = $value:literal),* $(,)? }) => {
+        $(
+            #[doc = concat!("Entry point `", $value, "`.")]
+            pub const $name: &str = $value;
+        )*
+        $(#[$list_doc])*
+        pub const $list: &[&str] = &[$($name),*];
+    };
+}
+
+/// CUDA C++ sources (nvcc and NVRTC, C++17, no system headers) and their entry points.
+pub mod cuda {
+    /// The shared core (`cuda/common.cuh`), already prepended to [`SOFTMIN`] and [`KERNEL_SUMS`].
+    pub const COMMON: &str = include_str!("../cuda/common.cuh");
+    /// Softmin family (`common.cuh` + `cuda/softmin.cu`): `softmin_*`, `softmin_grad_x_*`,
+    /// `softmin_grad_y_*`, `plan_apply_*`.
+    pub const SOFTMIN: &str = concat!(
+        include_str!("../cuda/common.cuh"),
+        "\n",
+        include_str!("../cuda/softmin.cu")
+    );
+    /// Kernel sums (`common.cuh` + `cuda/kernel_sums.cu`): `kernel_product_*`,
+    /// `kernel_grad_x_*`, `kernel_grad_y_*`.
+    pub const KERNEL_SUMS: &str = concat!(
+        include_str!("../cuda/common.cuh"),
+        "\n",
+        include_str!("../cuda/kernel_sums.cu")
+    );
+
+    entry_points! {
+        /// Every entry point of [`SOFTMIN`].
+        SOFTMIN_KERNELS {
+            SOFTMIN_SQEUCLIDEAN_F32 = "softmin_sqeuclidean_f32",
+            SOFTMIN_EUCLIDEAN_F32 = "softmin_euclidean_f32",
+            SOFTMIN_SQEUCLIDEAN_F64 = "softmin_sqeuclidean_f64",
+            SOFTMIN_EUCLIDEAN_F64 = "softmin_euclidean_f64",
+            SOFTMIN_GRAD_X_SQEUCLIDEAN_F32 = "softmin_grad_x_sqeuclidean_f32",
+            SOFTMIN_GRAD_X_EUCLIDEAN_F32 = "softmin_grad_x_euclidean_f32",
+            SOFTMIN_GRAD_X_SQEUCLIDEAN_F64 = "softmin_grad_x_sqeuclidean_f64",
+            SOFTMIN_GRAD_X_EUCLIDEAN_F64 = "softmin_grad_x_euclidean_f64",
+            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F32 = "softmin_grad_y_sqeuclidean_f32",
+            SOFTMIN_GRAD_Y_EUCLIDEAN_F32 = "softmin_grad_y_euclidean_f32",
+            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F64 = "softmin_grad_y_sqeuclidean_f64",
+            SOFTMIN_GRAD_Y_EUCLIDEAN_F64 = "softmin_grad_y_euclidean_f64",
+            PLAN_APPLY_SQEUCLIDEAN_F32 = "plan_apply_sqeuclidean_f32",
+            PLAN_APPLY_EUCLIDEAN_F32 = "plan_apply_euclidean_f32",
+            PLAN_APPLY_SQEUCLIDEAN_F64 = "plan_apply_sqeuclidean_f64",
+            PLAN_APPLY_EUCLIDEAN_F64 = "plan_apply_euclidean_f64",
+        }
+    }
+
+    entry_points! {
+        /// Every entry point of [`KERNEL_SUMS`].
+        KERNEL_SUM_KERNELS {
+            KERNEL_PRODUCT_GAUSSIAN_F32 = "kernel_product_gaussian_f32",
+            KERNEL_PRODUCT_LAPLACIAN_F32 = "kernel_product_laplacian_f32",
+            KERNEL_PRODUCT_ENERGY_F32 = "kernel_product_energy_f32",
+            KERNEL_PRODUCT_GAUSSIAN_F64 = "kernel_product_gaussian_f64",
+            KERNEL_PRODUCT_LAPLACIAN_F64 = "kernel_product_laplacian_f64",
+            KERNEL_PRODUCT_ENERGY_F64 = "kernel_product_energy_f64",
+            KERNEL_GRAD_X_GAUSSIAN_F32 = "kernel_grad_x_gaussian_f32",
+            KERNEL_GRAD_X_LAPLACIAN_F32 = "kernel_grad_x_laplacian_f32",
+            KERNEL_GRAD_X_ENERGY_F32 = "kernel_grad_x_energy_f32",
+            KERNEL_GRAD_X_GAUSSIAN_F64 = "kernel_grad_x_gaussian_f64",
+            KERNEL_GRAD_X_LAPLACIAN_F64 = "kernel_grad_x_laplacian_f64",
+            KERNEL_GRAD_X_ENERGY_F64 = "kernel_grad_x_energy_f64",
+            KERNEL_GRAD_Y_GAUSSIAN_F32 = "kernel_grad_y_gaussian_f32",
+            KERNEL_GRAD_Y_LAPLACIAN_F32 = "kernel_grad_y_laplacian_f32",
+            KERNEL_GRAD_Y_ENERGY_F32 = "kernel_grad_y_energy_f32",
+            KERNEL_GRAD_Y_GAUSSIAN_F64 = "kernel_grad_y_gaussian_f64",
+            KERNEL_GRAD_Y_LAPLACIAN_F64 = "kernel_grad_y_laplacian_f64",
+            KERNEL_GRAD_Y_ENERGY_F64 = "kernel_grad_y_energy_f64",
+        }
+    }
+}
+
+/// Metal Shading Language sources (f32 only) and their entry points (the CUDA `*_f32` names).
+pub mod metal {
+    /// The shared core (`metal/common.metal`), already prepended to [`SOFTMIN`] and
+    /// [`KERNEL_SUMS`].
+    pub const COMMON: &str = include_str!("../metal/common.metal");
+    /// Softmin family (`common.metal` + `metal/softmin.metal`).
+    pub const SOFTMIN: &str = concat!(
+        include_str!("../metal/common.metal"),
+        "\n",
+        include_str!("../metal/softmin.metal")
+    );
+    /// Kernel sums (`common.metal` + `metal/kernel_sums.metal`).
+    pub const KERNEL_SUMS: &str = concat!(
+        include_str!("../metal/common.metal"),
+        "\n",
+        include_str!("../metal/kernel_sums.metal")
+    );
+
+    entry_points! {
+        /// Every entry point of [`SOFTMIN`].
+        SOFTMIN_KERNELS {
+            SOFTMIN_SQEUCLIDEAN_F32 = "softmin_sqeuclidean_f32",
+            SOFTMIN_EUCLIDEAN_F32 = "softmin_euclidean_f32",
+            SOFTMIN_GRAD_X_SQEUCLIDEAN_F32 = "softmin_grad_x_sqeuclidean_f32",
+            SOFTMIN_GRAD_X_EUCLIDEAN_F32 = "softmin_grad_x_euclidean_f32",
+            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F32 = "softmin_grad_y_sqeuclidean_f32",
+            SOFTMIN_GRAD_Y_EUCLIDEAN_F32 = "softmin_grad_y_euclidean_f32",
+            PLAN_APPLY_SQEUCLIDEAN_F32 = "plan_apply_sqeuclidean_f32",
+            PLAN_APPLY_EUCLIDEAN_F32 = "plan_apply_euclidean_f32",
+        }
+    }
+
+    entry_points! {
+        /// Every entry point of [`KERNEL_SUMS`].
+        KERNEL_SUM_KERNELS {
+            KERNEL_PRODUCT_GAUSSIAN_F32 = "kernel_product_gaussian_f32",
+            KERNEL_PRODUCT_LAPLACIAN_F32 = "kernel_product_laplacian_f32",
+            KERNEL_PRODUCT_ENERGY_F32 = "kernel_product_energy_f32",
+            KERNEL_GRAD_X_GAUSSIAN_F32 = "kernel_grad_x_gaussian_f32",
+            KERNEL_GRAD_X_LAPLACIAN_F32 = "kernel_grad_x_laplacian_f32",
+            KERNEL_GRAD_X_ENERGY_F32 = "kernel_grad_x_energy_f32",
+            KERNEL_GRAD_Y_GAUSSIAN_F32 = "kernel_grad_y_gaussian_f32",
+            KERNEL_GRAD_Y_LAPLACIAN_F32 = "kernel_grad_y_laplacian_f32",
+            KERNEL_GRAD_Y_ENERGY_F32 = "kernel_grad_y_energy_f32",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names defined in a source: the first argument of every `OT_*_ENTRY(name, ...)` line.
+    fn defined_entries(src: &str) -> Vec<&str> {
+        src.lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("OT_") && l.contains("_ENTRY("))
+            .filter_map(|l| {
+                let start = l.find('(')? + 1;
+                let end = start + l[start..].find(',')?;
+                Some(l[start..end].trim())
+            })
+            .collect()
+    }
+
+    fn assert_listed_exactly(src: &str, names: &[&str]) {
+        for name in names {
+            assert!(
+                src.contains(&format!("({name},")),
+                "entry point {name} is not defined in the embedded source"
+            );
+        }
+        let mut defined = defined_entries(src);
+        let mut listed = names.to_vec();
+        defined.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(defined, listed, "defined and listed entry points differ");
+    }
+
+    #[test]
+    fn every_listed_entry_point_is_in_its_source() {
+        assert_listed_exactly(cuda::SOFTMIN, cuda::SOFTMIN_KERNELS);
+        assert_listed_exactly(cuda::KERNEL_SUMS, cuda::KERNEL_SUM_KERNELS);
+        assert_listed_exactly(metal::SOFTMIN, metal::SOFTMIN_KERNELS);
+        assert_listed_exactly(metal::KERNEL_SUMS, metal::KERNEL_SUM_KERNELS);
+    }
+
+    #[test]
+    fn entry_point_counts_and_names() {
+        // (op, cost, dtype): 4 x 2 x 2 and 3 x 3 x 2 on CUDA; f32 only on Metal.
+        assert_eq!(cuda::SOFTMIN_KERNELS.len(), 16);
+        assert_eq!(cuda::KERNEL_SUM_KERNELS.len(), 18);
+        let f32_names = |l: &[&'static str]| -> Vec<&'static str> {
+            l.iter().copied().filter(|n| n.ends_with("_f32")).collect()
+        };
+        let mut a = f32_names(cuda::SOFTMIN_KERNELS);
+        let mut b = metal::SOFTMIN_KERNELS.to_vec();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        let mut a = f32_names(cuda::KERNEL_SUM_KERNELS);
+        let mut b = metal::KERNEL_SUM_KERNELS.to_vec();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        for n in cuda::SOFTMIN_KERNELS.iter().chain(cuda::KERNEL_SUM_KERNELS) {
+            assert!(n.ends_with("_f32") || n.ends_with("_f64"), "{n}");
+        }
+    }
+
+    #[test]
+    fn sources_are_self_contained() {
+        for src in [cuda::SOFTMIN, cuda::KERNEL_SUMS] {
+            assert!(src.starts_with(cuda::COMMON));
+            assert!(
+                !src.contains("#include <"),
+                "CUDA sources must not need system headers"
+            );
+        }
+        for src in [metal::SOFTMIN, metal::KERNEL_SUMS] {
+            assert!(src.starts_with(metal::COMMON));
+        }
+        // The ABI documented here matches the constants in the sources.
+        assert!(cuda::COMMON.contains(&format!("#define OT_TILE {TILE_POINTS}u")));
+        assert!(cuda::COMMON.contains(&format!("#define OT_TILE_ELEMS {MAX_D}u")));
+        assert!(cuda::COMMON.contains(&format!("#define OT_CH {CHUNK_COLUMNS}")));
+        assert!(cuda::COMMON.contains(&format!("#define OT_MAX_BLOCK {MAX_BLOCK_THREADS}")));
+        assert!(metal::COMMON.contains(&format!("#define OT_TILE {TILE_POINTS}u")));
+        assert!(metal::COMMON.contains(&format!("#define OT_TILE_ELEMS {MAX_D}u")));
+        assert!(metal::COMMON.contains(&format!("#define OT_CH {CHUNK_COLUMNS}")));
+        assert!(metal::COMMON.contains(&format!("#define OT_MAX_BLOCK {MAX_BLOCK_THREADS}")));
+        for d in SPECIALISED_D {
+            assert!(cuda::COMMON.contains(&format!("case {d}: ot_core<T, {d}, OP, COST>")));
+            assert!(metal::COMMON.contains(&format!("case {d}: ot_core<{d}, OP, COST>")));
+        }
+    }
+
+    #[test]
+    fn metal_buffer_indices_follow_the_abi_order() {
+        fn check(src: &str, args: &[&str]) {
+            for (i, a) in args.iter().enumerate() {
+                let p = src.contains(&format!("* {a} [[buffer({i})]]"));
+                let s = src.contains(&format!("& {a} [[buffer({i})]]"));
+                assert!(p || s, "argument {a} is not bound at [[buffer({i})]]");
+            }
+        }
+        check(metal::SOFTMIN, abi::SOFTMIN_ARGS);
+        check(metal::SOFTMIN, abi::SOFTMIN_GRAD_ARGS);
+        check(metal::SOFTMIN, abi::PLAN_APPLY_ARGS);
+        check(metal::KERNEL_SUMS, abi::KERNEL_PRODUCT_ARGS);
+        check(metal::KERNEL_SUMS, abi::KERNEL_GRAD_ARGS);
+    }
+
+    #[test]
+    fn launch_config_rules() {
+        for (rows, batch) in [
+            (1, 1),
+            (17, 2),
+            (1000, 2),
+            (4096, 1),
+            (100_000, 4),
+            (u32::MAX, 1),
+        ] {
+            let c = launch_config(rows, batch);
+            let (lanes, per_block, one) = c.block;
+            assert_eq!(one, 1);
+            assert!(lanes.is_power_of_two() && lanes <= MAX_LANES);
+            assert_eq!(lanes * per_block, BLOCK_THREADS);
+            assert_eq!(c.grid, (rows.div_ceil(per_block), batch, 1));
+        }
+        assert_eq!(launch_config(1, 1).block.0, MAX_LANES);
+        assert_eq!(launch_config(1 << 20, 1).block.0, 1);
+    }
+}
