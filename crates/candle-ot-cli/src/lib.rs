@@ -1,5 +1,6 @@
-//! The library behind the `candle-ot` command line: case evaluation (`eval`) and point-cloud
-//! readers (`distance`). The binary's contract is documented in the workspace README.
+//! The library behind the `candle-ot` command line: case evaluation (`eval`), point-cloud
+//! readers (`distance`) and benchmarks (`bench`). The binary's contract is documented in the workspace README.
 
+pub mod bench;
 pub mod eval;
 pub mod io;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use candle_core::DType;
 use candle_ot::{Backend, Loss, SamplesLoss, SamplesLossOptions};
-use candle_ot_cli::{eval, io};
+use candle_ot_cli::{bench, eval, io};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +74,19 @@ impl From<LossArg> for Loss {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OpArg {
+    Loss,
+    Softmin,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Evaluate a case file (x, y, optional a, b, l; options in the metadata key `params`) and
@@ -124,6 +137,59 @@ enum Cmd {
         /// Number of CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Time the loss (and gradient) or one softmin pass on random or given points; report
+    /// the median time, the pair count, pairs per second and the peak RSS.
+    Bench {
+        #[arg(long, value_enum, default_value = "sinkhorn")]
+        loss: LossArg,
+        /// Points in x (random inputs).
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Points in y (random inputs).
+        #[arg(long, default_value_t = 1000)]
+        m: usize,
+        /// Dimension (random inputs).
+        #[arg(long, default_value_t = 3)]
+        d: usize,
+        #[arg(long, default_value_t = 2)]
+        p: u32,
+        #[arg(long, default_value_t = 0.05)]
+        blur: f64,
+        #[arg(long, default_value_t = 0.5)]
+        scaling: f64,
+        #[arg(long)]
+        no_debias: bool,
+        #[arg(long)]
+        reach: Option<f64>,
+        #[arg(long)]
+        tol: Option<f64>,
+        #[arg(long, value_enum, default_value = "online")]
+        backend: BackendArg,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+        /// Also differentiate with respect to x.
+        #[arg(long)]
+        grad: bool,
+        #[arg(long, value_enum, default_value = "loss")]
+        op: OpArg,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Take x, y (and a, b) from a case file instead.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Print one JSON line only.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -196,6 +262,85 @@ fn run(cli: Cli) -> Result<()> {
                 .to_vec1::<f64>()?;
             let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
             println!("{}", s.join(" "));
+        }
+        Cmd::Bench {
+            loss,
+            n,
+            m,
+            d,
+            p,
+            blur,
+            scaling,
+            no_debias,
+            reach,
+            tol,
+            backend,
+            device,
+            dtype,
+            grad,
+            op,
+            reps,
+            warmup,
+            threads,
+            seed,
+            input,
+            json,
+        } => {
+            if let Some(t) = threads {
+                candle_ot::set_num_threads(t)?;
+            }
+            let device = match device {
+                DeviceArg::Cpu => candle_core::Device::Cpu,
+                DeviceArg::Cuda => candle_core::Device::new_cuda(0)?,
+                DeviceArg::Metal => candle_core::Device::new_metal(0)?,
+            };
+            let cfg = bench::BenchConfig {
+                options: SamplesLossOptions {
+                    loss: loss.into(),
+                    p,
+                    blur,
+                    scaling,
+                    debias: !no_debias,
+                    reach,
+                    tol,
+                    backend: backend.into(),
+                    ..Default::default()
+                },
+                n,
+                m,
+                d,
+                device,
+                dtype: dtype.into(),
+                grad,
+                op: match op {
+                    OpArg::Loss => bench::BenchOp::Loss,
+                    OpArg::Softmin => bench::BenchOp::Softmin,
+                },
+                reps,
+                warmup,
+                seed,
+                input,
+            };
+            let r = bench::run(&cfg)?;
+            if json {
+                println!(
+                    "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}}}",
+                    r.median_s, r.pairs, r.pairs_per_s, r.peak_rss_bytes, r.loss
+                );
+            } else {
+                println!(
+                    "median {:.4} s over {} runs ({:?}), {:.3e} pairs, {:.3e} pairs/s, peak RSS {:.1} MiB, {} {:.9e}, {} threads",
+                    r.median_s,
+                    r.times_s.len(),
+                    r.times_s,
+                    r.pairs,
+                    r.pairs_per_s,
+                    r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+                    if matches!(cfg.op, bench::BenchOp::Softmin) { "mean softmin" } else { "loss" },
+                    r.loss,
+                    candle_ot::num_threads()
+                );
+            }
         }
     }
     Ok(())
