@@ -392,6 +392,220 @@ fn lse_weighted_item<T: Real>(
     });
 }
 
+/// The gradient reduction of one block of [`L`] rows (struct of arrays, vectorised over the
+/// rows like [`softmin_block_body`]): `acc[k][l] = Σ_c e^{z_lc − max_l} w_c ∇₁C(p_l, q_c)_k`
+/// and, with `MASS`, `acc[D][l] = Σ_c e^{z_lc − max_l} w_c`. Returns the running maxima.
+#[inline(always)]
+fn grad_block_body<T: Real, const P1: bool, const MASS: bool>(
+    d: usize,
+    inv_eps: T,
+    xs: &[[T; L]],
+    alpha: &[T; L],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    let half = T::from_f64(0.5);
+    let cs = d + 2;
+    let m = cols.len() / cs;
+    let mut mx = [T::NEG_INFINITY; L];
+    for a in acc.iter_mut() {
+        *a = [T::ZERO; L];
+    }
+    let mut zb = [[T::ZERO; L]; TJ];
+    let mut db = [[T::ZERO; L]; TJ];
+    let mut j0 = 0;
+    while j0 < m {
+        let tj = TJ.min(m - j0);
+        let mut tmax = [T::NEG_INFINITY; L];
+        for jj in 0..tj {
+            let q = &cols[(j0 + jj) * cs..(j0 + jj + 1) * cs];
+            let mut sq = [T::ZERO; L];
+            for k in 0..d {
+                let qk = q[k];
+                for l in 0..L {
+                    let t = xs[k][l] - qk;
+                    sq[l] += t * t;
+                }
+            }
+            let beta = q[d];
+            for l in 0..L {
+                let dist = sq[l].sqrt();
+                let c = if P1 { dist } else { sq[l] * half };
+                let z = alpha[l] + beta - c * inv_eps;
+                zb[jj][l] = z;
+                db[jj][l] = dist;
+                tmax[l] = tmax[l].fmax(z);
+            }
+        }
+        let mut shift = [T::ZERO; L];
+        let mut rescale = [T::ZERO; L];
+        for l in 0..L {
+            let nm = mx[l].fmax(tmax[l]);
+            let safe = if nm == T::NEG_INFINITY { T::ZERO } else { nm };
+            rescale[l] = (mx[l] - safe).exp_le0();
+            mx[l] = nm;
+            shift[l] = safe;
+        }
+        for a in acc.iter_mut() {
+            for l in 0..L {
+                a[l] *= rescale[l];
+            }
+        }
+        for jj in 0..tj {
+            let q = &cols[(j0 + jj) * cs..(j0 + jj + 1) * cs];
+            let w = q[d + 1];
+            let mut ew = [T::ZERO; L];
+            let mut eg = [T::ZERO; L];
+            for l in 0..L {
+                ew[l] = (zb[jj][l] - shift[l]).exp_le0() * w;
+                eg[l] = if P1 {
+                    if db[jj][l] > T::ZERO {
+                        ew[l] / db[jj][l]
+                    } else {
+                        T::ZERO
+                    }
+                } else {
+                    ew[l]
+                };
+            }
+            for k in 0..d {
+                let qk = q[k];
+                for l in 0..L {
+                    acc[k][l] += eg[l] * (xs[k][l] - qk);
+                }
+            }
+            if MASS {
+                for l in 0..L {
+                    acc[d][l] += ew[l];
+                }
+            }
+        }
+        j0 += tj;
+    }
+    mx
+}
+
+#[inline(always)]
+fn grad_block_dispatch<T: Real>(
+    cost: CostKind,
+    with_mass: bool,
+    d: usize,
+    inv_eps: T,
+    xs: &[[T; L]],
+    alpha: &[T; L],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    macro_rules! by_d {
+        ($p1:expr, $mass:expr) => {
+            match d {
+                1 => grad_block_body::<T, $p1, $mass>(1, inv_eps, xs, alpha, cols, acc),
+                2 => grad_block_body::<T, $p1, $mass>(2, inv_eps, xs, alpha, cols, acc),
+                3 => grad_block_body::<T, $p1, $mass>(3, inv_eps, xs, alpha, cols, acc),
+                4 => grad_block_body::<T, $p1, $mass>(4, inv_eps, xs, alpha, cols, acc),
+                _ => grad_block_body::<T, $p1, $mass>(d, inv_eps, xs, alpha, cols, acc),
+            }
+        };
+    }
+    match (cost, with_mass) {
+        (CostKind::Euclidean, false) => by_d!(true, false),
+        (CostKind::Euclidean, true) => by_d!(true, true),
+        (CostKind::SqEuclidean, false) => by_d!(false, false),
+        (CostKind::SqEuclidean, true) => by_d!(false, true),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_block_avx512<T: Real>(
+    cost: CostKind,
+    with_mass: bool,
+    d: usize,
+    inv_eps: T,
+    xs: &[[T; L]],
+    alpha: &[T; L],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    grad_block_dispatch(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_block_avx2<T: Real>(
+    cost: CostKind,
+    with_mass: bool,
+    d: usize,
+    inv_eps: T,
+    xs: &[[T; L]],
+    alpha: &[T; L],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    grad_block_dispatch(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
+}
+
+/// The blocked gradient reduction of one batch item (see [`Weighted::Grad`]).
+fn grad_item<T: Real>(
+    level: SimdLevel,
+    cost: CostKind,
+    eps: f64,
+    rows: &[T],
+    cols: &[T],
+    d: usize,
+    with_mass: bool,
+    out: &mut [T],
+) {
+    let rs = d + 1;
+    let od = d + with_mass as usize;
+    let n = out.len() / od;
+    let inv_eps = T::from_f64(1.0 / eps);
+    out.par_chunks_mut(ROWS_PER_TASK * od)
+        .enumerate()
+        .for_each(|(task, out_task)| {
+            let mut xs = vec![[T::ZERO; L]; d];
+            let mut acc = vec![[T::ZERO; L]; d + 1];
+            let i_task = task * ROWS_PER_TASK;
+            for (blk, out_blk) in out_task.chunks_mut(L * od).enumerate() {
+                let i0 = i_task + blk * L;
+                let mut alpha = [T::ZERO; L];
+                for l in 0..L {
+                    let i = (i0 + l).min(n - 1);
+                    for k in 0..d {
+                        xs[k][l] = rows[i * rs + k];
+                    }
+                    alpha[l] = rows[i * rs + d];
+                }
+                let mx = match level {
+                    // SAFETY: the level was detected at run time on this CPU.
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx512 => unsafe {
+                        grad_block_avx512(cost, with_mass, d, inv_eps, &xs, &alpha, cols, &mut acc)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx2 => unsafe {
+                        grad_block_avx2(cost, with_mass, d, inv_eps, &xs, &alpha, cols, &mut acc)
+                    },
+                    _ => grad_block_dispatch(
+                        cost, with_mass, d, inv_eps, &xs, &alpha, cols, &mut acc,
+                    ),
+                };
+                for (l, o) in out_blk.chunks_mut(od).enumerate() {
+                    let total = if mx[l] == T::NEG_INFINITY {
+                        T::ZERO
+                    } else {
+                        mx[l].exp()
+                    };
+                    for (k, ok) in o.iter_mut().enumerate() {
+                        *ok = acc[k][l] * total;
+                    }
+                }
+            }
+        });
+}
+
 /// Batched [`lse_weighted_item`]: rows (B, N, D+1), cols (B, M, col_dim) → out (B, N, out_dim).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lse_weighted<T: Real>(
@@ -406,8 +620,21 @@ pub(crate) fn lse_weighted<T: Real>(
     let rs = d + 1;
     let cs = mode.col_dim(d);
     let od = mode.out_dim(d);
+    let level = simd_level();
     crate::threads::install(|| {
         out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
+            if let Weighted::Grad { with_mass } = mode {
+                return grad_item(
+                    level,
+                    cost,
+                    eps,
+                    &rows[bi * n * rs..(bi + 1) * n * rs],
+                    &cols[bi * m * cs..(bi + 1) * m * cs],
+                    d,
+                    with_mass,
+                    ob,
+                );
+            }
             lse_weighted_item(
                 cost,
                 eps,
