@@ -994,3 +994,161 @@ test_device!(
     auto_backend_and_diagnostics_cuda,
     auto_backend_and_diagnostics_metal
 );
+
+/// Non-contiguous (transposed, broadcast) inputs give the values of their contiguous copies.
+fn strided_inputs(dev: &Device) -> Result<()> {
+    let dt = float(dev);
+    let tol = if dt == DType::F64 { TOL_SAME } else { 1e-6 };
+    let mut r = rng(17);
+    let xt = uniform(&mut r, &[D, N], 0.0, 1.0, dt, dev)?; // x = xtᵀ, strided
+    let yt = uniform(&mut r, &[D, M], 0.2, 1.2, dt, dev)?;
+    let (x, y) = (xt.t()?, yt.t()?);
+    assert!(!x.is_contiguous());
+    let (xc, yc) = (x.contiguous()?, y.contiguous()?);
+    // Weights broadcast from a scalar (stride 0) and a strided column.
+    let a = Tensor::full(1.0 / N as f64, 1, dev)?
+        .to_dtype(dt)?
+        .broadcast_as(N)?;
+    let bt = weights(&mut r, None, 2 * M, &[], 2.0)?
+        .to_dtype(dt)?
+        .to_device(dev)?
+        .reshape((M, 2))?;
+    let b = bt.narrow(1, 0, 1)?.squeeze(1)?; // stride 2
+    let b = (&b / b.sum_all()?.to_scalar_f64(dt)?)?;
+    let (ac, bc) = (a.contiguous()?, b.contiguous()?);
+    for loss_kind in ALL_LOSSES {
+        for p in [1, 2] {
+            for backend in backends(dev) {
+                let l = SamplesLoss::builder(loss_kind)
+                    .p(p)
+                    .blur(0.1)
+                    .backend(backend)
+                    .build()?;
+                let v1 = l.solve(Some(&a), &x, Some(&b), &y)?;
+                let v2 = l.solve(Some(&ac), &xc, Some(&bc), &yc)?;
+                let name = format!("{loss_kind:?} p={p} {backend:?}");
+                assert!(rel_err(&v1.loss, &v2.loss) <= tol, "{name}: loss");
+                assert!(rel_err(&v1.f, &v2.f) <= tol, "{name}: F");
+                assert!(rel_err(&v1.g, &v2.g) <= tol, "{name}: G");
+                // Batched and strided.
+                let xb = Tensor::stack(&[&x, &x], 0)?.transpose(1, 2)?.transpose(1, 2)?;
+                let yb = Tensor::stack(&[&y, &y], 0)?;
+                let vb = flat(&l.forward(&xb, &yb)?);
+                let v = scalar(&l.forward(&xc, &yc)?);
+                for vb in vb {
+                    assert!(((vb - v) / v).abs() <= tol, "{name}: batched {vb} vs {v}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Points of x that coincide with points of y: p = 1 costs and the distance kernels are not
+/// differentiable there; the gradient is taken as 0 there and everything stays finite.
+fn coincident_points(dev: &Device) -> Result<()> {
+    let dt = float(dev);
+    let mut r = rng(18);
+    let x = uniform(&mut r, &[N, D], 0.0, 1.0, dt, dev)?;
+    let y = Tensor::cat(&[&x.narrow(0, 0, 5)?, &uniform(&mut r, &[M - 5, D], 0.0, 1.0, dt, dev)?], 0)?;
+    // Duplicates inside x too.
+    let x = Tensor::cat(&[&x, &x.narrow(0, 0, 3)?], 0)?;
+    for loss_kind in ALL_LOSSES {
+        for p in [1, 2] {
+            for debias in [true, false] {
+                let mut grads = vec![];
+                for backend in backends(dev) {
+                    let l = SamplesLoss::builder(loss_kind)
+                        .p(p)
+                        .blur(0.1)
+                        .debias(debias)
+                        .backend(backend)
+                        .build()?;
+                    let (_, gx, gy) = finite_run(&l, &x, &y)?;
+                    grads.push((gx, gy));
+                }
+                // The backends agree there too.
+                let tol = if dt == DType::F64 { 1e-10 } else { 1e-4 };
+                for g in &grads[1..] {
+                    let ex = rel_err_vec(&g.0, &grads[0].0);
+                    let ey = rel_err_vec(&g.1, &grads[0].1);
+                    assert!(
+                        ex <= tol && ey <= tol,
+                        "{loss_kind:?} p={p} debias={debias}: backends differ {ex:.2e} {ey:.2e}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Extreme but valid options give finite values: tiny and huge blurs, a huge reach
+/// (≈ balanced), a diameter below the blur, a scaling close to 1.
+fn extreme_options(dev: &Device) -> Result<()> {
+    let (a, x, b, y) = clouds(19, dev)?;
+    let dt = x.dtype();
+    for backend in backends(dev) {
+        for p in [1, 2] {
+            let mk = || SamplesLoss::builder(Loss::Sinkhorn).p(p).backend(backend);
+            for l in [
+                mk().blur(1e-4).build()?,
+                mk().blur(1e3).build()?,
+                mk().blur(0.5).diameter(0.1).build()?,
+                mk().blur(0.1).scaling(0.99).build()?,
+                mk().blur(0.1).reach(1e-3).build()?,
+                mk().blur(0.1).reach(1e4).build()?,
+            ] {
+                let v = l.forward_weighted(&a, &x, &b, &y)?;
+                assert!(all_finite(&v), "{:?}: {v}", l.options());
+            }
+            for f in [x.to_dtype(DType::F32)?, x.clone()] {
+                if f.dtype() != dt && dt != DType::F64 {
+                    continue;
+                }
+                let _ = f;
+            }
+            // A huge reach is balanced OT.
+            let bal = scalar(&mk().blur(0.1).build()?.forward_weighted(&a, &x, &b, &y)?);
+            let unb = scalar(&mk().blur(0.1).reach(1e4).build()?.forward_weighted(&a, &x, &b, &y)?);
+            let tol = if dt == DType::F64 { 1e-3 } else { 1e-2 };
+            assert!(
+                ((unb - bal) / bal).abs() < tol,
+                "{backend:?} p={p}: reach 1e4 gives {unb}, balanced {bal}"
+            );
+        }
+        // Tiny blur in f32.
+        let l = SamplesLoss::builder(Loss::Sinkhorn).blur(1e-4).backend(backend).build()?;
+        let v = l.forward(&x.to_dtype(DType::F32)?, &y.to_dtype(DType::F32)?)?;
+        assert!(all_finite(&v), "f32 tiny blur: {v}");
+    }
+    Ok(())
+}
+
+/// Finite but huge coordinates: an error or a finite value, never NaN.
+fn huge_coordinates(dev: &Device) -> Result<()> {
+    let dt = float(dev);
+    let (_, x, _, y) = clouds(20, dev)?;
+    for dtype in [DType::F32, dt] {
+        for scale in [1e15, 1e25] {
+            let (xs, ys) = ((&x * scale)?.to_dtype(dtype)?, (&y * scale)?.to_dtype(dtype)?);
+            for loss_kind in ALL_LOSSES {
+                for backend in backends(dev) {
+                    let l = SamplesLoss::builder(loss_kind).backend(backend).build()?;
+                    if let Ok(v) = l.forward(&xs, &ys) {
+                        assert!(
+                            !flat(&v)[0].is_nan(),
+                            "{loss_kind:?} {backend:?} {dtype:?} scale {scale:e}: NaN"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+test_device!(strided_inputs, strided_inputs_cpu, strided_inputs_cuda, strided_inputs_metal);
+test_device!(coincident_points, coincident_points_cpu, coincident_points_cuda, coincident_points_metal);
+test_device!(extreme_options, extreme_options_cpu, extreme_options_cuda, extreme_options_metal);
+test_device!(huge_coordinates, huge_coordinates_cpu, huge_coordinates_cuda, huge_coordinates_metal);

@@ -486,6 +486,7 @@ fn grad_block_body<T: Real, const P1: bool, const MASS: bool>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn grad_block_dispatch<T: Real>(
     cost: CostKind,
     with_mass: bool,
@@ -548,6 +549,7 @@ unsafe fn grad_block_avx2<T: Real>(
 }
 
 /// The blocked gradient reduction of one batch item (see [`Weighted::Grad`]).
+#[allow(clippy::too_many_arguments)]
 fn grad_item<T: Real>(
     level: SimdLevel,
     cost: CostKind,
