@@ -120,7 +120,7 @@ fn kernel_losses_full_fd(dev: &Device) -> Result<()> {
             // Unequal masses: kernel norms have no mass constraint.
             let d0 = data(11, 1.0, 1.4)?;
             let (_, mut ad) = value_and_grads(&loss, &d0, dev)?;
-            for k in 0..4 {
+            for (k, fname) in FIELDS.iter().enumerate() {
                 let len = field(&mut d0.clone(), k).len();
                 let mut fd = vec![0.0; len];
                 for (i, out) in fd.iter_mut().enumerate() {
@@ -134,7 +134,7 @@ fn kernel_losses_full_fd(dev: &Device) -> Result<()> {
                 if err.is_nan() || err > TOL_FD_KERNEL {
                     failures.push(format!(
                         "{loss_kind:?} {backend:?} grad_{}: rel err {err:.3e} > {TOL_FD_KERNEL:.0e}",
-                        FIELDS[k]
+                        fname
                     ));
                 }
             }
@@ -186,7 +186,7 @@ fn sinkhorn_converged_directional_fd(dev: &Device) -> Result<()> {
                 );
                 let (_, ad) = value_and_grads(&loss, &d0, dev)?;
                 let mut r = rng(seed + 1000);
-                for k in 0..4 {
+                for (k, fname) in FIELDS.iter().enumerate() {
                     let len = field(&mut d0.clone(), k).len();
                     for trial in 0..2 {
                         let mut dir = uniform_vec(&mut r, len, -1.0, 1.0);
@@ -198,9 +198,9 @@ fn sinkhorn_converged_directional_fd(dev: &Device) -> Result<()> {
                         }
                         let mut dp = d0.clone();
                         let mut dm = d0.clone();
-                        for i in 0..len {
-                            field(&mut dp, k)[i] += FD_STEP * dir[i];
-                            field(&mut dm, k)[i] -= FD_STEP * dir[i];
+                        for (i, v) in dir.iter().enumerate() {
+                            field(&mut dp, k)[i] += FD_STEP * v;
+                            field(&mut dm, k)[i] -= FD_STEP * v;
                         }
                         let fd =
                             (value(&loss, &dp, dev)? - value(&loss, &dm, dev)?) / (2.0 * FD_STEP);
@@ -215,12 +215,12 @@ fn sinkhorn_converged_directional_fd(dev: &Device) -> Result<()> {
                         let err = (fd - dot).abs() / scale;
                         println!(
                             "p={p} debias={debias} {backend:?} d/d{}: rel err {err:.1e} ({} extra iterations)",
-                            FIELDS[k], diag.extra_iterations
+                            fname, diag.extra_iterations
                         );
                         if err.is_nan() || err > TOL_FD_SINKHORN {
                             failures.push(format!(
                                 "p={p} debias={debias} {backend:?} d/d{} (trial {trial}): autograd {dot:.12e} vs fd {fd:.12e}, rel err {err:.3e}",
-                                FIELDS[k]
+                                fname
                             ));
                         }
                     }

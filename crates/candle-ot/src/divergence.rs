@@ -26,16 +26,10 @@ pub fn sinkhorn_cost(
     rho: Option<f64>,
 ) -> Result<Tensor> {
     match rho {
+        // Balanced: ⟨a, F⟩ + ⟨b, G⟩ with GeomLoss's potentials F, G.
         None => {
-            let fa = match &pot.f_aa {
-                Some(f_aa) => (&pot.f_ba - f_aa)?,
-                None => pot.f_ba.clone(),
-            };
-            let gb = match &pot.g_bb {
-                Some(g_bb) => (&pot.g_ab - g_bb)?,
-                None => pot.g_ab.clone(),
-            };
-            scal(a, &fa)? + scal(b, &gb)?
+            let (f, g) = sinkhorn_potentials(pot)?;
+            scal(a, &f)? + scal(b, &g)?
         }
         Some(rho) => unbalanced_cost(a, b, pot, eps, rho),
     }

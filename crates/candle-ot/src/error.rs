@@ -26,6 +26,9 @@ pub enum OtError {
     /// An option outside its range.
     #[error("invalid option {name}: {reason}")]
     Option { name: &'static str, reason: String },
+    /// Finite inputs whose costs would overflow the compute dtype.
+    #[error("{0}")]
+    Range(String),
     /// A dtype, device or backend combination that is not supported.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -78,6 +78,8 @@ struct Prepared {
     y: Tensor, // (B, M, D)
     batched: bool,
     in_dtype: DType,
+    /// The diameter of x ∪ y over all batch items (estimated even when one is given).
+    diameter: f64,
 }
 
 fn shape_err(name: &'static str, expected: impl Into<String>, t: &Tensor) -> candle_core::Error {
@@ -332,6 +334,27 @@ impl SamplesLoss {
             }
             Ok(w)
         };
+        // Finite coordinates can still overflow the dtype once squared or divided by ε: the
+        // largest cost the loss forms is diameter^p / p (over ε for the softmin losses).
+        let diameter = estimate_diameter(&x, &y)?;
+        let o = &self.opts;
+        let largest = match o.loss {
+            Loss::Sinkhorn | Loss::Hausdorff => {
+                let pf = o.p as f64;
+                (diameter.powf(pf) / pf / o.blur.powf(pf)).max(diameter * diameter)
+            }
+            _ => diameter * diameter,
+        };
+        let limit = match dtype {
+            DType::F64 => f64::MAX,
+            _ => f32::MAX as f64,
+        } / 16.0;
+        if !(largest < limit) {
+            return Err(OtError::Range(format!(
+                "x, y: the clouds span {diameter:e}, so costs reach {largest:e}, beyond what {dtype:?} holds (~{limit:e}); rescale the points (and blur, reach, diameter) or use f64"
+            ))
+            .into());
+        }
         let a = weights(a, "a", n)?;
         let b = weights(b, "b", m)?;
         if self.opts.loss == Loss::Sinkhorn && self.opts.reach.is_none() {
@@ -356,6 +379,7 @@ impl SamplesLoss {
             y,
             batched,
             in_dtype,
+            diameter,
         })
     }
 
@@ -419,10 +443,7 @@ impl SamplesLoss {
         };
         match o.loss {
             Loss::Sinkhorn => {
-                let diameter = match o.diameter {
-                    Some(d) => d,
-                    None => estimate_diameter(&p.x, &p.y)?,
-                };
+                let diameter = o.diameter.unwrap_or(p.diameter);
                 let params = LoopParams {
                     eps_list: epsilon_schedule(o.p, diameter, o.blur, o.scaling),
                     rho,
