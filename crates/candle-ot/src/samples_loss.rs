@@ -349,7 +349,7 @@ impl SamplesLoss {
             DType::F64 => f64::MAX,
             _ => f32::MAX as f64,
         } / 16.0;
-        if !(largest < limit) {
+        if largest.is_nan() || largest >= limit {
             return Err(OtError::Range(format!(
                 "x, y: the clouds span {diameter:e}, so costs reach {largest:e}, beyond what {dtype:?} holds (~{limit:e}); rescale the points (and blur, reach, diameter) or use f64"
             ))
