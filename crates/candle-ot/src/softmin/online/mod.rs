@@ -22,9 +22,28 @@ pub use cpu::{simd_level, SimdLevel};
 
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType,
 };
 use cpu::Weighted;
+use real::Real;
+
+/// Evaluates `$body` with `$T` bound to the float type of `$dtype` (f32 or f64).
+macro_rules! with_float {
+    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64)", $op),
+        }
+    };
+}
 
 fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
@@ -70,24 +89,16 @@ impl CustomOp3 for SoftminOp {
         if l3.shape().dims() != [b, m] {
             candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
         }
-        fn run<T: real::Real + candle_core::WithDType>(
-            op: &SoftminOp,
-            s: [(&CpuStorage, &Layout); 3],
-            dims: (usize, usize, usize, usize),
-        ) -> Result<CpuStorage> {
-            let x = contiguous::<T>(s[0].0, s[0].1)?;
-            let y = contiguous::<T>(s[1].0, s[1].1)?;
-            let h = contiguous::<T>(s[2].0, s[2].1)?;
-            let mut out = vec![T::ZERO; dims.0 * dims.1];
-            cpu::softmin(op.cost, op.eps, x, y, h, dims, &mut out);
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        let s = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, s, (b, n, m, d))?,
-            DType::F64 => run::<f64>(self, s, (b, n, m, d))?,
-            dt => candle_core::bail!("candle-ot softmin: unsupported dtype {dt:?}"),
-        };
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let mut out = vec![T::ZERO; b * n];
+            let (x, y, h) = (
+                contiguous::<T>(s1, l1)?,
+                contiguous::<T>(s2, l2)?,
+                contiguous::<T>(s3, l3)?,
+            );
+            cpu::softmin(self.cost, self.eps, x, y, h, (b, n, m, d), &mut out);
+            T::to_cpu_storage_owned(out)
+        });
         Ok((out, Shape::from((b, n))))
     }
 
@@ -183,25 +194,20 @@ impl CustomOp2 for LseWeightedOp {
         let (_, m, _) = dims3(l2, "cols")?;
         let d = d1 - 1;
         let od = self.mode.out_dim(d);
-        fn run<T: real::Real + candle_core::WithDType>(
-            op: &LseWeightedOp,
-            s: [(&CpuStorage, &Layout); 2],
-            dims: (usize, usize, usize),
-            len: usize,
-        ) -> Result<CpuStorage> {
-            let rows = contiguous::<T>(s[0].0, s[0].1)?;
-            let cols = contiguous::<T>(s[1].0, s[1].1)?;
-            let mut out = vec![T::ZERO; len];
-            cpu::lse_weighted(op.cost, op.eps, rows, cols, dims, op.mode, &mut out);
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        let s = [(s1, l1), (s2, l2)];
-        let len = b * n * od;
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, s, (n, m, d), len)?,
-            DType::F64 => run::<f64>(self, s, (n, m, d), len)?,
-            dt => candle_core::bail!("candle-ot: unsupported dtype {dt:?}"),
-        };
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let mut out = vec![T::ZERO; b * n * od];
+            let (rows, cols) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            cpu::lse_weighted(
+                self.cost,
+                self.eps,
+                rows,
+                cols,
+                (n, m, d),
+                self.mode,
+                &mut out,
+            );
+            T::to_cpu_storage_owned(out)
+        });
         Ok((out, Shape::from((b, n, od))))
     }
 }
@@ -264,14 +270,12 @@ impl CustomOp3 for KernelProductOp {
                 "candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {l3:?}"
             )
         }
-        fn run<T: real::Real + candle_core::WithDType>(
-            op: &KernelProductOp,
-            s: [(&CpuStorage, &Layout); 3],
-            (b, n, m, d): (usize, usize, usize, usize),
-        ) -> Result<CpuStorage> {
-            let x = contiguous::<T>(s[0].0, s[0].1)?;
-            let y = contiguous::<T>(s[1].0, s[1].1)?;
-            let w = contiguous::<T>(s[2].0, s[2].1)?;
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let (x, y, w) = (
+                contiguous::<T>(s1, l1)?,
+                contiguous::<T>(s2, l2)?,
+                contiguous::<T>(s3, l3)?,
+            );
             // Pack [y_j, b_j] once: O(M·D), the layout the sum streams over.
             let mut cols = Vec::with_capacity(b * m * (d + 1));
             for (yj, wj) in y.chunks(d).zip(w) {
@@ -279,15 +283,9 @@ impl CustomOp3 for KernelProductOp {
                 cols.push(*wj);
             }
             let mut out = vec![T::ZERO; b * n];
-            cpu::kernel_sums(op.kind, op.sigma, x, &cols, (n, m, d), false, &mut out);
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        let s = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, s, (b, n, m, d))?,
-            DType::F64 => run::<f64>(self, s, (b, n, m, d))?,
-            dt => candle_core::bail!("candle-ot kernel product: unsupported dtype {dt:?}"),
-        };
+            cpu::kernel_sums(self.kind, self.sigma, x, &cols, (n, m, d), false, &mut out);
+            T::to_cpu_storage_owned(out)
+        });
         Ok((out, Shape::from((b, n))))
     }
 
@@ -359,25 +357,20 @@ impl CustomOp2 for KernelSumsOp {
         let (b, n, d) = dims3(l1, "rows")?;
         let (_, m, _) = dims3(l2, "cols")?;
         let od = if self.grad { d + 1 } else { 1 };
-        fn run<T: real::Real + candle_core::WithDType>(
-            op: &KernelSumsOp,
-            s: [(&CpuStorage, &Layout); 2],
-            dims: (usize, usize, usize),
-            len: usize,
-        ) -> Result<CpuStorage> {
-            let rows = contiguous::<T>(s[0].0, s[0].1)?;
-            let cols = contiguous::<T>(s[1].0, s[1].1)?;
-            let mut out = vec![T::ZERO; len];
-            cpu::kernel_sums(op.kind, op.sigma, rows, cols, dims, op.grad, &mut out);
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        let s = [(s1, l1), (s2, l2)];
-        let len = b * n * od;
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, s, (n, m, d), len)?,
-            DType::F64 => run::<f64>(self, s, (n, m, d), len)?,
-            dt => candle_core::bail!("candle-ot: unsupported dtype {dt:?}"),
-        };
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let mut out = vec![T::ZERO; b * n * od];
+            let (rows, cols) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            cpu::kernel_sums(
+                self.kind,
+                self.sigma,
+                rows,
+                cols,
+                (n, m, d),
+                self.grad,
+                &mut out,
+            );
+            T::to_cpu_storage_owned(out)
+        });
         Ok((out, Shape::from((b, n, od))))
     }
 }
