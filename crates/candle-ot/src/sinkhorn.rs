@@ -215,17 +215,17 @@ pub fn sinkhorn_loop<S: Softmin>(
     // 4. The last, non-averaged and differentiable update at ε = blur^p.
     let eps = eps_last;
     let lam = dampening(eps, rho);
-    let tracked = x.track_op() || y.track_op();
-    let cost_t = |a: &Tensor, b: &Tensor, cached: &S::Cost| -> Result<Option<S::Cost>> {
-        if tracked {
+    // Its costs C(x, y.detach()) etc. differ from the loop's only when their first argument is
+    // tracked by autograd; otherwise the loop's detached costs serve as they are.
+    let cost_t = |a: &Tensor, b: &Tensor| -> Result<Option<S::Cost>> {
+        if a.track_op() {
             Ok(Some(softmin.cost(a, b)?))
         } else {
-            let _ = cached;
             Ok(None)
         }
     };
-    let c_xy_t = cost_t(x, &yd, &c_xy)?;
-    let c_yx_t = cost_t(y, &xd, &c_yx)?;
+    let c_xy_t = cost_t(x, &yd)?;
+    let c_yx_t = cost_t(y, &xd)?;
     let h_b = (&log_b + (&st.g_ab / eps)?)?.detach();
     let h_a = (&log_a + (&st.f_ba / eps)?)?.detach();
     let final_sm = |c_t: &Option<S::Cost>, c: &S::Cost, h: &Tensor| -> Result<Tensor> {
@@ -236,8 +236,8 @@ pub fn sinkhorn_loop<S: Softmin>(
     passes += 2;
     let (f_aa, g_bb) = match (&c_xx, &c_yy, &st.f_aa, &st.g_bb) {
         (Some(cxx), Some(cyy), Some(f_aa), Some(g_bb)) => {
-            let c_xx_t = cost_t(x, &xd, cxx)?;
-            let c_yy_t = cost_t(y, &yd, cyy)?;
+            let c_xx_t = cost_t(x, &xd)?;
+            let c_yy_t = cost_t(y, &yd)?;
             let h_aa = (&log_a + (f_aa / eps)?)?.detach();
             let h_bb = (&log_b + (g_bb / eps)?)?.detach();
             passes += 2;
