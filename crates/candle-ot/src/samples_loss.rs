@@ -5,6 +5,7 @@ use crate::divergence::{sinkhorn_cost, sinkhorn_potentials};
 use crate::error::OtError;
 use crate::kernel_loss::{hausdorff_loss, kernel_loss};
 use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
+use crate::plan::TransportPlan;
 use crate::schedule::{epsilon_schedule, estimate_diameter};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
 use crate::softmin::{Online, Softmin, Tensorized};
@@ -56,18 +57,7 @@ pub struct Solution {
     pub backend: Backend,
     /// What the Sinkhorn loop did (Sinkhorn only).
     pub diagnostics: Option<SinkhornDiagnostics>,
-    plan: Option<PlanContext>,
-}
-
-#[derive(Clone, Debug)]
-struct PlanContext {
-    cost: CostKind,
-    x: Tensor,     // (B, N, D), detached
-    y: Tensor,     // (B, M, D), detached
-    log_b: Tensor, // (B, M)
-    f_ba: Tensor,  // (B, N)
-    g_ab: Tensor,  // (B, M)
-    batched: bool,
+    plan: Option<TransportPlan>,
 }
 
 /// Inputs after validation: batched, in the compute dtype.
@@ -134,7 +124,7 @@ impl SamplesLoss {
     /// The loss between uniformly weighted clouds: x (N, D) or (B, N, D), y (M, D) or (B, M, D).
     /// Returns a scalar, or (B,).
     pub fn forward(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        Ok(self.run(None, x, None, y, false)?.loss)
+        Ok(self.run(None, x, None, y)?.loss)
     }
 
     /// The loss between weighted clouds: a (N,) or (B, N), x (N, D) or (B, N, D), b and y alike.
@@ -145,7 +135,7 @@ impl SamplesLoss {
         b: &Tensor,
         y: &Tensor,
     ) -> Result<Tensor> {
-        Ok(self.run(Some(a), x, Some(b), y, false)?.loss)
+        Ok(self.run(Some(a), x, Some(b), y)?.loss)
     }
 
     /// The potentials (F, G), as GeomLoss's `potentials=True` returns them. Weights default to
@@ -157,7 +147,7 @@ impl SamplesLoss {
         b: Option<&Tensor>,
         y: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let s = self.run(a, x, b, y, true)?;
+        let s = self.run(a, x, b, y)?;
         Ok((s.f, s.g))
     }
 
@@ -169,7 +159,7 @@ impl SamplesLoss {
         b: Option<&Tensor>,
         y: &Tensor,
     ) -> Result<Solution> {
-        self.run(a, x, b, y, true)
+        self.run(a, x, b, y)
     }
 
     /// The backend `Auto` resolves to on `device` (an error for unavailable combinations).
@@ -389,14 +379,13 @@ impl SamplesLoss {
         x: &Tensor,
         b: Option<&Tensor>,
         y: &Tensor,
-        want_potentials: bool,
     ) -> Result<Solution> {
         let prep = self.prepare(a, x, b, y)?;
         let backend = self.resolve_backend(prep.x.device())?;
         let cost = CostKind::from_p(self.opts.p).expect("validated p");
         let mut sol = match backend {
-            Backend::Tensorized => self.run_with(&Tensorized { cost }, &prep, want_potentials)?,
-            Backend::Online => self.run_with(&Online { cost }, &prep, want_potentials)?,
+            Backend::Tensorized => self.run_with(&Tensorized { cost }, backend, &prep)?,
+            Backend::Online => self.run_with(&Online { cost }, backend, &prep)?,
             Backend::Auto | Backend::Multiscale => unreachable!("resolved above"),
         };
         sol.backend = backend;
@@ -420,8 +409,8 @@ impl SamplesLoss {
     fn run_with<S: Softmin>(
         &self,
         backend: &S,
+        resolved: Backend,
         p: &Prepared,
-        want_potentials: bool,
     ) -> Result<Solution> {
         let o = &self.opts;
         let pf = o.p as f64;
@@ -437,7 +426,7 @@ impl SamplesLoss {
             f_aa: None,
             g_bb: None,
             eps,
-            backend: o.backend,
+            backend: resolved,
             diagnostics,
             plan: None,
         };
@@ -460,10 +449,13 @@ impl SamplesLoss {
                 sol.g_ab = Some(pot.g_ab.detach());
                 sol.f_aa = pot.f_aa.map(|t| t.detach());
                 sol.g_bb = pot.g_bb.map(|t| t.detach());
-                sol.plan = Some(PlanContext {
+                sol.plan = Some(TransportPlan {
                     cost: CostKind::from_p(o.p).expect("validated p"),
+                    eps,
+                    backend: resolved,
                     x: p.x.detach(),
                     y: p.y.detach(),
+                    log_a,
                     log_b,
                     f_ba: pot.f_ba.detach(),
                     g_ab: pot.g_ab.detach(),
@@ -491,7 +483,6 @@ impl SamplesLoss {
                     Loss::Gaussian => KernelKind::Gaussian,
                     _ => KernelKind::Laplacian,
                 };
-                let _ = want_potentials;
                 let (loss, f, g) = kernel_loss(backend, kind, o.blur, &p.a, &p.x, &p.b, &p.y)?;
                 Ok(solution(loss, f, g, None, None))
             }
@@ -500,49 +491,19 @@ impl SamplesLoss {
 }
 
 impl Solution {
-    /// Soft transfer of values through the transport plan of `OT_ε(α, β)`:
-    ///
-    /// ```text
-    /// out_i = Σ_j π_ij v_j / a_i = Σ_j b_j exp((f_ba,i + g_ab,j − C(x_i, y_j)) / ε) v_j
-    /// ```
-    ///
-    /// built from the raw potentials f_ba, g_ab (never the debiased F, G), streamed (online) or
-    /// dense (tensorized) like the loss. v (M, K) or (B, M, K) → (N, K) or (B, N, K).
-    /// Sinkhorn losses only.
+    /// The entropic transport plan of `OT_ε(α, β)` (Sinkhorn losses only), as streaming
+    /// operators: see [`TransportPlan`].
+    pub fn plan(&self) -> Result<&TransportPlan> {
+        self.plan.as_ref().ok_or_else(|| {
+            OtError::Unsupported("a transport plan exists for the sinkhorn loss only".into()).into()
+        })
+    }
+
+    /// Soft transfer of values through the plan:
+    /// `out_i = Σ_j π_ij v_j / a_i = Σ_j b_j exp((f_ba,i + g_ab,j − C(x_i, y_j)) / ε) v_j`,
+    /// from the raw potentials f_ba, g_ab (never the debiased F, G).
+    /// v (M, K) or (B, M, K) → (N, K) or (B, N, K). See [`TransportPlan::transfer`].
     pub fn transfer(&self, v: &Tensor) -> Result<Tensor> {
-        let ctx = self.plan.as_ref().ok_or_else(|| {
-            candle_core::Error::from(OtError::Unsupported(
-                "a transport plan exists for the sinkhorn loss only".into(),
-            ))
-        })?;
-        let eps = self.eps.expect("sinkhorn has eps");
-        let (_, m, _) = ctx.y.dims3()?;
-        let v = if ctx.batched {
-            v.clone()
-        } else {
-            v.unsqueeze(0)?
-        };
-        if v.rank() != 3 || v.dim(0)? != ctx.y.dim(0)? || v.dim(1)? != m {
-            return Err(shape_err(
-                "v",
-                format!("(M, K) or (B, M, K) with M = {m}"),
-                &v,
-            ));
-        }
-        let v = v.to_dtype(ctx.x.dtype())?;
-        let h = (&ctx.log_b + (&ctx.g_ab / eps)?)?; // (B, M)
-        let out = match self.backend {
-            Backend::Online => {
-                Online { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?
-            }
-            _ => {
-                Tensorized { cost: ctx.cost }.plan_apply(eps, &ctx.x, &ctx.f_ba, &ctx.y, &h, &v)?
-            }
-        };
-        if ctx.batched {
-            Ok(out)
-        } else {
-            out.squeeze(0)
-        }
+        self.plan()?.transfer(v)
     }
 }

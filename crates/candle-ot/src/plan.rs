@@ -1,0 +1,168 @@
+//! Transport-plan operators: the entropic plan of `OT_ε(α, β)` applied to values, streamed,
+//! never materialised.
+//!
+//! ```text
+//! π_ij = a_i b_j exp((f_ba,i + g_ab,j − C(x_i, y_j)) / ε)
+//! ```
+//!
+//! built from the raw potentials `f_ba`, `g_ab` of `OT_ε(α, β)` (never the debiased `F`, `G`),
+//! balanced or unbalanced (with a reach the potentials are the dampened ones and the plan's
+//! marginals are not `a`, `b`). On the online backend every operator is one streaming pass
+//! with a `(max, sum)` accumulator; on the tensorized backend it is a dense product.
+//!
+//! Get one from [`crate::Solution::plan`].
+
+use crate::cost::{dense_cost, CostKind};
+use crate::error::OtError;
+use crate::options::Backend;
+use crate::softmin::{Online, Softmin, Tensorized};
+use candle_core::{Result, Tensor};
+
+/// The most entries [`TransportPlan::dense`] materialises (B·N·M).
+pub const DENSE_PLAN_LIMIT: usize = 100_000_000;
+
+/// The entropic transport plan of a solved Sinkhorn problem (see the module docs).
+#[derive(Clone, Debug)]
+pub struct TransportPlan {
+    pub(crate) cost: CostKind,
+    pub(crate) eps: f64,
+    pub(crate) backend: Backend,
+    pub(crate) x: Tensor,     // (B, N, D), detached
+    pub(crate) y: Tensor,     // (B, M, D), detached
+    pub(crate) log_a: Tensor, // (B, N), −∞ for zero weights
+    pub(crate) log_b: Tensor, // (B, M)
+    pub(crate) f_ba: Tensor,  // (B, N)
+    pub(crate) g_ab: Tensor,  // (B, M)
+    pub(crate) batched: bool,
+}
+
+impl TransportPlan {
+    /// ε of the plan.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// `Σ_j exp(α_i + β_j − C(p_i, q_j)/ε) v_j` on the plan's backend, with α = f/ε.
+    #[allow(clippy::too_many_arguments)]
+    fn stream(&self, p: &Tensor, f: &Tensor, q: &Tensor, h: &Tensor, v: &Tensor) -> Result<Tensor> {
+        match self.backend {
+            Backend::Online => Online { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v),
+            _ => Tensorized { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v),
+        }
+    }
+
+    fn batch_values(&self, v: &Tensor, name: &'static str, k_points: usize) -> Result<Tensor> {
+        let b = self.x.dim(0)?;
+        let v = if self.batched {
+            v.clone()
+        } else {
+            v.unsqueeze(0)?
+        };
+        if v.rank() != 3 || v.dim(0)? != b || v.dim(1)? != k_points {
+            let expected = if self.batched {
+                format!("({b}, {k_points}, K)")
+            } else {
+                format!("({k_points}, K)")
+            };
+            return Err(OtError::Shape {
+                name,
+                expected,
+                got: v.dims().to_vec(),
+            }
+            .into());
+        }
+        v.to_dtype(self.x.dtype())?.contiguous()
+    }
+
+    fn unbatch(&self, t: Tensor) -> Result<Tensor> {
+        if self.batched {
+            Ok(t)
+        } else {
+            t.squeeze(0)
+        }
+    }
+
+    /// `(π v)_i = Σ_j π_ij v_j`: v (M, K) or (B, M, K) → (N, K) or (B, N, K).
+    pub fn apply(&self, v: &Tensor) -> Result<Tensor> {
+        let (_, m, _) = self.y.dims3()?;
+        let v = self.batch_values(v, "v", m)?;
+        // a_i folds into the row offset: f + ε log a (−∞ rows give exact zeros).
+        let f = (&self.f_ba + (&self.log_a * self.eps)?)?;
+        let h = (&self.log_b + (&self.g_ab / self.eps)?)?;
+        let out = self.stream(&self.x, &f, &self.y, &h, &v)?;
+        self.unbatch(out)
+    }
+
+    /// `(πᵀ u)_j = Σ_i π_ij u_i`: u (N, K) or (B, N, K) → (M, K) or (B, M, K).
+    pub fn apply_transpose(&self, u: &Tensor) -> Result<Tensor> {
+        let (_, n, _) = self.x.dims3()?;
+        let u = self.batch_values(u, "u", n)?;
+        let g = (&self.g_ab + (&self.log_b * self.eps)?)?;
+        let h = (&self.log_a + (&self.f_ba / self.eps)?)?;
+        // The cost is symmetric: C(y_j, x_i) = C(x_i, y_j).
+        let out = self.stream(&self.y, &g, &self.x, &h, &u)?;
+        self.unbatch(out)
+    }
+
+    /// Soft transfer `Σ_j π_ij v_j / a_i = Σ_j b_j exp((f_ba,i + g_ab,j − C_ij)/ε) v_j`
+    /// (label transfer; defined for zero-weight points too).
+    pub fn transfer(&self, v: &Tensor) -> Result<Tensor> {
+        let (_, m, _) = self.y.dims3()?;
+        let v = self.batch_values(v, "v", m)?;
+        let h = (&self.log_b + (&self.g_ab / self.eps)?)?;
+        let out = self.stream(&self.x, &self.f_ba, &self.y, &h, &v)?;
+        self.unbatch(out)
+    }
+
+    /// Row masses `Σ_j π_ij`, (N,) or (B, N). Equal to `a` for converged balanced plans.
+    pub fn row_marginal(&self) -> Result<Tensor> {
+        let (b, m, _) = self.y.dims3()?;
+        let ones = Tensor::ones((b, m, 1), self.y.dtype(), self.y.device())?;
+        let ones = if self.batched { ones } else { ones.squeeze(0)? };
+        self.apply(&ones)?.squeeze(candle_core::D::Minus1)
+    }
+
+    /// Column masses `Σ_i π_ij`, (M,) or (B, M).
+    pub fn col_marginal(&self) -> Result<Tensor> {
+        let (b, n, _) = self.x.dims3()?;
+        let ones = Tensor::ones((b, n, 1), self.x.dtype(), self.x.device())?;
+        let ones = if self.batched { ones } else { ones.squeeze(0)? };
+        self.apply_transpose(&ones)?.squeeze(candle_core::D::Minus1)
+    }
+
+    /// The barycentric map `x_i ↦ Σ_j π_ij y_j / Σ_j π_ij`, (N, D) or (B, N, D).
+    ///
+    /// It divides by the row mass of the plan, not by `a_i`: the two differ for unbalanced
+    /// plans and for plans that are not converged. Rows of zero-weight points use the
+    /// conditional distribution `b_j exp((f_i + g_j − C_ij)/ε)` all the same.
+    pub fn barycentric_map(&self) -> Result<Tensor> {
+        let (_, _, d) = self.y.dims3()?;
+        let ones = self.y.narrow(2, 0, 1)?.ones_like()?;
+        let v = Tensor::cat(&[&self.y, &ones], 2)?; // (B, M, D + 1)
+        let v = if self.batched { v } else { v.squeeze(0)? };
+        let s = self.transfer(&v)?; // (.., N, D + 1)
+        let last = s.rank() - 1;
+        s.narrow(last, 0, d)?.broadcast_div(&s.narrow(last, d, 1)?)
+    }
+
+    /// The dense plan `π`, (N, M) or (B, N, M), for small problems only: an error above
+    /// [`DENSE_PLAN_LIMIT`] entries.
+    pub fn dense(&self) -> Result<Tensor> {
+        let (b, n, _) = self.x.dims3()?;
+        let m = self.y.dim(1)?;
+        let entries = b.saturating_mul(n).saturating_mul(m);
+        if entries > DENSE_PLAN_LIMIT {
+            return Err(OtError::Unsupported(format!(
+                "a dense plan of {b}×{n}×{m} = {entries} entries is above the limit of {DENSE_PLAN_LIMIT}; use apply / transfer / barycentric_map, which stream"
+            ))
+            .into());
+        }
+        let c = dense_cost(self.cost, &self.x, &self.y)?; // (B, N, M)
+        let rows = ((&self.f_ba / self.eps)? + &self.log_a)?.unsqueeze(2)?; // (B, N, 1)
+        let cols = ((&self.g_ab / self.eps)? + &self.log_b)?.unsqueeze(1)?; // (B, 1, M)
+        let z = (c / (-self.eps))?
+            .broadcast_add(&rows)?
+            .broadcast_add(&cols)?;
+        self.unbatch(z.exp()?)
+    }
+}
