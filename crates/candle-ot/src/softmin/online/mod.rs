@@ -113,8 +113,11 @@ impl CustomOp3 for SoftminOp {
         // π_ij = exp(h_j + f_i/ε − C_ij/ε): the softmax weights of row i (rows sum to 1).
         let eps = self.eps;
         let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
+        let d = x.dim(2)?;
         let grad_x = {
-            // Σ_j π_ij ∇₁C(x_i, y_j), times grad_f_i.
+            // Σ_j π_ij ∇₁C(x_i, y_j), times grad_f_i. The weights are normalised by their own
+            // streamed sum Σ_j π_ij (= 1 up to rounding) rather than trusted through α = f/ε:
+            // at small ε, f/ε rounded in f32 would shift every weight of the row by ~1e-7·|f|/ε.
             let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
             let ones = h.ones_like()?.unsqueeze(2)?;
             let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
@@ -123,13 +126,15 @@ impl CustomOp3 for SoftminOp {
                 eps,
                 &rows,
                 &cols,
-                Weighted::Grad { with_mass: false },
-            )?;
-            s.broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
+                Weighted::Grad { with_mass: true },
+            )?; // (B, N, D+1)
+            let mass = s.narrow(2, d, 1)?; // (B, N, 1)
+            s.narrow(2, 0, d)?
+                .broadcast_div(&mass)?
+                .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
         };
         let (grad_y, grad_h) = if y.track_op() || h.track_op() {
             // Σ_i g_i π_ij [∇₁C(y_j, x_i), 1]: ∂f_i/∂y_j = π_ij ∇₁C(y_j, x_i), ∂f_i/∂h_j = −ε π_ij.
-            let d = x.dim(2)?;
             let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
             let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
             let s = lse_weighted(
