@@ -89,13 +89,18 @@ pub fn parse_params(params: Option<&str>) -> Result<SamplesLossOptions> {
 /// Reads a case file.
 pub fn read_case(path: &Path) -> Result<Case> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    read_case_bytes(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// Reads a case from the bytes of a safetensors file (see the module docs for the format).
+pub fn read_case_bytes(bytes: &[u8]) -> Result<Case> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow!("not a valid safetensors file: {e}"))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let params = metadata.get("params").cloned();
     let options = parse_params(params.as_deref())?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("cannot load the tensors of {}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .context("cannot load the tensors")?;
     Ok(Case {
         tensors,
         options,
@@ -142,6 +147,7 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         Some(b) => b.clone(),
         None => uniform(y)?,
     };
+    check_schedule_len(&case.options, x, y)?;
     let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
     let (va, vx, vb, vy) = (var(&a)?, var(x)?, var(&b)?, var(y)?);
     let sol = loss.solve(
@@ -179,6 +185,40 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         outputs: out,
         diagnostics: sol.diagnostics,
     })
+}
+
+/// The most ε values the Sinkhorn schedule may hold. Defaults give a few dozen; a hostile
+/// `params` (`scaling` close to 1, tiny `blur`, huge `diameter`) could otherwise ask for
+/// billions, an allocation that aborts the process.
+pub const MAX_SCHEDULE_LEN: f64 = 1e6;
+
+/// Refuses options whose ε-schedule would exceed [`MAX_SCHEDULE_LEN`] values.
+fn check_schedule_len(o: &SamplesLossOptions, x: &Tensor, y: &Tensor) -> Result<()> {
+    if o.loss != Loss::Sinkhorn {
+        return Ok(());
+    }
+    let diameter = match o.diameter {
+        Some(d) => d,
+        // Errors (mismatched shapes...) are left to the solver, which reports them.
+        None => match candle_ot::schedule::estimate_diameter(x, y) {
+            Ok(d) => d,
+            Err(_) => return Ok(()),
+        },
+    };
+    if !(diameter.is_finite() && diameter > 0.0) {
+        return Ok(());
+    }
+    // The same count as `candle_ot::schedule::epsilon_schedule` (p cancels out).
+    let len = ((o.blur.ln() - diameter.ln()) / o.scaling.ln()).ceil();
+    if len > MAX_SCHEDULE_LEN {
+        bail!(
+            "params: the ε-schedule from diameter {diameter:e} down to blur {:e} with scaling {} \
+             would take {len:e} steps (at most {MAX_SCHEDULE_LEN:e}); raise blur or lower scaling",
+            o.blur,
+            o.scaling
+        );
+    }
+    Ok(())
 }
 
 /// Writes the outputs; on failure no file is left behind.

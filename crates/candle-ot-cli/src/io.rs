@@ -54,6 +54,13 @@ pub fn read_points(path: &Path, key: Option<&str>) -> Result<Tensor> {
 fn read_csv(path: &Path) -> Result<Tensor> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_csv(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Parses CSV text into an (N, D) f64 tensor: one point per line, comma-separated numbers;
+/// blank lines and lines starting with `#` are skipped; a first line that does not parse is
+/// taken as a header.
+pub fn parse_csv(text: &str) -> Result<Tensor> {
     let mut rows: Vec<Vec<f64>> = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -65,17 +72,16 @@ fn read_csv(path: &Path) -> Result<Tensor> {
         match parsed {
             Ok(r) => rows.push(r),
             Err(_) if rows.is_empty() && k == 0 => continue, // header
-            Err(e) => bail!("{}:{}: not a number ({e}): {line:?}", path.display(), k + 1),
+            Err(e) => bail!("line {}: not a number ({e}): {line:?}", k + 1),
         }
     }
     let d = rows.first().map(|r| r.len()).unwrap_or(0);
     if rows.is_empty() || d == 0 {
-        bail!("{}: no points", path.display());
+        bail!("no points");
     }
     if let Some(bad) = rows.iter().position(|r| r.len() != d) {
         bail!(
-            "{}: row {} has {} columns, the first has {d}",
-            path.display(),
+            "row {} has {} columns, the first has {d}",
             bad + 1,
             rows[bad].len()
         );

@@ -388,7 +388,6 @@ impl SamplesLoss {
             Backend::Online => self.run_with(&Online { cost }, backend, &prep)?,
             Backend::Auto | Backend::Multiscale => unreachable!("resolved above"),
         };
-        sol.backend = backend;
         if !prep.batched {
             sol.loss = sol.loss.squeeze(0)?;
             sol.f = sol.f.squeeze(0)?;
