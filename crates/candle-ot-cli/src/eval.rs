@@ -147,7 +147,6 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         Some(b) => b.clone(),
         None => uniform(y)?,
     };
-    check_schedule_len(&case.options, x, y)?;
     let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
     let (va, vx, vb, vy) = (var(&a)?, var(x)?, var(&b)?, var(y)?);
     let sol = loss.solve(
@@ -185,40 +184,6 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         outputs: out,
         diagnostics: sol.diagnostics,
     })
-}
-
-/// The most ε values the Sinkhorn schedule may hold. Defaults give a few dozen; a hostile
-/// `params` (`scaling` close to 1, tiny `blur`, huge `diameter`) could otherwise ask for
-/// billions, an allocation that aborts the process.
-pub const MAX_SCHEDULE_LEN: f64 = 1e6;
-
-/// Refuses options whose ε-schedule would exceed [`MAX_SCHEDULE_LEN`] values.
-fn check_schedule_len(o: &SamplesLossOptions, x: &Tensor, y: &Tensor) -> Result<()> {
-    if o.loss != Loss::Sinkhorn {
-        return Ok(());
-    }
-    let diameter = match o.diameter {
-        Some(d) => d,
-        // Errors (mismatched shapes...) are left to the solver, which reports them.
-        None => match candle_ot::schedule::estimate_diameter(x, y) {
-            Ok(d) => d,
-            Err(_) => return Ok(()),
-        },
-    };
-    if !(diameter.is_finite() && diameter > 0.0) {
-        return Ok(());
-    }
-    // The same count as `candle_ot::schedule::epsilon_schedule` (p cancels out).
-    let len = ((o.blur.ln() - diameter.ln()) / o.scaling.ln()).ceil();
-    if len > MAX_SCHEDULE_LEN {
-        bail!(
-            "params: the ε-schedule from diameter {diameter:e} down to blur {:e} with scaling {} \
-             would take {len:e} steps (at most {MAX_SCHEDULE_LEN:e}); raise blur or lower scaling",
-            o.blur,
-            o.scaling
-        );
-    }
-    Ok(())
 }
 
 /// Writes the outputs; on failure no file is left behind.

@@ -17,8 +17,11 @@ pub fn read_points(path: &Path, key: Option<&str>) -> Result<Tensor> {
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
     let t = match ext.as_str() {
-        "npy" => Tensor::read_npy(path)
-            .with_context(|| format!("cannot read {} as .npy", path.display()))?,
+        "npy" => {
+            check_npy_header(path)?;
+            Tensor::read_npy(path)
+                .with_context(|| format!("cannot read {} as .npy", path.display()))?
+        }
         "safetensors" => {
             let mut ts = candle_core::safetensors::load(path, &Device::Cpu)
                 .with_context(|| format!("cannot read {} as .safetensors", path.display()))?;
@@ -89,4 +92,54 @@ pub fn parse_csv(text: &str) -> Result<Tensor> {
     let n = rows.len();
     let flat: Vec<f64> = rows.into_iter().flatten().collect();
     Ok(Tensor::from_vec(flat, (n, d), &Device::Cpu)?)
+}
+
+/// Checks a `.npy` header against the file before candle reads it: candle allocates whatever
+/// shape the header declares, so a 128-byte file declaring 10¹² elements would abort the
+/// process. The declared data must fit in the file.
+fn check_npy_header(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bad = |why: &str| anyhow!("{}: not a valid .npy file: {why}", path.display());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("no NUMPY magic"));
+    }
+    let (hlen, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(&format!("unsupported version {v}"))),
+    };
+    let end = start
+        .checked_add(hlen)
+        .filter(|e| *e <= bytes.len())
+        .ok_or_else(|| bad("header longer than the file"))?;
+    let header = String::from_utf8_lossy(&bytes[start..end]);
+    let item = header
+        .split("descr")
+        .nth(1)
+        .and_then(|r| r.chars().find(|c| c.is_ascii_digit()))
+        .and_then(|c| c.to_digit(10))
+        .ok_or_else(|| bad("no dtype"))? as usize;
+    let shape = header
+        .split("shape")
+        .nth(1)
+        .and_then(|r| r.split('(').nth(1))
+        .and_then(|r| r.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let mut count: usize = 1;
+    for dim in shape.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let dim: usize = dim
+            .parse()
+            .map_err(|_| bad(&format!("bad dimension {dim:?}")))?;
+        count = count.saturating_mul(dim);
+    }
+    if count.saturating_mul(item) > bytes.len() - end {
+        return Err(bad(&format!(
+            "the header declares shape ({shape}) but the file holds {} data bytes",
+            bytes.len() - end
+        )));
+    }
+    Ok(())
 }

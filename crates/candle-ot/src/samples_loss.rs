@@ -6,7 +6,7 @@ use crate::error::OtError;
 use crate::kernel_loss::{hausdorff_loss, kernel_loss};
 use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 use crate::plan::TransportPlan;
-use crate::schedule::{epsilon_schedule, estimate_diameter};
+use crate::schedule::{epsilon_schedule, estimate_diameter, schedule_len, MAX_SCHEDULE_LEN};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
 use crate::softmin::{Online, Softmin, Tensorized};
 use candle_core::{DType, Device, Result, Tensor};
@@ -432,6 +432,17 @@ impl SamplesLoss {
         match o.loss {
             Loss::Sinkhorn => {
                 let diameter = o.diameter.unwrap_or(p.diameter);
+                let len = schedule_len(o.p, diameter, o.blur, o.scaling);
+                if len > MAX_SCHEDULE_LEN as f64 {
+                    return Err(OtError::Option {
+                        name: "scaling",
+                        reason: format!(
+                            "the ε schedule from diameter {diameter:e} down to blur {:e} with scaling {} would take {len:e} steps (at most {MAX_SCHEDULE_LEN}); raise blur or lower scaling",
+                            o.blur, o.scaling
+                        ),
+                    }
+                    .into());
+                }
                 let params = LoopParams {
                     eps_list: epsilon_schedule(o.p, diameter, o.blur, o.scaling),
                     rho,

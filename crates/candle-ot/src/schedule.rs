@@ -57,6 +57,21 @@ pub fn epsilon_schedule(p: u32, diameter: f64, blur: f64, scaling: f64) -> Vec<f
     eps
 }
 
+/// The most ε values a schedule may hold. Defaults give a few dozen; options such as a tiny
+/// `blur`, a huge `diameter` and `scaling` close to 1 could otherwise ask for billions.
+pub const MAX_SCHEDULE_LEN: usize = 1_000_000;
+
+/// The length of [`epsilon_schedule`], computed without building it (as an f64: it may be
+/// astronomically large).
+pub fn schedule_len(p: u32, diameter: f64, blur: f64, scaling: f64) -> f64 {
+    if diameter <= 0.0 || !diameter.is_finite() {
+        return 1.0;
+    }
+    let pf = p as f64;
+    let len = ((pf * blur.ln() - pf * diameter.ln()) / (pf * scaling.ln())).ceil();
+    2.0 + len.max(0.0)
+}
+
 /// The dampening factor `λ(ε) = 1 / (1 + ε/ρ)` of unbalanced OT (1 when balanced).
 pub fn dampening(eps: f64, rho: Option<f64>) -> f64 {
     match rho {
