@@ -10,13 +10,6 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_ot::{Backend, Loss, SamplesLoss};
 use common::*;
 
-const ALL_LOSSES: [Loss; 5] = [
-    Loss::Sinkhorn,
-    Loss::Hausdorff,
-    Loss::Energy,
-    Loss::Gaussian,
-    Loss::Laplacian,
-];
 /// Two f64 computations of the same quantity with sums in another order.
 const TOL_SAME: f64 = 1e-9;
 /// Online against tensorized, and the library against the dense reference, at blur 1e-4.
@@ -277,26 +270,13 @@ fn high_dimension_online_matches_tensorized() -> Result<()> {
     Ok(())
 }
 
-/// The diameter estimate: the diagonal of the common bounding box, in f64.
-fn bbox_diameter(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let pts = Tensor::cat(&[x, y], 0)?;
-    let lo = pts.min(0)?.to_vec1::<f64>()?;
-    let hi = pts.max(0)?.to_vec1::<f64>()?;
-    Ok(lo
-        .iter()
-        .zip(&hi)
-        .map(|(l, h)| (h - l) * (h - l))
-        .sum::<f64>()
-        .sqrt())
-}
-
 /// An explicit diameter equal to the estimate gives the identical value; a 10× larger one a
 /// finite value within `TOL_BIG_DIAMETER` (and, converged with `tol`, the same value).
 #[test]
 fn explicit_diameter() -> Result<()> {
     let x = cloud(9, 16, 3, 0.0, 1.0)?;
     let y = cloud(10, 14, 3, 0.2, 1.2)?;
-    let est = bbox_diameter(&x, &y)?;
+    let est = candle_ot::schedule::estimate_diameter(&x, &y)?;
     for p in [1u32, 2] {
         for backend in [Backend::Online, Backend::Tensorized] {
             let mk = |diameter: Option<f64>| {

@@ -2,22 +2,18 @@
 //! and the barycentric map, on both backends, balanced and unbalanced, batched or not, with
 //! zero weights; converged balanced plans have the right marginals.
 
+#[allow(unused_macros)]
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_ot::{Backend, Loss, SamplesLoss};
-use rand::{Rng, SeedableRng};
+use common::rand_tensor;
+use rand::SeedableRng;
 
 /// Streaming vs dense, f64.
 const TOL: f64 = 1e-12;
 /// Marginals of a plan converged with `tol = 1e-12`.
 const TOL_MARGINAL: f64 = 1e-9;
-
-fn rand_t(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| lo + (hi - lo) * rng.random::<f64>())
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
 
 fn rel(got: &Tensor, want: &Tensor) -> Result<f64> {
     let d = (got - want)?
@@ -46,14 +42,14 @@ fn case(seed: u64, batched: bool) -> Result<Case> {
         s.extend(extra);
         s
     };
-    let x = rand_t(&mut rng, &sh(n, Some(d)), 0.0, 1.0)?;
-    let y = rand_t(&mut rng, &sh(m, Some(d)), 0.2, 1.2)?;
-    let mut a = rand_t(&mut rng, &sh(n, None), 0.5, 1.5)?;
+    let x = rand_tensor(&mut rng, &sh(n, Some(d)), 0.0, 1.0)?;
+    let y = rand_tensor(&mut rng, &sh(m, Some(d)), 0.2, 1.2)?;
+    let mut a = rand_tensor(&mut rng, &sh(n, None), 0.5, 1.5)?;
     // Zero weights: the third point of x.
     let mask: Vec<f64> = (0..n).map(|i| if i == 2 { 0.0 } else { 1.0 }).collect();
     a = a.broadcast_mul(&Tensor::from_vec(mask, n, &Device::Cpu)?)?;
     let a = a.broadcast_div(&a.sum_keepdim(D::Minus1)?)?;
-    let b = rand_t(&mut rng, &sh(m, None), 0.5, 1.5)?;
+    let b = rand_tensor(&mut rng, &sh(m, None), 0.5, 1.5)?;
     let b = b.broadcast_div(&b.sum_keepdim(D::Minus1)?)?;
     Ok(Case { a, x, b, y })
 }
@@ -78,8 +74,8 @@ fn streaming_operators_match_the_dense_plan() -> Result<()> {
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
                     let vdims: Vec<usize> = [&c.y.dims()[..c.y.rank() - 1], &[4]].concat();
                     let udims: Vec<usize> = [&c.x.dims()[..c.x.rank() - 1], &[4]].concat();
-                    let v = rand_t(&mut rng, &vdims, -1.0, 1.0)?;
-                    let u = rand_t(&mut rng, &udims, -1.0, 1.0)?;
+                    let v = rand_tensor(&mut rng, &vdims, -1.0, 1.0)?;
+                    let u = rand_tensor(&mut rng, &udims, -1.0, 1.0)?;
                     let e = rel(&plan.apply(&v)?, &pi.matmul(&v)?)?;
                     assert!(e < TOL, "{ctx}: apply {e:e}");
                     let pit = pi.transpose(D::Minus1, D::Minus2)?.contiguous()?;

@@ -10,6 +10,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_ot::{Backend, Loss, SamplesLoss};
+use common::ALL_LOSSES;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, RngSeed};
 
@@ -29,14 +30,6 @@ const TOL_NEG: f64 = 1e-10;
 const TOL_F32_P1: f64 = 1e-3;
 const TOL_F32_P2: f64 = 1e-4;
 const TOL_F32_ABS: f64 = 1e-5;
-
-const ALL_LOSSES: [Loss; 5] = [
-    Loss::Sinkhorn,
-    Loss::Hausdorff,
-    Loss::Energy,
-    Loss::Gaussian,
-    Loss::Laplacian,
-];
 
 fn config() -> Config {
     Config {

@@ -1,31 +1,22 @@
 //! The losses inside Candle training graphs: `Var`s, `backward()`, candle-nn optimizers, and
 //! gradients flowing through upstream ops.
 
+#[allow(unused_macros)]
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 use candle_ot::{Backend, Loss, SamplesLoss};
-use rand::{Rng, SeedableRng};
-
-fn uniform(
-    rng: &mut rand_chacha::ChaCha8Rng,
-    n: usize,
-    d: usize,
-    lo: f64,
-    hi: f64,
-) -> Result<Tensor> {
-    let v: Vec<f64> = (0..n * d)
-        .map(|_| lo + (hi - lo) * rng.random::<f64>())
-        .collect();
-    Tensor::from_vec(v, (n, d), &Device::Cpu)
-}
+use common::rand_tensor;
+use rand::SeedableRng;
 
 /// Wasserstein gradient flow: x ← x − lr · ∇_x S / a_i moves a cloud onto its target.
 #[test]
 fn point_cloud_flows_to_its_target_with_sgd() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let n = 64;
-    let x0 = uniform(&mut rng, n, 2, 0.0, 0.5)?.to_dtype(DType::F32)?;
-    let y = uniform(&mut rng, n, 2, 0.5, 1.0)?.to_dtype(DType::F32)?;
+    let x0 = rand_tensor(&mut rng, &[n, 2], 0.0, 0.5)?.to_dtype(DType::F32)?;
+    let y = rand_tensor(&mut rng, &[n, 2], 0.5, 1.0)?.to_dtype(DType::F32)?;
     let x = Var::from_tensor(&x0)?;
     let loss = SamplesLoss::builder(Loss::Sinkhorn).blur(0.02).build()?;
     let start = loss.forward(&x, &y)?.to_scalar::<f32>()?;
@@ -48,7 +39,7 @@ fn point_cloud_flows_to_its_target_with_sgd() -> Result<()> {
 fn affine_map_is_recovered_with_adamw() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let n = 80;
-    let x = uniform(&mut rng, n, 2, -1.0, 1.0)?;
+    let x = rand_tensor(&mut rng, &[n, 2], -1.0, 1.0)?;
     // A non-symmetric cloud (a stretched, sheared square) so that the map is identifiable.
     let stretch = Tensor::new(&[[1.0f64, 0.0], [0.3, 0.5]], &Device::Cpu)?;
     let x = x.matmul(&stretch)?;
@@ -93,7 +84,7 @@ fn affine_map_is_recovered_with_adamw() -> Result<()> {
 fn mlp_deformation_trains() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let n = 60;
-    let x = uniform(&mut rng, n, 3, 0.0, 1.0)?.to_dtype(DType::F32)?;
+    let x = rand_tensor(&mut rng, &[n, 3], 0.0, 1.0)?.to_dtype(DType::F32)?;
     let y = ((x.clone() * 1.5)? + 0.3)?;
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -126,10 +117,10 @@ fn gradients_flow_through_upstream_ops() -> Result<()> {
     const TOL: f64 = 1e-6;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let (n, m) = (9, 11);
-    let base = uniform(&mut rng, n, 2, 0.0, 1.0)?;
-    let y = uniform(&mut rng, m, 2, 0.0, 1.0)?;
-    let theta0 = uniform(&mut rng, 1, 2, -0.5, 0.5)?;
-    let logits0 = uniform(&mut rng, 1, n, -1.0, 1.0)?.squeeze(0)?;
+    let base = rand_tensor(&mut rng, &[n, 2], 0.0, 1.0)?;
+    let y = rand_tensor(&mut rng, &[m, 2], 0.0, 1.0)?;
+    let theta0 = rand_tensor(&mut rng, &[1, 2], -0.5, 0.5)?;
+    let logits0 = rand_tensor(&mut rng, &[1, n], -1.0, 1.0)?.squeeze(0)?;
     for (loss_kind, backend) in [
         (Loss::Gaussian, Backend::Online),
         (Loss::Energy, Backend::Tensorized),

@@ -2,31 +2,27 @@
 //! directional finite differences in f64 against autograd, for p = 1, 2, debiased and raw.
 //! (GeomLoss 0.3.1's are off by 10–17%; see docs/geomloss-differences.md.)
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+#[allow(unused_macros)]
+mod common;
+
+use candle_core::{DType, Result, Tensor, Var};
 use candle_ot::{Backend, Loss, SamplesLoss};
-use rand::{Rng, SeedableRng};
+use common::rand_tensor;
+use rand::SeedableRng;
 
 /// Central-difference step.
 const FD_STEP: f64 = 1e-5;
 /// Relative agreement of the directional derivatives.
 const FD_TOL: f64 = 1e-6;
 
-fn rand_t(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| lo + (hi - lo) * rng.random::<f64>())
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
-
 fn check(p: u32, debias: bool, backend: Backend) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7 + p as u64 + 10 * debias as u64);
     let (n, m, d) = (7, 9, 2);
-    let x = rand_t(&mut rng, &[n, d], 0.0, 1.0)?;
-    let y = rand_t(&mut rng, &[m, d], 0.2, 1.2)?;
-    let a = rand_t(&mut rng, &[n], 0.5, 1.5)?;
+    let x = rand_tensor(&mut rng, &[n, d], 0.0, 1.0)?;
+    let y = rand_tensor(&mut rng, &[m, d], 0.2, 1.2)?;
+    let a = rand_tensor(&mut rng, &[n], 0.5, 1.5)?;
     let a = (&a / a.sum_all()?.to_scalar::<f64>()?)?;
-    let b = (rand_t(&mut rng, &[m], 0.5, 1.5)? * 0.1)?; // unequal masses: unbalanced
+    let b = (rand_tensor(&mut rng, &[m], 0.5, 1.5)? * 0.1)?; // unequal masses: unbalanced
     let loss = SamplesLoss::builder(Loss::Sinkhorn)
         .p(p)
         .blur(0.3)
@@ -48,7 +44,7 @@ fn check(p: u32, debias: bool, backend: Backend) -> Result<()> {
     );
     let l = loss.forward_weighted(&va, &vx, &vb, &vy)?;
     let grads = l.backward()?;
-    let dir = |rng: &mut rand_chacha::ChaCha8Rng, t: &Tensor| rand_t(rng, t.dims(), -1.0, 1.0);
+    let dir = |rng: &mut rand_chacha::ChaCha8Rng, t: &Tensor| rand_tensor(rng, t.dims(), -1.0, 1.0);
     let (da, dx, db, dy) = (
         dir(&mut rng, &a)?,
         dir(&mut rng, &x)?,

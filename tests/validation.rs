@@ -20,13 +20,6 @@ const TOL_SAME: f64 = 1e-12;
 const TOL_TRANSLATION: f64 = 1e-9;
 /// f16 / bf16 inputs against the f32 computation (the inputs themselves are rounded).
 const TOL_HALF: f64 = 5e-2;
-const ALL_LOSSES: [Loss; 5] = [
-    Loss::Sinkhorn,
-    Loss::Hausdorff,
-    Loss::Energy,
-    Loss::Gaussian,
-    Loss::Laplacian,
-];
 
 fn backends(dev: &Device) -> Vec<Backend> {
     if dev.is_cpu() {

@@ -35,6 +35,24 @@ macro_rules! test_device {
 }
 
 /// A seeded generator.
+/// Every loss, for tests that run them all.
+pub const ALL_LOSSES: [candle_ot::Loss; 5] = [
+    candle_ot::Loss::Sinkhorn,
+    candle_ot::Loss::Hausdorff,
+    candle_ot::Loss::Energy,
+    candle_ot::Loss::Gaussian,
+    candle_ot::Loss::Laplacian,
+];
+
+/// An f64 CPU tensor of `lo + (hi − lo)·u`, u uniform in [0, 1), drawn in order from `rng`.
+pub fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| lo + (hi - lo) * rng.random::<f64>())
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
