@@ -8,7 +8,9 @@
 // ---------------------------------------------------------------------------------------------
 // One algorithm for every entry point ("row reduction"):
 //   * a ROW set (the points whose output row is computed) and an OTHER set (the points reduced
-//     over), e.g. rows = x_i and others = y_j for softmin, rows = y_j and others = x_i for grad_y;
+//     over): rows = x_i and others = y_j for softmin(x, y, h); the gradient / plan reductions
+//     take the row and other sets packed with their scalars ([p, alpha] and [q, h, w | v]), so
+//     the same kernel serves the x-side and the y-side reductions of the backward pass;
 //   * per (row r, other q): squared distance sq = sum_d (p_r,d - p_q,d)^2 from DIRECT differences
 //     (never |x|^2 + |y|^2 - 2 x.y), then either
 //       - log domain (softmin family): z = a_q - C(sq)/eps, accumulated with a running (max, sum)
@@ -21,14 +23,14 @@
 //     their partial states are merged at the end with the associative combine
 //       (m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M)),  M = max(m, m'),
 //     where an operand with m = -inf contributes 0 (two -inf maxima give (-inf, 0), never NaN).
-//   * vector outputs (gradients: D columns, plan_apply: K columns) are accumulated OT_CH columns per
+//   * vector outputs (gradients: D columns, lse_values: K columns) are accumulated OT_CH columns per
 //     pass (a compile-time D <= 8 fits in one pass); extra passes recompute the distances.
 //
 // Launch configuration (every entry point):
 //   block = (LANES, ROWS, 1): LANES in {1, 2, 4, 8, 16, 32} threads per output row, ROWS rows per
 //           block, LANES * ROWS <= OT_MAX_BLOCK (256) and a multiple of 32 (warp shuffles use the
 //           full mask). Recommended: LANES * ROWS = 256.
-//   grid  = (ceil(R / ROWS), B, 1), R = number of output rows (N for x-side outputs, M for y-side).
+//   grid  = (ceil(R / ROWS), B, 1), R = number of output rows (the first point set's N).
 //   shared memory: static only (launch with 0 bytes of dynamic shared memory).
 //   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
 //      A larger D fills the output with NaN.
@@ -50,13 +52,11 @@
 #define OT_MAX_BLOCK 256     // max threads per block (documented limit, twin of Metal's)
 
 // Operations and costs (compile-time tags).
-#define OT_OP_SOFTMIN 0
-#define OT_OP_GRAD_X 1
-#define OT_OP_GRAD_Y 2
-#define OT_OP_PLAN 3
-#define OT_OP_KPROD 4
-#define OT_OP_KGRAD_X 5
-#define OT_OP_KGRAD_Y 6
+#define OT_OP_SOFTMIN 0     // out = -eps log sum_q exp(q1 - C/eps)
+#define OT_OP_LSE_GRAD 1    // out = [sum_q pi w grad_p C, sum_q pi w], pi = exp(r1 + q1 - C/eps)
+#define OT_OP_LSE_VALUES 2  // out = sum_q pi v
+#define OT_OP_KPROD 3       // out = sum_q q1 k
+#define OT_OP_KSUMS_GRAD 4  // out = [sum_q q1 grad_p k, sum_q q1 k]
 
 #define OT_COST_SQE 0     // C = |x-y|^2 / 2
 #define OT_COST_EUC 1     // C = |x-y|
@@ -101,28 +101,27 @@ template <> struct OtMath<double> {
 
 __device__ __forceinline__ unsigned ot_minu(unsigned a, unsigned b) { return a < b ? a : b; }
 
-// Arguments of the core, in ROW / OTHER terms (see each entry point for the mapping).
+// Arguments of the core, in ROW / OTHER terms. Point sets and their per-point scalars may be
+// packed in one array (the layouts of the online ops' backward): then a row of `rp` is
+// [p (D), alpha] (stride rps = D + 1) and a row of `qp` is [q (D), h, w or v (K)] (qps >= D + 2).
 template <typename T> struct OtArgs {
-  const T* rp;  // row points (B, R, D)
-  const T* qp;  // other points (B, Q, D)
-  const T* r1;  // row scalar 1 (B, R) or null
-  const T* r2;  // row scalar 2 (B, R) or null
-  const T* q1;  // other scalar 1 (B, Q)
-  const T* q2;  // other scalar 2 (B, Q) or null
-  const T* qv;  // other vectors (B, Q, K) or null (plan_apply)
+  const T* rp;  // row points, row r at rp + r * rps (B, R, rps)
+  const T* r1;  // row scalar alpha_r at r1[r * rps], or null
+  const T* qp;  // other points, point q at qp + q * qps (B, Q, qps)
+  const T* q1;  // other scalar at q1[q * q1s]: h_q (log domain) or the weight b_q (kernel sums)
+  const T* q2;  // second other scalar / values at q2[q * q1s + c] (w_q or v_q,c), or null
   T* out;
   unsigned R, Q, D, K;
+  unsigned rps, qps, q1s;
   T par;        // eps (softmin family) or sigma (kernel sums)
 };
 
 template <int OP> struct OtTraits {
-  static constexpr bool LOGD = OP <= OT_OP_PLAN;
-  static constexpr bool GRAD = OP == OT_OP_GRAD_X || OP == OT_OP_GRAD_Y ||
-                               OP == OT_OP_KGRAD_X || OP == OT_OP_KGRAD_Y;
-  static constexpr bool EXTRA = OP == OT_OP_SOFTMIN || OP == OT_OP_GRAD_Y ||
-                                OP == OT_OP_KPROD || OP == OT_OP_KGRAD_Y;
-  static constexpr bool HAS_Q2 = OP == OT_OP_GRAD_Y;
-  static constexpr bool HAS_V = OP == OT_OP_PLAN;
+  static constexpr bool LOGD = OP <= OT_OP_LSE_VALUES;
+  static constexpr bool GRAD = OP == OT_OP_LSE_GRAD || OP == OT_OP_KSUMS_GRAD;
+  static constexpr bool EXTRA = OP != OT_OP_LSE_VALUES;  // a scalar accumulator (sum / mass)
+  static constexpr bool HAS_Q2 = OP == OT_OP_LSE_GRAD;
+  static constexpr bool HAS_V = OP == OT_OP_LSE_VALUES;
 };
 
 // Shared-memory tile, declared once per kernel (not per D specialisation).
@@ -152,7 +151,7 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
   const bool active = r < R;
   const unsigned long long row = (unsigned long long)b * R + (active ? r : 0u);
   const unsigned NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
-  const unsigned outw = TR::HAS_V ? K : (TR::GRAD ? (OP == OT_OP_GRAD_Y || OP == OT_OP_KGRAD_Y ? D + 1 : D) : 1u);
+  const unsigned outw = TR::HAS_V ? K : (TR::GRAD ? D + 1 : 1u);
 
   if (D > OT_TILE_ELEMS) {  // unsupported (uniform across the block: no barrier skipped)
     if (active && lane == 0)
@@ -162,8 +161,9 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
   const unsigned tp = D <= 8u ? OT_TILE : OT_TILE_ELEMS / D;  // points per tile
   const T par = a.par;
   const T inv = T(1) / par;
-  const T* qp = a.qp + (unsigned long long)b * Q * D;
-  const T* xg = a.rp + row * D;  // this thread's row point (row 0 of the batch when inactive)
+  const unsigned qps = a.qps, q1s = a.q1s;
+  const T* qp = a.qp + (unsigned long long)b * Q * qps;
+  const T* xg = a.rp + row * a.rps;  // this thread's row point (row 0 of the batch when inactive)
   T xr[DS > 0 ? DS : 1];
 #pragma unroll
   for (int d = 0; d < DS; ++d) xr[d] = xg[d];
@@ -182,20 +182,25 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
     for (unsigned q0 = 0; q0 < Q; q0 += tp) {
       const unsigned nq = ot_minu(tp, Q - q0);
       __syncthreads();  // previous tile fully consumed
-      const T* src = qp + (unsigned long long)q0 * D;
-      for (unsigned e = tid; e < nq * D; e += nthr) sh.pts[e] = src[e];
+      const T* src = qp + (unsigned long long)q0 * qps;
+      if (qps == D) {  // plain points: one coalesced copy
+        for (unsigned e = tid; e < nq * D; e += nthr) sh.pts[e] = src[e];
+      } else {         // packed rows: strided gather
+        for (unsigned e = tid; e < nq * D; e += nthr) {
+          const unsigned p = e / D, d = e - p * D;
+          sh.pts[e] = src[(unsigned long long)p * qps + d];
+        }
+      }
       for (unsigned e = tid; e < nq; e += nthr) {
-        const unsigned long long qi = (unsigned long long)b * Q + q0 + e;
-        T w = a.q1[qi];
-        if (OP == OT_OP_GRAD_Y) w = w * inv;  // f_i / eps
-        sh.q1[e] = w;
+        const unsigned long long qi = ((unsigned long long)b * Q + q0 + e) * q1s;
+        sh.q1[e] = a.q1[qi];
         if (TR::HAS_Q2) sh.q2[e] = a.q2[qi];
       }
       if (TR::HAS_V) {
         const unsigned ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
         for (unsigned e = tid; e < nq * nc; e += nthr) {
           const unsigned p = e / ncd, c = e - p * ncd;
-          sh.v[p * OT_CH + c] = a.qv[((unsigned long long)b * Q + q0 + p) * K + c0 + c];
+          sh.v[p * OT_CH + c] = a.q2[((unsigned long long)b * Q + q0 + p) * q1s + c0 + c];
         }
       }
       __syncthreads();
@@ -243,7 +248,7 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
         }
         // Contributions u[c].
         T u[NA];
-        const T wq = TR::LOGD ? (OP == OT_OP_GRAD_Y ? sh.q2[p] : T(1)) : sh.q1[p];
+        const T wq = TR::LOGD ? (TR::HAS_Q2 ? sh.q2[p] : T(1)) : sh.q1[p];
         const T gw = wq * gf;
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
@@ -302,31 +307,19 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
     T* o = a.out + row * outw;
     if (OP == OT_OP_SOFTMIN) {
       o[0] = m == MM::ninf() ? MM::pinf() : -par * (m + MM::log(acc[EX]));
-    } else if (OP == OT_OP_GRAD_X || OP == OT_OP_PLAN) {
-      // pi_ij = exp(h_j - C_ij/eps + f_i/eps) = exp(z - m) * exp(m + f_i/eps)
-      T sc = m == MM::ninf() ? T(0) : MM::exact_exp(m + a.r1[row] * inv);
-      if (OP == OT_OP_GRAD_X) sc = sc * a.r2[row];
+    } else if (OP == OT_OP_LSE_GRAD || OP == OT_OP_LSE_VALUES) {
+      // pi_rq = exp(alpha_r + h_q - C_rq/eps) = exp(z - m) * exp(m + alpha_r)
+      const T sc = m == MM::ninf() ? T(0) : MM::exact_exp(m + a.r1[row * a.rps]);
 #pragma unroll
       for (int c = 0; c < NCH; ++c)
         if (c < (int)nc) o[c0 + c] = sc * acc[c];
-    } else if (OP == OT_OP_GRAD_Y) {
-      const T sc = m == MM::ninf() ? T(0) : MM::exact_exp(m + a.r1[row]);
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = sc * acc[c];
-      if (pass == 0) o[D] = -par * (sc * acc[EX]);
+      if (OP == OT_OP_LSE_GRAD && pass == 0) o[D] = sc * acc[EX];
     } else if (OP == OT_OP_KPROD) {
       o[0] = acc[EX];
-    } else if (OP == OT_OP_KGRAD_X) {
-      const T g = a.r2[row];
+    } else {  // OT_OP_KSUMS_GRAD
 #pragma unroll
       for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = g * acc[c];
-    } else {  // OT_OP_KGRAD_Y
-      const T bw = a.r2[row];
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = bw * acc[c];
+        if (c < (int)nc) o[c0 + c] = acc[c];
       if (pass == 0) o[D] = acc[EX];
     }
   }

@@ -3,64 +3,55 @@
 // Entry points (T = float for *_f32, double for *_f64; cost = sqeuclidean | euclidean):
 //   softmin_{cost}_{f32|f64}(x, y, h, out, B, N, M, D, eps)
 //       out[b,i] = -eps * log sum_j exp(h[b,j] - C(x[b,i], y[b,j]) / eps)        out (B,N)
-//   softmin_grad_x_{cost}_{f32|f64}(x, y, h, f, g, out, B, N, M, D, eps)
-//       out[b,i,:] = g[b,i] * sum_j pi_ij grad_x C(x_i, y_j)                     out (B,N,D)
-//   softmin_grad_y_{cost}_{f32|f64}(x, y, h, f, g, out, B, N, M, D, eps)
-//       out[b,j,0..D] = sum_i g_i pi_ij grad_y C(x_i, y_j),
-//       out[b,j,D]    = -eps * sum_i g_i pi_ij                                   out (B,M,D+1)
-//   plan_apply_{cost}_{f32|f64}(x, y, h, f, v, out, B, N, M, D, K, eps)
-//       out[b,i,:] = sum_j pi_ij v[b,j,:]                        v (B,M,K), out (B,N,K)
-// with pi_ij = exp(h_j - C_ij/eps + f_i/eps), C = |x-y|^2/2 (sqeuclidean) or |x-y| (euclidean),
-// grad_x C = x - y or (x - y)/|x - y| (0 at x = y), grad_y C = -grad_x C.
-// x (B,N,D), y (B,M,D), h (B,M), f and g (B,N): contiguous row-major. h may hold -inf.
+//       x (B,N,D), y (B,M,D), h (B,M); +inf when every h_j is -inf.
+//   lse_grad_{cost}_{f32|f64}(rows, cols, out, B, N, M, D, eps)
+//       rows (B,N,D+1) = [p_i, alpha_i], cols (B,M,D+2) = [q_j, h_j, w_j]:
+//       out[b,i,0..D] = sum_j pi_ij w_j grad_p C(p_i, q_j),  out[b,i,D] = sum_j pi_ij w_j
+//                                                                                out (B,N,D+1)
+//   lse_values_{cost}_{f32|f64}(rows, cols, out, B, N, M, D, K, eps)
+//       rows (B,N,D+1) = [p_i, alpha_i], cols (B,M,D+1+K) = [q_j, h_j, v_j (K)]:
+//       out[b,i,:] = sum_j pi_ij v_j                                              out (B,N,K)
+// with pi_ij = exp(alpha_i + h_j - C(p_i, q_j)/eps), C = |p-q|^2/2 (sqeuclidean) or |p-q|
+// (euclidean), grad_p C = p - q or (p - q)/|p - q| (0 at p = q). h may hold -inf (masked
+// points); a row with every term masked gives 0. All arrays contiguous row-major.
+//
+// The online backend's backward runs lse_grad twice: x-side rows [x_i, f_i/eps] against
+// [y_j, h_j, 1] (then divides by the mass column), y-side rows [y_j, h_j] against
+// [x_i, f_i/eps, grad_f_i]. The plan operators run lse_values.
 //
 // Launch (see common.cuh): block (LANES, ROWS) with LANES*ROWS <= 256 and a multiple of 32;
-// grid (ceil(N/ROWS), B) for softmin, softmin_grad_x and plan_apply; (ceil(M/ROWS), B) for
-// softmin_grad_y. Static shared memory only.
+// grid (ceil(N/ROWS), B). Static shared memory only.
 #ifndef CANDLE_OT_COMMON_CUH
 #include "common.cuh"
 #endif
 
 #define OT_SOFTMIN_ENTRY(NAME, T, COST)                                                          \
-  extern "C" __global__ void                               \
-      NAME(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ h,            \
-           T* __restrict__ out, unsigned int B, unsigned int N, unsigned int M, unsigned int D,  \
-           T eps) {                                                                              \
+  extern "C" __global__ void NAME(const T* __restrict__ x, const T* __restrict__ y,             \
+                                  const T* __restrict__ h, T* __restrict__ out, unsigned int B, \
+                                  unsigned int N, unsigned int M, unsigned int D, T eps) {      \
     (void)B;                                                                                     \
-    OtArgs<T> a = {x, y, 0, 0, h, 0, 0, out, N, M, D, 0u, eps};                                  \
+    OtArgs<T> a = {x, 0, y, h, 0, out, N, M, D, 0u, D, D, 1u, eps};                              \
     ot_dispatch<T, OT_OP_SOFTMIN, COST>(a);                                                      \
   }
 
-#define OT_GRAD_X_ENTRY(NAME, T, COST)                                                           \
-  extern "C" __global__ void                               \
-      NAME(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ h,            \
-           const T* __restrict__ f, const T* __restrict__ g, T* __restrict__ out,                \
-           unsigned int B, unsigned int N, unsigned int M, unsigned int D, T eps) {              \
+#define OT_LSE_GRAD_ENTRY(NAME, T, COST)                                                         \
+  extern "C" __global__ void NAME(const T* __restrict__ rows, const T* __restrict__ cols,       \
+                                  T* __restrict__ out, unsigned int B, unsigned int N,          \
+                                  unsigned int M, unsigned int D, T eps) {                      \
     (void)B;                                                                                     \
-    OtArgs<T> a = {x, y, f, g, h, 0, 0, out, N, M, D, 0u, eps};                                  \
-    ot_dispatch<T, OT_OP_GRAD_X, COST>(a);                                                       \
+    OtArgs<T> a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, 0u,               \
+                   D + 1, D + 2, D + 2, eps};                                                    \
+    ot_dispatch<T, OT_OP_LSE_GRAD, COST>(a);                                                     \
   }
 
-// Rows are the y_j (row scalar: h_j), the reduced set is x_i (scalars f_i, g_i).
-#define OT_GRAD_Y_ENTRY(NAME, T, COST)                                                           \
-  extern "C" __global__ void                               \
-      NAME(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ h,            \
-           const T* __restrict__ f, const T* __restrict__ g, T* __restrict__ out,                \
-           unsigned int B, unsigned int N, unsigned int M, unsigned int D, T eps) {              \
+#define OT_LSE_VALUES_ENTRY(NAME, T, COST)                                                       \
+  extern "C" __global__ void NAME(const T* __restrict__ rows, const T* __restrict__ cols,       \
+                                  T* __restrict__ out, unsigned int B, unsigned int N,          \
+                                  unsigned int M, unsigned int D, unsigned int K, T eps) {      \
     (void)B;                                                                                     \
-    OtArgs<T> a = {y, x, h, 0, f, g, 0, out, M, N, D, 0u, eps};                                  \
-    ot_dispatch<T, OT_OP_GRAD_Y, COST>(a);                                                       \
-  }
-
-#define OT_PLAN_ENTRY(NAME, T, COST)                                                             \
-  extern "C" __global__ void                               \
-      NAME(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ h,            \
-           const T* __restrict__ f, const T* __restrict__ v, T* __restrict__ out,                \
-           unsigned int B, unsigned int N, unsigned int M, unsigned int D, unsigned int K,       \
-           T eps) {                                                                              \
-    (void)B;                                                                                     \
-    OtArgs<T> a = {x, y, f, 0, h, 0, v, out, N, M, D, K, eps};                                   \
-    ot_dispatch<T, OT_OP_PLAN, COST>(a);                                                         \
+    OtArgs<T> a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, K,                \
+                   D + 1, D + 1 + K, D + 1 + K, eps};                                            \
+    ot_dispatch<T, OT_OP_LSE_VALUES, COST>(a);                                                   \
   }
 
 OT_SOFTMIN_ENTRY(softmin_sqeuclidean_f32, float, OT_COST_SQE)
@@ -68,17 +59,12 @@ OT_SOFTMIN_ENTRY(softmin_euclidean_f32, float, OT_COST_EUC)
 OT_SOFTMIN_ENTRY(softmin_sqeuclidean_f64, double, OT_COST_SQE)
 OT_SOFTMIN_ENTRY(softmin_euclidean_f64, double, OT_COST_EUC)
 
-OT_GRAD_X_ENTRY(softmin_grad_x_sqeuclidean_f32, float, OT_COST_SQE)
-OT_GRAD_X_ENTRY(softmin_grad_x_euclidean_f32, float, OT_COST_EUC)
-OT_GRAD_X_ENTRY(softmin_grad_x_sqeuclidean_f64, double, OT_COST_SQE)
-OT_GRAD_X_ENTRY(softmin_grad_x_euclidean_f64, double, OT_COST_EUC)
+OT_LSE_GRAD_ENTRY(lse_grad_sqeuclidean_f32, float, OT_COST_SQE)
+OT_LSE_GRAD_ENTRY(lse_grad_euclidean_f32, float, OT_COST_EUC)
+OT_LSE_GRAD_ENTRY(lse_grad_sqeuclidean_f64, double, OT_COST_SQE)
+OT_LSE_GRAD_ENTRY(lse_grad_euclidean_f64, double, OT_COST_EUC)
 
-OT_GRAD_Y_ENTRY(softmin_grad_y_sqeuclidean_f32, float, OT_COST_SQE)
-OT_GRAD_Y_ENTRY(softmin_grad_y_euclidean_f32, float, OT_COST_EUC)
-OT_GRAD_Y_ENTRY(softmin_grad_y_sqeuclidean_f64, double, OT_COST_SQE)
-OT_GRAD_Y_ENTRY(softmin_grad_y_euclidean_f64, double, OT_COST_EUC)
-
-OT_PLAN_ENTRY(plan_apply_sqeuclidean_f32, float, OT_COST_SQE)
-OT_PLAN_ENTRY(plan_apply_euclidean_f32, float, OT_COST_EUC)
-OT_PLAN_ENTRY(plan_apply_sqeuclidean_f64, double, OT_COST_SQE)
-OT_PLAN_ENTRY(plan_apply_euclidean_f64, double, OT_COST_EUC)
+OT_LSE_VALUES_ENTRY(lse_values_sqeuclidean_f32, float, OT_COST_SQE)
+OT_LSE_VALUES_ENTRY(lse_values_euclidean_f32, float, OT_COST_EUC)
+OT_LSE_VALUES_ENTRY(lse_values_sqeuclidean_f64, double, OT_COST_SQE)
+OT_LSE_VALUES_ENTRY(lse_values_euclidean_f64, double, OT_COST_EUC)

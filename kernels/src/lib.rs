@@ -19,24 +19,26 @@
 //!
 //! # Kernels and argument order (the ABI)
 //!
-//! With `π_ij = exp(h_j - C_ij / eps + f_i / eps)` (`f` is the softmin output, `(B, N)`):
+//! The gradient and plan reductions take *packed* point sets, the layouts of `candle-ot`'s
+//! online backward: `rows` `(B, N, D+1)` holds `[p_i, α_i]` and `cols` holds
+//! `[q_j, h_j, w_j]` or `[q_j, h_j, v_j]`, so one kernel serves both sides of the backward pass
+//! (x-side: rows `[x_i, f_i/ε]`, cols `[y_j, h_j, 1]`; y-side: rows `[y_j, h_j]`, cols
+//! `[x_i, f_i/ε, ∂L/∂f_i]`). With `π_ij = exp(α_i + h_j - C(p_i, q_j) / eps)`:
 //!
 //! | entry point (`{c}` = cost, `{t}` = `f32`/`f64`) | arguments, in order | output |
 //! |---|---|---|
-//! | `softmin_{c}_{t}` | `x, y, h, out, B, N, M, D, eps` | `out[b,i] = -eps log Σ_j exp(h_j - C_ij/eps)`, `(B,N)` |
-//! | `softmin_grad_x_{c}_{t}` | `x, y, h, f, g, out, B, N, M, D, eps` | `out[b,i,:] = g_i Σ_j π_ij ∇_x C(x_i,y_j)`, `(B,N,D)` |
-//! | `softmin_grad_y_{c}_{t}` | `x, y, h, f, g, out, B, N, M, D, eps` | `out[b,j,:D] = Σ_i g_i π_ij ∇_y C(x_i,y_j)`, `out[b,j,D] = -eps Σ_i g_i π_ij`, `(B,M,D+1)` |
-//! | `plan_apply_{c}_{t}` | `x, y, h, f, v, out, B, N, M, D, K, eps` | `out[b,i,:] = Σ_j π_ij v[b,j,:]`, `v (B,M,K)`, `(B,N,K)` |
+//! | `softmin_{c}_{t}` | `x, y, h, out, B, N, M, D, eps` | `out[b,i] = -eps log Σ_j exp(h_j - C(x_i,y_j)/eps)`, `(B,N)` |
+//! | `lse_grad_{c}_{t}` | `rows, cols, out, B, N, M, D, eps` | cols `(B,M,D+2)`; `out[b,i,:D] = Σ_j π_ij w_j ∇_p C(p_i,q_j)`, `out[b,i,D] = Σ_j π_ij w_j`, `(B,N,D+1)` |
+//! | `lse_values_{c}_{t}` | `rows, cols, out, B, N, M, D, K, eps` | cols `(B,M,D+1+K)`; `out[b,i,:] = Σ_j π_ij v_j`, `(B,N,K)` |
 //! | `kernel_product_{k}_{t}` | `x, y, b, out, B, N, M, D, sigma` | `out[b,i] = Σ_j k(x_i,y_j) b_j`, `(B,N)` |
-//! | `kernel_grad_x_{k}_{t}` | `x, y, b, g, out, B, N, M, D, sigma` | `out[b,i,:] = g_i Σ_j b_j ∇_x k(x_i,y_j)`, `(B,N,D)` |
-//! | `kernel_grad_y_{k}_{t}` | `x, y, b, g, out, B, N, M, D, sigma` | `out[b,j,:D] = b_j Σ_i g_i ∇_y k(x_i,y_j)`, `out[b,j,D] = Σ_i g_i k(x_i,y_j)`, `(B,M,D+1)` |
+//! | `kernel_sums_grad_{k}_{t}` | `rows, cols, out, B, N, M, D, sigma` | rows `(B,N,D)`, cols `(B,M,D+1)` `= [q_j, w_j]`; `out[b,i,:D] = Σ_j w_j ∇_p k(p_i,q_j)`, `out[b,i,D] = Σ_j w_j k(p_i,q_j)`, `(B,N,D+1)` |
 //!
-//! `g` is `(B, N)`, the kernel-sum weights `b` are `(B, M)`. Kernels `{k}`:
-//! `gaussian` `k = exp(-|x-y|² / (2σ²))`, `laplacian` `k = exp(-|x-y| / σ)`,
-//! `energy` `k = -|x-y|` (`sigma` unused). `∇_x C = x - y` (sqeuclidean) or
-//! `(x - y) / |x - y|` (euclidean), `∇_y C = -∇_x C`; same sign rule for `k`.
+//! `x` `(B,N,D)`, `y` `(B,M,D)`, `h` and the kernel-sum weights `b` `(B,M)`. Kernels `{k}`:
+//! `gaussian` `k = exp(-|p-q|² / (2σ²))`, `laplacian` `k = exp(-|p-q| / σ)`,
+//! `energy` `k = -|p-q|` (`sigma` unused). `∇_p C = p - q` (sqeuclidean) or
+//! `(p - q) / |p - q|` (euclidean), and likewise for `k`.
 //!
-//! A row whose `h` is entirely `-inf` gives `softmin = +inf` and zero gradients / plan products.
+//! A row whose `h` is entirely `-inf` gives `softmin = +inf` and zero gradient / plan sums.
 //!
 //! **CUDA**: pointers are device pointers, scalars are passed by value, in the order above
 //! ([`abi`] lists them).
@@ -51,14 +53,13 @@
 //!   (CUDA: also a multiple of 32, since the lanes are merged with full-warp shuffles).
 //!   Recommended `LANES * ROWS = ` [`BLOCK_THREADS`]; [`launch_config`] picks `LANES`.
 //! * Grid `(ceil(R / ROWS), B, 1)` blocks (Metal: `dispatchThreadgroups`), where `R` is the
-//!   number of output rows: `N` for `softmin`, `softmin_grad_x`, `plan_apply`,
-//!   `kernel_product`, `kernel_grad_x`; `M` for `softmin_grad_y` and `kernel_grad_y`.
+//!   number of output rows, the `N` of the first point set (`x` or `rows`), for every kernel.
 //! * Shared / threadgroup memory is static: launch with 0 dynamic bytes. Per block (CUDA f32 /
-//!   f64): 9.0 / 18.0 KiB, `softmin_grad_y` 10.0 / 20.0 KiB, `plan_apply` 17.0 / 34.0 KiB;
+//!   f64): 9.0 / 18.0 KiB, `lse_grad` 10.0 / 20.0 KiB, `lse_values` 17.0 / 34.0 KiB;
 //!   Metal (includes a lane-merge scratch): at most 27.7 KiB.
 //! * `D` is a runtime argument, `1 <= D <= ` [`MAX_D`], specialised at compile time for
 //!   `D ∈ {1, 2, 3, 4, 8}` and a generic loop otherwise; a larger `D` fills `out` with NaN.
-//!   Gradient outputs with a generic `D` (and `plan_apply` with `K > 8`) take
+//!   Gradient outputs with a generic `D` (and `lse_values` with `K > 8`) take
 //!   `ceil(D / 8)` (`ceil(K / 8)`) passes over the reduced set.
 //!
 //! # Numerics
@@ -137,17 +138,15 @@ pub fn launch_config(rows: u32, batch: u32) -> LaunchConfig {
 pub mod abi {
     /// `softmin_{cost}_{dtype}`.
     pub const SOFTMIN_ARGS: &[&str] = &["x", "y", "h", "out", "B", "N", "M", "D", "eps"];
-    /// `softmin_grad_x_{cost}_{dtype}` and `softmin_grad_y_{cost}_{dtype}`.
-    pub const SOFTMIN_GRAD_ARGS: &[&str] =
-        &["x", "y", "h", "f", "g", "out", "B", "N", "M", "D", "eps"];
-    /// `plan_apply_{cost}_{dtype}`.
-    pub const PLAN_APPLY_ARGS: &[&str] = &[
-        "x", "y", "h", "f", "v", "out", "B", "N", "M", "D", "K", "eps",
-    ];
+    /// `lse_grad_{cost}_{dtype}`.
+    pub const LSE_GRAD_ARGS: &[&str] = &["rows", "cols", "out", "B", "N", "M", "D", "eps"];
+    /// `lse_values_{cost}_{dtype}`.
+    pub const LSE_VALUES_ARGS: &[&str] = &["rows", "cols", "out", "B", "N", "M", "D", "K", "eps"];
     /// `kernel_product_{kernel}_{dtype}`.
     pub const KERNEL_PRODUCT_ARGS: &[&str] = &["x", "y", "b", "out", "B", "N", "M", "D", "sigma"];
-    /// `kernel_grad_x_{kernel}_{dtype}` and `kernel_grad_y_{kernel}_{dtype}`.
-    pub const KERNEL_GRAD_ARGS: &[&str] = &["x", "y", "b", "g", "out", "B", "N", "M", "D", "sigma"];
+    /// `kernel_sums_grad_{kernel}_{dtype}`.
+    pub const KERNEL_SUMS_GRAD_ARGS: &[&str] =
+        &["rows", "cols", "out", "B", "N", "M", "D", "sigma"];
 }
 
 macro_rules! entry_points {
@@ -165,15 +164,15 @@ macro_rules! entry_points {
 pub mod cuda {
     /// The shared core (`cuda/common.cuh`), already prepended to [`SOFTMIN`] and [`KERNEL_SUMS`].
     pub const COMMON: &str = include_str!("../cuda/common.cuh");
-    /// Softmin family (`common.cuh` + `cuda/softmin.cu`): `softmin_*`, `softmin_grad_x_*`,
-    /// `softmin_grad_y_*`, `plan_apply_*`.
+    /// Softmin family (`common.cuh` + `cuda/softmin.cu`): `softmin_*`, `lse_grad_*`,
+    /// `lse_values_*`.
     pub const SOFTMIN: &str = concat!(
         include_str!("../cuda/common.cuh"),
         "\n",
         include_str!("../cuda/softmin.cu")
     );
     /// Kernel sums (`common.cuh` + `cuda/kernel_sums.cu`): `kernel_product_*`,
-    /// `kernel_grad_x_*`, `kernel_grad_y_*`.
+    /// `kernel_sums_grad_*`.
     pub const KERNEL_SUMS: &str = concat!(
         include_str!("../cuda/common.cuh"),
         "\n",
@@ -187,18 +186,14 @@ pub mod cuda {
             SOFTMIN_EUCLIDEAN_F32 = "softmin_euclidean_f32",
             SOFTMIN_SQEUCLIDEAN_F64 = "softmin_sqeuclidean_f64",
             SOFTMIN_EUCLIDEAN_F64 = "softmin_euclidean_f64",
-            SOFTMIN_GRAD_X_SQEUCLIDEAN_F32 = "softmin_grad_x_sqeuclidean_f32",
-            SOFTMIN_GRAD_X_EUCLIDEAN_F32 = "softmin_grad_x_euclidean_f32",
-            SOFTMIN_GRAD_X_SQEUCLIDEAN_F64 = "softmin_grad_x_sqeuclidean_f64",
-            SOFTMIN_GRAD_X_EUCLIDEAN_F64 = "softmin_grad_x_euclidean_f64",
-            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F32 = "softmin_grad_y_sqeuclidean_f32",
-            SOFTMIN_GRAD_Y_EUCLIDEAN_F32 = "softmin_grad_y_euclidean_f32",
-            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F64 = "softmin_grad_y_sqeuclidean_f64",
-            SOFTMIN_GRAD_Y_EUCLIDEAN_F64 = "softmin_grad_y_euclidean_f64",
-            PLAN_APPLY_SQEUCLIDEAN_F32 = "plan_apply_sqeuclidean_f32",
-            PLAN_APPLY_EUCLIDEAN_F32 = "plan_apply_euclidean_f32",
-            PLAN_APPLY_SQEUCLIDEAN_F64 = "plan_apply_sqeuclidean_f64",
-            PLAN_APPLY_EUCLIDEAN_F64 = "plan_apply_euclidean_f64",
+            LSE_GRAD_SQEUCLIDEAN_F32 = "lse_grad_sqeuclidean_f32",
+            LSE_GRAD_EUCLIDEAN_F32 = "lse_grad_euclidean_f32",
+            LSE_GRAD_SQEUCLIDEAN_F64 = "lse_grad_sqeuclidean_f64",
+            LSE_GRAD_EUCLIDEAN_F64 = "lse_grad_euclidean_f64",
+            LSE_VALUES_SQEUCLIDEAN_F32 = "lse_values_sqeuclidean_f32",
+            LSE_VALUES_EUCLIDEAN_F32 = "lse_values_euclidean_f32",
+            LSE_VALUES_SQEUCLIDEAN_F64 = "lse_values_sqeuclidean_f64",
+            LSE_VALUES_EUCLIDEAN_F64 = "lse_values_euclidean_f64",
         }
     }
 
@@ -211,18 +206,12 @@ pub mod cuda {
             KERNEL_PRODUCT_GAUSSIAN_F64 = "kernel_product_gaussian_f64",
             KERNEL_PRODUCT_LAPLACIAN_F64 = "kernel_product_laplacian_f64",
             KERNEL_PRODUCT_ENERGY_F64 = "kernel_product_energy_f64",
-            KERNEL_GRAD_X_GAUSSIAN_F32 = "kernel_grad_x_gaussian_f32",
-            KERNEL_GRAD_X_LAPLACIAN_F32 = "kernel_grad_x_laplacian_f32",
-            KERNEL_GRAD_X_ENERGY_F32 = "kernel_grad_x_energy_f32",
-            KERNEL_GRAD_X_GAUSSIAN_F64 = "kernel_grad_x_gaussian_f64",
-            KERNEL_GRAD_X_LAPLACIAN_F64 = "kernel_grad_x_laplacian_f64",
-            KERNEL_GRAD_X_ENERGY_F64 = "kernel_grad_x_energy_f64",
-            KERNEL_GRAD_Y_GAUSSIAN_F32 = "kernel_grad_y_gaussian_f32",
-            KERNEL_GRAD_Y_LAPLACIAN_F32 = "kernel_grad_y_laplacian_f32",
-            KERNEL_GRAD_Y_ENERGY_F32 = "kernel_grad_y_energy_f32",
-            KERNEL_GRAD_Y_GAUSSIAN_F64 = "kernel_grad_y_gaussian_f64",
-            KERNEL_GRAD_Y_LAPLACIAN_F64 = "kernel_grad_y_laplacian_f64",
-            KERNEL_GRAD_Y_ENERGY_F64 = "kernel_grad_y_energy_f64",
+            KERNEL_SUMS_GRAD_GAUSSIAN_F32 = "kernel_sums_grad_gaussian_f32",
+            KERNEL_SUMS_GRAD_LAPLACIAN_F32 = "kernel_sums_grad_laplacian_f32",
+            KERNEL_SUMS_GRAD_ENERGY_F32 = "kernel_sums_grad_energy_f32",
+            KERNEL_SUMS_GRAD_GAUSSIAN_F64 = "kernel_sums_grad_gaussian_f64",
+            KERNEL_SUMS_GRAD_LAPLACIAN_F64 = "kernel_sums_grad_laplacian_f64",
+            KERNEL_SUMS_GRAD_ENERGY_F64 = "kernel_sums_grad_energy_f64",
         }
     }
 }
@@ -250,12 +239,10 @@ pub mod metal {
         SOFTMIN_KERNELS {
             SOFTMIN_SQEUCLIDEAN_F32 = "softmin_sqeuclidean_f32",
             SOFTMIN_EUCLIDEAN_F32 = "softmin_euclidean_f32",
-            SOFTMIN_GRAD_X_SQEUCLIDEAN_F32 = "softmin_grad_x_sqeuclidean_f32",
-            SOFTMIN_GRAD_X_EUCLIDEAN_F32 = "softmin_grad_x_euclidean_f32",
-            SOFTMIN_GRAD_Y_SQEUCLIDEAN_F32 = "softmin_grad_y_sqeuclidean_f32",
-            SOFTMIN_GRAD_Y_EUCLIDEAN_F32 = "softmin_grad_y_euclidean_f32",
-            PLAN_APPLY_SQEUCLIDEAN_F32 = "plan_apply_sqeuclidean_f32",
-            PLAN_APPLY_EUCLIDEAN_F32 = "plan_apply_euclidean_f32",
+            LSE_GRAD_SQEUCLIDEAN_F32 = "lse_grad_sqeuclidean_f32",
+            LSE_GRAD_EUCLIDEAN_F32 = "lse_grad_euclidean_f32",
+            LSE_VALUES_SQEUCLIDEAN_F32 = "lse_values_sqeuclidean_f32",
+            LSE_VALUES_EUCLIDEAN_F32 = "lse_values_euclidean_f32",
         }
     }
 
@@ -265,12 +252,9 @@ pub mod metal {
             KERNEL_PRODUCT_GAUSSIAN_F32 = "kernel_product_gaussian_f32",
             KERNEL_PRODUCT_LAPLACIAN_F32 = "kernel_product_laplacian_f32",
             KERNEL_PRODUCT_ENERGY_F32 = "kernel_product_energy_f32",
-            KERNEL_GRAD_X_GAUSSIAN_F32 = "kernel_grad_x_gaussian_f32",
-            KERNEL_GRAD_X_LAPLACIAN_F32 = "kernel_grad_x_laplacian_f32",
-            KERNEL_GRAD_X_ENERGY_F32 = "kernel_grad_x_energy_f32",
-            KERNEL_GRAD_Y_GAUSSIAN_F32 = "kernel_grad_y_gaussian_f32",
-            KERNEL_GRAD_Y_LAPLACIAN_F32 = "kernel_grad_y_laplacian_f32",
-            KERNEL_GRAD_Y_ENERGY_F32 = "kernel_grad_y_energy_f32",
+            KERNEL_SUMS_GRAD_GAUSSIAN_F32 = "kernel_sums_grad_gaussian_f32",
+            KERNEL_SUMS_GRAD_LAPLACIAN_F32 = "kernel_sums_grad_laplacian_f32",
+            KERNEL_SUMS_GRAD_ENERGY_F32 = "kernel_sums_grad_energy_f32",
         }
     }
 }
@@ -316,9 +300,9 @@ mod tests {
 
     #[test]
     fn entry_point_counts_and_names() {
-        // (op, cost, dtype): 4 x 2 x 2 and 3 x 3 x 2 on CUDA; f32 only on Metal.
-        assert_eq!(cuda::SOFTMIN_KERNELS.len(), 16);
-        assert_eq!(cuda::KERNEL_SUM_KERNELS.len(), 18);
+        // (op, cost, dtype): 3 x 2 x 2 and 2 x 3 x 2 on CUDA; f32 only on Metal.
+        assert_eq!(cuda::SOFTMIN_KERNELS.len(), 12);
+        assert_eq!(cuda::KERNEL_SUM_KERNELS.len(), 12);
         let f32_names = |l: &[&'static str]| -> Vec<&'static str> {
             l.iter().copied().filter(|n| n.ends_with("_f32")).collect()
         };
@@ -374,10 +358,10 @@ mod tests {
             }
         }
         check(metal::SOFTMIN, abi::SOFTMIN_ARGS);
-        check(metal::SOFTMIN, abi::SOFTMIN_GRAD_ARGS);
-        check(metal::SOFTMIN, abi::PLAN_APPLY_ARGS);
+        check(metal::SOFTMIN, abi::LSE_GRAD_ARGS);
+        check(metal::SOFTMIN, abi::LSE_VALUES_ARGS);
         check(metal::KERNEL_SUMS, abi::KERNEL_PRODUCT_ARGS);
-        check(metal::KERNEL_SUMS, abi::KERNEL_GRAD_ARGS);
+        check(metal::KERNEL_SUMS, abi::KERNEL_SUMS_GRAD_ARGS);
     }
 
     #[test]
