@@ -10,11 +10,20 @@
 //        [-fsanitize=thread: a missing threadgroup_barrier shows up as a data race]
 // Env: HARNESS_VERBOSE=1 prints every check; HARNESS_QUICK=1 runs a reduced set.
 //
-// Cases: B = 3 (batch 1 has every h = -inf: softmin = +inf, gradients and plan = 0), N = 17,
-// M = 29 (and 13 x 300, 5 x 7 at D = 1024), D in {1,2,3,4,5,8,9,1024}, K in {1,2,3,8,9,11},
-// eps in {0.1, 1}, sigma = 3 eps, ~20% masked h_j and ~20% zero weights b_j, one coincident pair
-// x_i = y_j (gradient of |x - y| at 0), threadgroups (LANES, ROWS) in {(1,32), (4,8), (32,2),
-// (8,2), (16,16)}. Tolerance: |got - ref| <= 1e-5 (|ref| + sum of |terms|) (f32 vs float64).
+// Entry points: softmin_{c}, lse_grad_{c}, lse_values_{c} (c = sqeuclidean, euclidean),
+// kernel_product_{k}, kernel_sums_grad_{k} (k = gaussian, laplacian, energy). The packed ones run
+// on the layouts the online backward builds, both sides: lse_grad on rows [x_i, f_i/eps] x cols
+// [y_j, h_j, w_j] (x-side, w random with zeros) and on rows [y_j, h_j] x cols [x_i, f_i/eps, g_i]
+// (y-side, N and M swapped); lse_values on [x_i, f_i/eps] x [y_j, h_j, v_j (K)];
+// kernel_sums_grad on x x [y_j, b_j] and y x [x_i, g_i]. The float64 reference reads the same
+// packed arrays, so a wrong stride or offset shows up as a mismatch.
+//
+// Cases: B = 3 (batch 1 has every h = -inf: softmin = +inf, x-side lse sums = 0, y-side rows
+// alpha = -inf = 0), N = 17, M = 29 (and 13 x 300, 5 x 7 at D = 1024), D in
+// {1,2,3,4,5,8,9,1024}, K in {1,2,3,8,9,11}, eps in {0.1, 1}, sigma = 3 eps, ~20% masked h_j and
+// ~20% zero weights, one coincident pair x_i = y_j (gradient of |x - y| at 0), threadgroups
+// (LANES, ROWS) in {(1,32), (4,8), (32,2), (8,2), (16,16)}.
+// Tolerance: |got - ref| <= 1e-5 (|ref| + sum of |terms|) (f32 vs float64).
 #include <barrier>
 #include <chrono>
 #include <cstdlib>
@@ -89,9 +98,6 @@ static double sqdist(const Case& c, u32 b, u32 i, u32 j) {
   }
   return s;
 }
-static double diff(const Case& c, u32 b, u32 i, u32 j, u32 d) {  // x_i - y_j
-  return (double)c.x[((size_t)b * c.N + i) * c.D + d] - (double)c.y[((size_t)b * c.M + j) * c.D + d];
-}
 static double cost(int p, double sq) { return p == 2 ? 0.5 * sq : std::sqrt(sq); }
 static double gfac(int p, double sq) {  // grad_x C = gfac * (x - y)
   if (p == 2) return 1.0;
@@ -115,24 +121,110 @@ static double ref_softmin(const Case& c, int p, u32 b, u32 i, double* mag) {
   return -c.eps * (m + std::log(s));
 }
 
-// pi_ij = exp(h_j - C_ij/eps + f_i/eps), 0 for masked h_j.
-static double pi_ij(const Case& c, int p, u32 b, u32 i, u32 j) {
-  double hj = c.h[(size_t)b * c.M + j];
-  if (hj == NINF) return 0.0;
-  return std::exp(hj - cost(p, sqdist(c, b, i, j)) / c.eps + (double)c.f[(size_t)b * c.N + i] / c.eps);
-}
-
 static double kval(int ker, double sq, double sigma) {
   double r = std::sqrt(sq);
   if (ker == OT_KER_GAUSS) return std::exp(-sq / (2 * sigma * sigma));
   if (ker == OT_KER_LAP) return std::exp(-r / sigma);
   return -r;
 }
-static double kgfac(int ker, double sq, double sigma) {  // grad_x k = kgfac * (x - y)
+static double kgfac(int ker, double sq, double sigma) {  // grad_p k = kgfac * (p - q)
   double r = std::sqrt(sq);
   if (ker == OT_KER_GAUSS) return -kval(ker, sq, sigma) / (sigma * sigma);
   if (ker == OT_KER_LAP) return r > 0 ? -kval(ker, sq, sigma) / (sigma * r) : 0.0;
   return r > 0 ? -1.0 / r : 0.0;
+}
+
+// ------------------------------------------------------------------------------------ packed
+// A packed point set: n points per batch entry, each `w` floats: [p (D), extra (w - D)].
+struct Packed {
+  u32 B, n, D, w;
+  std::vector<float> a;
+  const float* at(u32 b, u32 i) const { return a.data() + ((size_t)b * n + i) * w; }
+};
+// [P (B,n,D) | S0 (B,n) * s0 | S1 (B,n)... | V (B,n,K)]: scalars and vectors appended per point.
+static Packed pack(u32 B, u32 n, u32 D, const std::vector<float>& P, std::vector<const std::vector<float>*> scal,
+                   std::vector<float> scale, const std::vector<float>* V = nullptr, u32 K = 0) {
+  Packed r{B, n, D, D + (u32)scal.size() + K, {}};
+  r.a.reserve((size_t)B * n * r.w);
+  for (u32 b = 0; b < B; ++b)
+    for (u32 i = 0; i < n; ++i) {
+      const size_t k = (size_t)b * n + i;
+      for (u32 d = 0; d < D; ++d) r.a.push_back(P[k * D + d]);
+      for (size_t s = 0; s < scal.size(); ++s) r.a.push_back((*scal[s])[k] * scale[s]);
+      for (u32 c = 0; c < K; ++c) r.a.push_back((*V)[k * K + c]);
+    }
+  return r;
+}
+static double psq(const Packed& R, u32 b, u32 i, const Packed& Q, u32 j) {
+  const float *p = R.at(b, i), *q = Q.at(b, j);
+  double s = 0;
+  for (u32 d = 0; d < R.D; ++d) {
+    double t = (double)p[d] - (double)q[d];
+    s += t * t;
+  }
+  return s;
+}
+
+// lse_grad / lse_values reference on packed rows [p, alpha] and cols [q, h, w | v (K)]:
+//   pi = exp(alpha + h - C/eps); grad: out = [sum pi w grad_p C (D), sum pi w]; values: sum pi v.
+static void ref_lse(const Packed& R, const Packed& Q, int p, double eps, bool values, u32 K,
+                    std::vector<double>& ref, std::vector<double>& mag) {
+  const u32 D = R.D, W = values ? K : D + 1;
+  ref.assign((size_t)R.B * R.n * W, 0.0);
+  mag.assign(ref.size(), 0.0);
+  for (u32 b = 0; b < R.B; ++b)
+    for (u32 i = 0; i < R.n; ++i) {
+      const double alpha = R.at(b, i)[D];
+      const size_t o = ((size_t)b * R.n + i) * W;
+      for (u32 j = 0; j < Q.n; ++j) {
+        const float* q = Q.at(b, j);
+        const double hq = q[D];
+        if (hq == NINF || alpha == NINF) continue;
+        const double sq = psq(R, b, i, Q, j);
+        const double pi = std::exp(alpha + hq - cost(p, sq) / eps);
+        if (values) {
+          for (u32 k = 0; k < K; ++k) {
+            double t = pi * q[D + 1 + k];
+            ref[o + k] += t;
+            mag[o + k] += std::fabs(t);
+          }
+        } else {
+          const double pw = pi * q[D + 1], gf = gfac(p, sq);
+          for (u32 d = 0; d < D; ++d) {
+            double t = pw * gf * ((double)R.at(b, i)[d] - (double)q[d]);
+            ref[o + d] += t;
+            mag[o + d] += std::fabs(t);
+          }
+          ref[o + D] += pw;
+          mag[o + D] += std::fabs(pw);
+        }
+      }
+    }
+}
+
+// kernel_sums_grad reference: rows p (D), cols [q, w]: out = [sum w grad_p k (D), sum w k].
+static void ref_ksums(const Packed& R, const Packed& Q, int ker, double sigma, std::vector<double>& ref,
+                      std::vector<double>& mag) {
+  const u32 D = R.D, W = D + 1;
+  ref.assign((size_t)R.B * R.n * W, 0.0);
+  mag.assign(ref.size(), 0.0);
+  for (u32 b = 0; b < R.B; ++b)
+    for (u32 i = 0; i < R.n; ++i) {
+      const size_t o = ((size_t)b * R.n + i) * W;
+      for (u32 j = 0; j < Q.n; ++j) {
+        const float* q = Q.at(b, j);
+        const double sq = psq(R, b, i, Q, j), w = q[D];
+        const double gw = w * kgfac(ker, sq, sigma);
+        for (u32 d = 0; d < D; ++d) {
+          double t = gw * ((double)R.at(b, i)[d] - (double)q[d]);
+          ref[o + d] += t;
+          mag[o + d] += std::fabs(t);
+        }
+        double t = w * kval(ker, sq, sigma);
+        ref[o + D] += t;
+        mag[o + D] += std::fabs(t);
+      }
+    }
 }
 
 // ------------------------------------------------------------------------------------ compare
@@ -151,6 +243,11 @@ static void check(const std::string& what, const std::vector<float>& got, const 
   ++g_checks;
   double worst = 0;
   size_t bad = 0, first = (size_t)-1;
+  if (got.size() != ref.size()) {
+    ++g_fail;
+    std::printf("FAIL %s: size %zu, expected %zu\n", what.c_str(), got.size(), ref.size());
+    return;
+  }
   for (size_t k = 0; k < ref.size(); ++k) {
     if (!close(got[k], ref[k], mag[k])) {
       if (first == (size_t)-1) first = k;
@@ -196,7 +293,7 @@ static Case make_case(u32 B, u32 N, u32 M, u32 D, u32 K, float eps, float sigma,
       double mag;
       double fi = ref_softmin(c, 2, b, i, &mag);  // the softmin output (sqeuclidean)
       c.f[(size_t)b * N + i] = std::isfinite(fi) ? (float)fi : 0.0f;
-      c.g[(size_t)b * N + i] = r.sym(1.0);
+      c.g[(size_t)b * N + i] = (r.uni() < 0.2) ? 0.0f : r.sym(1.0);
     }
   c.v.resize((size_t)B * M * K);
   for (auto& t : c.v) t = r.sym(1.0);
@@ -212,13 +309,26 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
   const u32 B = c.B, N = c.N, M = c.M, D = c.D, K = c.K;
   const bool unsupported = D > OT_TILE_ELEMS;  // kernels must fill the output with NaN
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  auto tag = [&](const char* name) {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "%s B=%u N=%u M=%u D=%u K=%u lanes=%u rows=%u", name, B, N, M, D, K, lanes, rows);
+  auto tag = [&](const std::string& name) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "%s B=%u N=%u M=%u D=%u K=%u eps=%g lanes=%u rows=%u", name.c_str(), B, N, M,
+                  D, K, (double)c.eps, lanes, rows);
     return std::string(buf);
   };
-  const u32 gN = (N + rows - 1) / rows, gM = (M + rows - 1) / rows;
+  auto grid = [&](u32 n) { return (n + rows - 1) / rows; };
   const float eps = c.eps, sigma = c.sigma;
+
+  // The packed layouts of the online backward (see the header comment).
+  const Packed x_f = pack(B, N, D, c.x, {&c.f}, {1.0f / eps});           // [x_i, f_i/eps]
+  const Packed y_h_w = pack(B, M, D, c.y, {&c.h, &c.bw}, {1.0f, 1.0f});  // [y_j, h_j, w_j]
+  const Packed y_h = pack(B, M, D, c.y, {&c.h}, {1.0f});                 // [y_j, h_j]
+  const Packed x_f_g = pack(B, N, D, c.x, {&c.f, &c.g}, {1.0f / eps, 1.0f});  // [x_i, f_i/eps, g_i]
+  const Packed y_h_v = pack(B, M, D, c.y, {&c.h}, {1.0f}, &c.v, K);      // [y_j, h_j, v_j]
+  const Packed x_pts = pack(B, N, D, c.x, {}, {});
+  const Packed y_pts = pack(B, M, D, c.y, {}, {});
+  const Packed y_b = pack(B, M, D, c.y, {&c.bw}, {1.0f});                // [y_j, b_j]
+  const Packed x_g = pack(B, N, D, c.x, {&c.g}, {1.0f});                 // [x_i, g_i]
+  // (the 1/eps scaling above is applied in f32, as the Rust op does with (f / eps))
 
   for (int p : {2, 1}) {
     const bool sq = p == 2;
@@ -226,7 +336,7 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
     {
       std::vector<float> out((size_t)B * N, -12345.f);
       std::vector<double> ref(out.size()), mag(out.size());
-      launch(gN, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+      launch(grid(N), B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
         (sq ? softmin_sqeuclidean_f32 : softmin_euclidean_f32)(c.x.data(), c.y.data(), c.h.data(), out.data(), B, N,
                                                                M, D, eps, lt, tg, tp);
       });
@@ -235,78 +345,33 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
           size_t k = (size_t)b * N + i;
           ref[k] = unsupported ? nan : ref_softmin(c, p, b, i, &mag[k]);
         }
-      check(tag((std::string("softmin_") + cost_name(p)).c_str()), out, ref, mag);
+      check(tag(std::string("softmin_") + cost_name(p)), out, ref, mag);
     }
-    // softmin_grad_x
-    {
-      std::vector<float> out((size_t)B * N * D, -12345.f);
-      std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
-      launch(gN, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
-        (sq ? softmin_grad_x_sqeuclidean_f32 : softmin_grad_x_euclidean_f32)(
-            c.x.data(), c.y.data(), c.h.data(), c.f.data(), c.g.data(), out.data(), B, N, M, D, eps, lt, tg, tp);
+    // lse_grad, both sides of the backward
+    struct Side { const char* name; const Packed* R; const Packed* Q; };
+    for (const Side& s : {Side{"x-side", &x_f, &y_h_w}, Side{"y-side", &y_h, &x_f_g}}) {
+      const u32 R = s.R->n, Qn = s.Q->n;
+      std::vector<float> out((size_t)B * R * (D + 1), -12345.f);
+      std::vector<double> ref, mag;
+      launch(grid(R), B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+        (sq ? lse_grad_sqeuclidean_f32 : lse_grad_euclidean_f32)(s.R->a.data(), s.Q->a.data(), out.data(), B, R, Qn,
+                                                                 D, eps, lt, tg, tp);
       });
-      for (u32 b = 0; b < B; ++b)
-        for (u32 i = 0; i < N; ++i) {
-          double gi = c.g[(size_t)b * N + i];
-          for (u32 j = 0; j < M; ++j) {
-            double pi = pi_ij(c, p, b, i, j), gf = gfac(p, sqdist(c, b, i, j));
-            for (u32 d = 0; d < D; ++d) {
-              double t = gi * pi * gf * diff(c, b, i, j, d);
-              ref[((size_t)b * N + i) * D + d] += t;
-              mag[((size_t)b * N + i) * D + d] += std::fabs(t);
-            }
-          }
-        }
+      ref_lse(*s.R, *s.Q, p, eps, false, 0, ref, mag);
       if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("softmin_grad_x_") + cost_name(p)).c_str()), out, ref, mag);
+      check(tag(std::string("lse_grad_") + cost_name(p) + " " + s.name), out, ref, mag);
     }
-    // softmin_grad_y
-    {
-      const u32 W = D + 1;
-      std::vector<float> out((size_t)B * M * W, -12345.f);
-      std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
-      launch(gM, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
-        (sq ? softmin_grad_y_sqeuclidean_f32 : softmin_grad_y_euclidean_f32)(
-            c.x.data(), c.y.data(), c.h.data(), c.f.data(), c.g.data(), out.data(), B, N, M, D, eps, lt, tg, tp);
-      });
-      for (u32 b = 0; b < B; ++b)
-        for (u32 j = 0; j < M; ++j)
-          for (u32 i = 0; i < N; ++i) {
-            double gi = c.g[(size_t)b * N + i];
-            double pi = pi_ij(c, p, b, i, j), gf = gfac(p, sqdist(c, b, i, j));
-            size_t o = ((size_t)b * M + j) * W;
-            for (u32 d = 0; d < D; ++d) {
-              double t = -gi * pi * gf * diff(c, b, i, j, d);  // grad_y C = -grad_x C
-              ref[o + d] += t;
-              mag[o + d] += std::fabs(t);
-            }
-            ref[o + D] += -c.eps * gi * pi;
-            mag[o + D] += c.eps * std::fabs(gi * pi);
-          }
-      if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("softmin_grad_y_") + cost_name(p)).c_str()), out, ref, mag);
-    }
-    // plan_apply
+    // lse_values
     {
       std::vector<float> out((size_t)B * N * K, -12345.f);
-      std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
-      launch(gN, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
-        (sq ? plan_apply_sqeuclidean_f32 : plan_apply_euclidean_f32)(c.x.data(), c.y.data(), c.h.data(), c.f.data(),
-                                                                     c.v.data(), out.data(), B, N, M, D, K, eps, lt,
-                                                                     tg, tp);
+      std::vector<double> ref, mag;
+      launch(grid(N), B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+        (sq ? lse_values_sqeuclidean_f32 : lse_values_euclidean_f32)(x_f.a.data(), y_h_v.a.data(), out.data(), B, N,
+                                                                     M, D, K, eps, lt, tg, tp);
       });
-      for (u32 b = 0; b < B; ++b)
-        for (u32 i = 0; i < N; ++i)
-          for (u32 j = 0; j < M; ++j) {
-            double pi = pi_ij(c, p, b, i, j);
-            for (u32 k = 0; k < K; ++k) {
-              double t = pi * c.v[((size_t)b * M + j) * K + k];
-              ref[((size_t)b * N + i) * K + k] += t;
-              mag[((size_t)b * N + i) * K + k] += std::fabs(t);
-            }
-          }
+      ref_lse(x_f, y_h_v, p, eps, true, K, ref, mag);
       if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("plan_apply_") + cost_name(p)).c_str()), out, ref, mag);
+      check(tag(std::string("lse_values_") + cost_name(p)), out, ref, mag);
     }
   }
 
@@ -319,7 +384,7 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
       std::vector<float> out((size_t)B * N, -12345.f);
       std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
       auto fn = pick(kernel_product_gaussian_f32, kernel_product_laplacian_f32, kernel_product_energy_f32);
-      launch(gN, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+      launch(grid(N), B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
         fn(c.x.data(), c.y.data(), c.bw.data(), out.data(), B, N, M, D, sigma, lt, tg, tp);
       });
       for (u32 b = 0; b < B; ++b)
@@ -330,55 +395,21 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
             mag[(size_t)b * N + i] += std::fabs(t);
           }
       if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("kernel_product_") + ker_name(ker)).c_str()), out, ref, mag);
+      check(tag(std::string("kernel_product_") + ker_name(ker)), out, ref, mag);
     }
-    // kernel_grad_x
-    {
-      std::vector<float> out((size_t)B * N * D, -12345.f);
-      std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
-      auto fn = pick(kernel_grad_x_gaussian_f32, kernel_grad_x_laplacian_f32, kernel_grad_x_energy_f32);
-      launch(gN, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
-        fn(c.x.data(), c.y.data(), c.bw.data(), c.g.data(), out.data(), B, N, M, D, sigma, lt, tg, tp);
+    // kernel_sums_grad, both sides of the backward
+    struct Side { const char* name; const Packed* R; const Packed* Q; };
+    for (const Side& s : {Side{"x-side", &x_pts, &y_b}, Side{"y-side", &y_pts, &x_g}}) {
+      const u32 R = s.R->n, Qn = s.Q->n;
+      std::vector<float> out((size_t)B * R * (D + 1), -12345.f);
+      std::vector<double> ref, mag;
+      auto fn = pick(kernel_sums_grad_gaussian_f32, kernel_sums_grad_laplacian_f32, kernel_sums_grad_energy_f32);
+      launch(grid(R), B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+        fn(s.R->a.data(), s.Q->a.data(), out.data(), B, R, Qn, D, sigma, lt, tg, tp);
       });
-      for (u32 b = 0; b < B; ++b)
-        for (u32 i = 0; i < N; ++i)
-          for (u32 j = 0; j < M; ++j) {
-            double w = c.g[(size_t)b * N + i] * c.bw[(size_t)b * M + j] * kgfac(ker, sqdist(c, b, i, j), sigma);
-            for (u32 d = 0; d < D; ++d) {
-              double t = w * diff(c, b, i, j, d);
-              ref[((size_t)b * N + i) * D + d] += t;
-              mag[((size_t)b * N + i) * D + d] += std::fabs(t);
-            }
-          }
+      ref_ksums(*s.R, *s.Q, ker, sigma, ref, mag);
       if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("kernel_grad_x_") + ker_name(ker)).c_str()), out, ref, mag);
-    }
-    // kernel_grad_y
-    {
-      const u32 W = D + 1;
-      std::vector<float> out((size_t)B * M * W, -12345.f);
-      std::vector<double> ref(out.size(), 0.0), mag(out.size(), 0.0);
-      auto fn = pick(kernel_grad_y_gaussian_f32, kernel_grad_y_laplacian_f32, kernel_grad_y_energy_f32);
-      launch(gM, B, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
-        fn(c.x.data(), c.y.data(), c.bw.data(), c.g.data(), out.data(), B, N, M, D, sigma, lt, tg, tp);
-      });
-      for (u32 b = 0; b < B; ++b)
-        for (u32 j = 0; j < M; ++j)
-          for (u32 i = 0; i < N; ++i) {
-            double sqd = sqdist(c, b, i, j);
-            double gi = c.g[(size_t)b * N + i], bj = c.bw[(size_t)b * M + j];
-            size_t o = ((size_t)b * M + j) * W;
-            for (u32 d = 0; d < D; ++d) {
-              double t = -bj * gi * kgfac(ker, sqd, sigma) * diff(c, b, i, j, d);  // grad_y k = -grad_x k
-              ref[o + d] += t;
-              mag[o + d] += std::fabs(t);
-            }
-            double t = gi * kval(ker, sqd, sigma);
-            ref[o + D] += t;
-            mag[o + D] += std::fabs(t);
-          }
-      if (unsupported) ref.assign(ref.size(), nan);
-      check(tag((std::string("kernel_grad_y_") + ker_name(ker)).c_str()), out, ref, mag);
+      check(tag(std::string("kernel_sums_grad_") + ker_name(ker) + " " + s.name), out, ref, mag);
     }
   }
 }

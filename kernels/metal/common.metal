@@ -7,7 +7,10 @@
 //
 // ---------------------------------------------------------------------------------------------
 // Algorithm (identical to the CUDA core):
-//   * a ROW set (points whose output row is computed) and an OTHER set (points reduced over);
+//   * a ROW set (points whose output row is computed) and an OTHER set (points reduced over):
+//     rows = x_i and others = y_j for softmin(x, y, h); the gradient / plan reductions take the
+//     row and other sets packed with their scalars ([p, alpha] and [q, h, w | v]), so the same
+//     kernel serves the x-side and the y-side reductions of the backward pass;
 //   * per (row r, other q): sq = sum_d (p_r,d - p_q,d)^2 from DIRECT differences; then
 //       - log domain (softmin family): z = a_q - C(sq)/eps, accumulated with a running (max, sum)
 //         pair: if z > m { s = s*exp(m - z) + u; m = z } else s += exp(z - m) u (exp arguments
@@ -20,14 +23,15 @@
 //       (m, s) + (m', s') = (M, s e^(m-M) + s' e^(m'-M)),  M = max(m, m'),
 //     where an operand with m = -inf contributes 0 (two -inf maxima give (-inf, 0), never NaN).
 //     (CUDA merges the same partials with warp shuffles in the same order.)
-//   * vector outputs (gradients: D columns, plan_apply: K columns) are accumulated OT_CH columns
+//   * vector outputs (gradients: D columns, lse_values: K columns) are accumulated OT_CH columns
 //     per pass (a compile-time D <= 8 fits in one pass); extra passes recompute the distances.
 //
 // Launch configuration (every entry point):
 //   threadsPerThreadgroup = (LANES, ROWS, 1): LANES in {1, 2, 4, 8, 16, 32} threads per output
 //       row, ROWS rows per threadgroup, LANES * ROWS <= OT_MAX_BLOCK (256).
-//   threadgroups = (ceil(R / ROWS), B, 1) (dispatchThreadgroups), R = number of output rows.
-//   threadgroup memory: static only (no setThreadgroupMemoryLength), <= 27.7 KB (plan_apply).
+//   threadgroups = (ceil(R / ROWS), B, 1) (dispatchThreadgroups), R = number of output rows
+//       (the first point set's N).
+//   threadgroup memory: static only (no setThreadgroupMemoryLength), <= 27.0 KiB (lse_values).
 //   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
 //      A larger D fills the output with NaN.
 //
@@ -52,16 +56,15 @@ using namespace metal;
 #ifndef OT_TILE_ELEMS
 #define OT_TILE_ELEMS 2048u  // max coordinates per tile (= OT_TILE * 8), also max D
 #endif
-#define OT_CH 8              // vector output columns per pass (generic D, plan_apply's K)
+#define OT_CH 8              // vector output columns per pass (generic D, lse_values' K)
 #define OT_MAX_BLOCK 256     // max threads per threadgroup (merge scratch size)
 
-#define OT_OP_SOFTMIN 0
-#define OT_OP_GRAD_X 1
-#define OT_OP_GRAD_Y 2
-#define OT_OP_PLAN 3
-#define OT_OP_KPROD 4
-#define OT_OP_KGRAD_X 5
-#define OT_OP_KGRAD_Y 6
+// Operations (compile-time tags).
+#define OT_OP_SOFTMIN 0     // out = -eps log sum_q exp(q1 - C/eps)
+#define OT_OP_LSE_GRAD 1    // out = [sum_q pi w grad_p C, sum_q pi w], pi = exp(r1 + q1 - C/eps)
+#define OT_OP_LSE_VALUES 2  // out = sum_q pi v
+#define OT_OP_KPROD 3       // out = sum_q q1 k
+#define OT_OP_KSUMS_GRAD 4  // out = [sum_q q1 grad_p k, sum_q q1 k]
 
 #define OT_COST_SQE 0     // C = |x-y|^2 / 2
 #define OT_COST_EUC 1     // C = |x-y|
@@ -76,28 +79,27 @@ inline float ot_exact_exp(float t) { return metal::precise::exp(t); }
 inline float ot_log(float t) { return metal::precise::log(t); }
 inline uint ot_minu(uint a, uint b) { return a < b ? a : b; }
 
-// Arguments of the core, in ROW / OTHER terms (see each entry point for the mapping).
+// Arguments of the core, in ROW / OTHER terms. Point sets and their per-point scalars may be
+// packed in one array (the layouts of the online ops' backward): then a row of `rp` is
+// [p (D), alpha] (stride rps = D + 1) and a row of `qp` is [q (D), h, w or v (K)] (qps >= D + 2).
 struct OtArgs {
-  device const float* rp;  // row points (B, R, D)
-  device const float* qp;  // other points (B, Q, D)
-  device const float* r1;  // row scalar 1 (B, R) or null
-  device const float* r2;  // row scalar 2 (B, R) or null
-  device const float* q1;  // other scalar 1 (B, Q)
-  device const float* q2;  // other scalar 2 (B, Q) or null
-  device const float* qv;  // other vectors (B, Q, K) or null (plan_apply)
+  device const float* rp;  // row points, row r at rp + r * rps (B, R, rps)
+  device const float* r1;  // row scalar alpha_r at r1[r * rps], or null
+  device const float* qp;  // other points, point q at qp + q * qps (B, Q, qps)
+  device const float* q1;  // other scalar at q1[q * q1s]: h_q (log domain) or the weight b_q
+  device const float* q2;  // second other scalar / values at q2[q * q1s + c] (w_q or v_q,c), or null
   device float* out;
   uint R, Q, D, K;
+  uint rps, qps, q1s;
   float par;               // eps (softmin family) or sigma (kernel sums)
 };
 
 template <int OP> struct OtTraits {
-  static constexpr constant bool LOGD = OP <= OT_OP_PLAN;
-  static constexpr constant bool GRAD = OP == OT_OP_GRAD_X || OP == OT_OP_GRAD_Y ||
-                                        OP == OT_OP_KGRAD_X || OP == OT_OP_KGRAD_Y;
-  static constexpr constant bool EXTRA = OP == OT_OP_SOFTMIN || OP == OT_OP_GRAD_Y ||
-                                         OP == OT_OP_KPROD || OP == OT_OP_KGRAD_Y;
-  static constexpr constant bool HAS_Q2 = OP == OT_OP_GRAD_Y;
-  static constexpr constant bool HAS_V = OP == OT_OP_PLAN;
+  static constexpr constant bool LOGD = OP <= OT_OP_LSE_VALUES;
+  static constexpr constant bool GRAD = OP == OT_OP_LSE_GRAD || OP == OT_OP_KSUMS_GRAD;
+  static constexpr constant bool EXTRA = OP != OT_OP_LSE_VALUES;  // a scalar accumulator (sum / mass)
+  static constexpr constant bool HAS_Q2 = OP == OT_OP_LSE_GRAD;
+  static constexpr constant bool HAS_V = OP == OT_OP_LSE_VALUES;
 };
 
 // Threadgroup tile, declared once per kernel function (not per D specialisation).
@@ -128,7 +130,7 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
   const bool active = r < R;
   const ulong row = (ulong)b * R + (active ? r : 0u);
   const uint NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
-  const uint outw = TR::HAS_V ? K : (TR::GRAD ? (OP == OT_OP_GRAD_Y || OP == OT_OP_KGRAD_Y ? D + 1 : D) : 1u);
+  const uint outw = TR::HAS_V ? K : (TR::GRAD ? D + 1 : 1u);
 
   if (D > OT_TILE_ELEMS) {  // unsupported (uniform across the threadgroup: no barrier skipped)
     if (active && lane == 0)
@@ -138,8 +140,9 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
   const uint tp = D <= 8u ? OT_TILE : OT_TILE_ELEMS / D;  // points per tile
   const float par = a.par;
   const float inv = 1.0f / par;
-  device const float* qp = a.qp + (ulong)b * Q * D;
-  device const float* xg = a.rp + row * D;  // this thread's row point (row 0 when inactive)
+  const uint qps = a.qps, q1s = a.q1s;
+  device const float* qp = a.qp + (ulong)b * Q * qps;
+  device const float* xg = a.rp + row * a.rps;  // this thread's row point (row 0 of the batch when inactive)
   float xr[DS > 0 ? DS : 1];
   for (int d = 0; d < DS; ++d) xr[d] = xg[d];
 
@@ -156,20 +159,25 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
     for (uint q0 = 0; q0 < Q; q0 += tp) {
       const uint nq = ot_minu(tp, Q - q0);
       threadgroup_barrier(mem_flags::mem_threadgroup);  // previous tile fully consumed
-      device const float* src = qp + (ulong)q0 * D;
-      for (uint e = tid; e < nq * D; e += nthr) sh->pts[e] = src[e];
+      device const float* src = qp + (ulong)q0 * qps;
+      if (qps == D) {  // plain points: one contiguous copy
+        for (uint e = tid; e < nq * D; e += nthr) sh->pts[e] = src[e];
+      } else {         // packed rows: strided gather
+        for (uint e = tid; e < nq * D; e += nthr) {
+          const uint p = e / D, d = e - p * D;
+          sh->pts[e] = src[(ulong)p * qps + d];
+        }
+      }
       for (uint e = tid; e < nq; e += nthr) {
-        const ulong qi = (ulong)b * Q + q0 + e;
-        float w = a.q1[qi];
-        if (OP == OT_OP_GRAD_Y) w = w * inv;  // f_i / eps
-        sh->q1[e] = w;
+        const ulong qi = ((ulong)b * Q + q0 + e) * q1s;
+        sh->q1[e] = a.q1[qi];
         if (TR::HAS_Q2) sh->q2[e] = a.q2[qi];
       }
       if (TR::HAS_V) {
         const uint ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
         for (uint e = tid; e < nq * nc; e += nthr) {
           const uint p = e / ncd, c = e - p * ncd;
-          sh->v[p * OT_CH + c] = a.qv[((ulong)b * Q + q0 + p) * K + c0 + c];
+          sh->v[p * OT_CH + c] = a.q2[((ulong)b * Q + q0 + p) * q1s + c0 + c];
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -215,7 +223,7 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
         }
         // Contributions u[c].
         float u[NA];
-        const float wq = TR::LOGD ? (OP == OT_OP_GRAD_Y ? sh->q2[p] : 1.0f) : sh->q1[p];
+        const float wq = TR::LOGD ? (TR::HAS_Q2 ? sh->q2[p] : 1.0f) : sh->q1[p];
         const float gw = wq * gf;
         for (int c = 0; c < NCH; ++c) {
           float v = 0.0f;
@@ -272,27 +280,17 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
     device float* o = a.out + row * outw;
     if (OP == OT_OP_SOFTMIN) {
       o[0] = m == OT_NINF ? INFINITY : -par * (m + ot_log(acc[EX]));
-    } else if (OP == OT_OP_GRAD_X || OP == OT_OP_PLAN) {
-      // pi_ij = exp(h_j - C_ij/eps + f_i/eps) = exp(z - m) * exp(m + f_i/eps)
-      float sc = m == OT_NINF ? 0.0f : ot_exact_exp(m + a.r1[row] * inv);
-      if (OP == OT_OP_GRAD_X) sc = sc * a.r2[row];
+    } else if (OP == OT_OP_LSE_GRAD || OP == OT_OP_LSE_VALUES) {
+      // pi_rq = exp(alpha_r + h_q - C_rq/eps) = exp(z - m) * exp(m + alpha_r)
+      const float sc = m == OT_NINF ? 0.0f : ot_exact_exp(m + a.r1[row * a.rps]);
       for (int c = 0; c < NCH; ++c)
         if (c < (int)nc) o[c0 + c] = sc * acc[c];
-    } else if (OP == OT_OP_GRAD_Y) {
-      const float sc = m == OT_NINF ? 0.0f : ot_exact_exp(m + a.r1[row]);
-      for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = sc * acc[c];
-      if (pass == 0) o[D] = -par * (sc * acc[EX]);
+      if (OP == OT_OP_LSE_GRAD && pass == 0) o[D] = sc * acc[EX];
     } else if (OP == OT_OP_KPROD) {
       o[0] = acc[EX];
-    } else if (OP == OT_OP_KGRAD_X) {
-      const float g = a.r2[row];
+    } else {  // OT_OP_KSUMS_GRAD
       for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = g * acc[c];
-    } else {  // OT_OP_KGRAD_Y
-      const float bw = a.r2[row];
-      for (int c = 0; c < NCH; ++c)
-        if (c < (int)nc) o[c0 + c] = bw * acc[c];
+        if (c < (int)nc) o[c0 + c] = acc[c];
       if (pass == 0) o[D] = acc[EX];
     }
   }

@@ -3,21 +3,28 @@
 //
 //   softmin_{cost}_f32(x, y, h, out, B, N, M, D, eps)
 //       out[b,i] = -eps * log sum_j exp(h[b,j] - C(x[b,i], y[b,j]) / eps)        out (B,N)
-//   softmin_grad_x_{cost}_f32(x, y, h, f, g, out, B, N, M, D, eps)
-//       out[b,i,:] = g[b,i] * sum_j pi_ij grad_x C(x_i, y_j)                     out (B,N,D)
-//   softmin_grad_y_{cost}_f32(x, y, h, f, g, out, B, N, M, D, eps)
-//       out[b,j,0..D] = sum_i g_i pi_ij grad_y C(x_i, y_j),
-//       out[b,j,D]    = -eps * sum_i g_i pi_ij                                   out (B,M,D+1)
-//   plan_apply_{cost}_f32(x, y, h, f, v, out, B, N, M, D, K, eps)
-//       out[b,i,:] = sum_j pi_ij v[b,j,:]                        v (B,M,K), out (B,N,K)
-// pi_ij = exp(h_j - C_ij/eps + f_i/eps); cost = sqeuclidean (|x-y|^2/2) | euclidean (|x-y|).
+//       x (B,N,D), y (B,M,D), h (B,M); +inf when every h_j is -inf.
+//   lse_grad_{cost}_f32(rows, cols, out, B, N, M, D, eps)
+//       rows (B,N,D+1) = [p_i, alpha_i], cols (B,M,D+2) = [q_j, h_j, w_j]:
+//       out[b,i,0..D] = sum_j pi_ij w_j grad_p C(p_i, q_j),  out[b,i,D] = sum_j pi_ij w_j
+//                                                                                out (B,N,D+1)
+//   lse_values_{cost}_f32(rows, cols, out, B, N, M, D, K, eps)
+//       rows (B,N,D+1) = [p_i, alpha_i], cols (B,M,D+1+K) = [q_j, h_j, v_j (K)]:
+//       out[b,i,:] = sum_j pi_ij v_j                                              out (B,N,K)
+// with pi_ij = exp(alpha_i + h_j - C(p_i, q_j)/eps), C = |p-q|^2/2 (sqeuclidean) or |p-q|
+// (euclidean), grad_p C = p - q or (p - q)/|p - q| (0 at p = q). h may hold -inf (masked
+// points); a row with every term masked gives 0. All arrays contiguous row-major.
+//
+// The online backend's backward runs lse_grad twice: x-side rows [x_i, f_i/eps] against
+// [y_j, h_j, 1] (then divides by the mass column), y-side rows [y_j, h_j] against
+// [x_i, f_i/eps, grad_f_i]. The plan operators run lse_values.
 //
 // Buffer indices: the arguments in the order listed, from [[buffer(0)]]: pointers are device
 // buffers, sizes `constant uint&`, eps `constant float&` (setBytes). E.g. softmin: x 0, y 1, h 2,
-// out 3, B 4, N 5, M 6, D 7, eps 8; plan_apply: x 0, y 1, h 2, f 3, v 4, out 5, B 6, N 7, M 8,
-// D 9, K 10, eps 11.
+// out 3, B 4, N 5, M 6, D 7, eps 8; lse_grad: rows 0, cols 1, out 2, B 3, N 4, M 5, D 6, eps 7;
+// lse_values: rows 0, cols 1, out 2, B 3, N 4, M 5, D 6, K 7, eps 8.
 // Dispatch (see common.metal): threadsPerThreadgroup (LANES, ROWS, 1), LANES*ROWS <= 256;
-// threadgroups (ceil(N/ROWS), B, 1), or (ceil(M/ROWS), B, 1) for softmin_grad_y.
+// threadgroups (ceil(N/ROWS), B, 1). Static threadgroup memory only.
 #ifndef CANDLE_OT_COMMON_METAL
 #include "common.metal"
 #endif
@@ -30,59 +37,41 @@
                    constant float& eps [[buffer(8)]], OT_TG_PARAMS) {                        \
     (void)B;                                                                                 \
     threadgroup OtShared<OT_OP_SOFTMIN> sh;                                                  \
-    const OtArgs a = {x, y, 0, 0, h, 0, 0, out, N, M, D, 0u, eps};                           \
+    const OtArgs a = {x, 0, y, h, 0, out, N, M, D, 0u, D, D, 1u, eps};                       \
     ot_dispatch<OT_OP_SOFTMIN, COST>(a, &sh, ltid, tgid, tptg);                              \
   }
 
-#define OT_GRAD_X_ENTRY(NAME, COST)                                                          \
-  kernel void NAME(device const float* x [[buffer(0)]], device const float* y [[buffer(1)]], \
-                   device const float* h [[buffer(2)]], device const float* f [[buffer(3)]], \
-                   device const float* g [[buffer(4)]], device float* out [[buffer(5)]],     \
-                   constant uint& B [[buffer(6)]], constant uint& N [[buffer(7)]],           \
-                   constant uint& M [[buffer(8)]], constant uint& D [[buffer(9)]],           \
-                   constant float& eps [[buffer(10)]], OT_TG_PARAMS) {                       \
-    (void)B;                                                                                 \
-    threadgroup OtShared<OT_OP_GRAD_X> sh;                                                   \
-    const OtArgs a = {x, y, f, g, h, 0, 0, out, N, M, D, 0u, eps};                           \
-    ot_dispatch<OT_OP_GRAD_X, COST>(a, &sh, ltid, tgid, tptg);                               \
+#define OT_LSE_GRAD_ENTRY(NAME, COST)                                                              \
+  kernel void NAME(device const float* rows [[buffer(0)]], device const float* cols [[buffer(1)]], \
+                   device float* out [[buffer(2)]], constant uint& B [[buffer(3)]],                \
+                   constant uint& N [[buffer(4)]], constant uint& M [[buffer(5)]],                 \
+                   constant uint& D [[buffer(6)]], constant float& eps [[buffer(7)]],              \
+                   OT_TG_PARAMS) {                                                                 \
+    (void)B;                                                                                       \
+    threadgroup OtShared<OT_OP_LSE_GRAD> sh;                                                       \
+    const OtArgs a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, 0u,              \
+                      D + 1, D + 2, D + 2, eps};                                                   \
+    ot_dispatch<OT_OP_LSE_GRAD, COST>(a, &sh, ltid, tgid, tptg);                                   \
   }
 
-// Rows are the y_j (row scalar: h_j), the reduced set is x_i (scalars f_i, g_i).
-#define OT_GRAD_Y_ENTRY(NAME, COST)                                                          \
-  kernel void NAME(device const float* x [[buffer(0)]], device const float* y [[buffer(1)]], \
-                   device const float* h [[buffer(2)]], device const float* f [[buffer(3)]], \
-                   device const float* g [[buffer(4)]], device float* out [[buffer(5)]],     \
-                   constant uint& B [[buffer(6)]], constant uint& N [[buffer(7)]],           \
-                   constant uint& M [[buffer(8)]], constant uint& D [[buffer(9)]],           \
-                   constant float& eps [[buffer(10)]], OT_TG_PARAMS) {                       \
-    (void)B;                                                                                 \
-    threadgroup OtShared<OT_OP_GRAD_Y> sh;                                                   \
-    const OtArgs a = {y, x, h, 0, f, g, 0, out, M, N, D, 0u, eps};                           \
-    ot_dispatch<OT_OP_GRAD_Y, COST>(a, &sh, ltid, tgid, tptg);                               \
-  }
-
-#define OT_PLAN_ENTRY(NAME, COST)                                                            \
-  kernel void NAME(device const float* x [[buffer(0)]], device const float* y [[buffer(1)]], \
-                   device const float* h [[buffer(2)]], device const float* f [[buffer(3)]], \
-                   device const float* v [[buffer(4)]], device float* out [[buffer(5)]],     \
-                   constant uint& B [[buffer(6)]], constant uint& N [[buffer(7)]],           \
-                   constant uint& M [[buffer(8)]], constant uint& D [[buffer(9)]],           \
-                   constant uint& K [[buffer(10)]], constant float& eps [[buffer(11)]],      \
-                   OT_TG_PARAMS) {                                                           \
-    (void)B;                                                                                 \
-    threadgroup OtShared<OT_OP_PLAN> sh;                                                     \
-    const OtArgs a = {x, y, f, 0, h, 0, v, out, N, M, D, K, eps};                            \
-    ot_dispatch<OT_OP_PLAN, COST>(a, &sh, ltid, tgid, tptg);                                 \
+#define OT_LSE_VALUES_ENTRY(NAME, COST)                                                            \
+  kernel void NAME(device const float* rows [[buffer(0)]], device const float* cols [[buffer(1)]], \
+                   device float* out [[buffer(2)]], constant uint& B [[buffer(3)]],                \
+                   constant uint& N [[buffer(4)]], constant uint& M [[buffer(5)]],                 \
+                   constant uint& D [[buffer(6)]], constant uint& K [[buffer(7)]],                 \
+                   constant float& eps [[buffer(8)]], OT_TG_PARAMS) {                              \
+    (void)B;                                                                                       \
+    threadgroup OtShared<OT_OP_LSE_VALUES> sh;                                                     \
+    const OtArgs a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, K,               \
+                      D + 1, D + 1 + K, D + 1 + K, eps};                                           \
+    ot_dispatch<OT_OP_LSE_VALUES, COST>(a, &sh, ltid, tgid, tptg);                                 \
   }
 
 OT_SOFTMIN_ENTRY(softmin_sqeuclidean_f32, OT_COST_SQE)
 OT_SOFTMIN_ENTRY(softmin_euclidean_f32, OT_COST_EUC)
 
-OT_GRAD_X_ENTRY(softmin_grad_x_sqeuclidean_f32, OT_COST_SQE)
-OT_GRAD_X_ENTRY(softmin_grad_x_euclidean_f32, OT_COST_EUC)
+OT_LSE_GRAD_ENTRY(lse_grad_sqeuclidean_f32, OT_COST_SQE)
+OT_LSE_GRAD_ENTRY(lse_grad_euclidean_f32, OT_COST_EUC)
 
-OT_GRAD_Y_ENTRY(softmin_grad_y_sqeuclidean_f32, OT_COST_SQE)
-OT_GRAD_Y_ENTRY(softmin_grad_y_euclidean_f32, OT_COST_EUC)
-
-OT_PLAN_ENTRY(plan_apply_sqeuclidean_f32, OT_COST_SQE)
-OT_PLAN_ENTRY(plan_apply_euclidean_f32, OT_COST_EUC)
+OT_LSE_VALUES_ENTRY(lse_values_sqeuclidean_f32, OT_COST_SQE)
+OT_LSE_VALUES_ENTRY(lse_values_euclidean_f32, OT_COST_EUC)
