@@ -7,7 +7,9 @@
 #      thread and real barriers, against a float64 reference; built twice (default tiles, and
 #      OT_TILE=8 / OT_TILE_ELEMS=64 so that every case streams several tiles and passes);
 #   3. the same harness under ThreadSanitizer on a reduced set (missing barriers = data races).
-#      Skip with CHECK_METAL_TSAN=0.
+#      Skip with CHECK_METAL_TSAN=0;
+#   4. .ci/check-metal-rust.sh: clippy of the Rust Metal glue (`--features metal`) against
+#      Candle's Metal backend, with objc2-metal patched for Linux. Skip with CHECK_METAL_RUST=0.
 # Needs clang++ (the shim uses clang's ext_vector_type, so g++ cannot stand in); installs
 # clang-19 (or Debian's default clang) with apt-get when no clang++ is found.
 # usage: bash .ci/check-metal.sh
@@ -36,7 +38,7 @@ metals=(kernels/metal/*.metal)
 [ ${#metals[@]} -gt 0 ] || { echo "no .metal files under kernels/metal" >&2; exit 1; }
 syntax=(-std=c++17 -fsyntax-only -nostdinc -nostdinc++ -Wall -Wextra -Werror -Wno-unknown-attributes -I.ci/metal)
 
-echo "[1/3] syntax check against the MSL shim"
+echo "[1/4] syntax check against the MSL shim"
 for f in "${metals[@]}"; do
   "$cxx" "${syntax[@]}" -Ikernels/metal -x c++ "$f"
   if [ "$(basename "$f")" != common.metal ]; then  # the shipped form: common.metal + file
@@ -50,7 +52,7 @@ trap 'rm -rf "$out"' EXIT
 emu=(-std=c++20 -O1 -pthread -Wall -Wextra -Werror -Wno-unknown-attributes -DMETAL_SHIM_EMULATE
      -I.ci/metal -Ikernels/metal .ci/metal/harness.cpp)
 
-echo "[2/3] CPU execution harness vs float64 reference"
+echo "[2/4] CPU execution harness vs float64 reference"
 "$cxx" "${emu[@]}" -o "$out/harness" & c1=$!
 "$cxx" "${emu[@]}" -DOT_TILE=8u -DOT_TILE_ELEMS=64u -o "$out/harness_small" & c2=$!
 wait $c1 || { echo "check-metal: harness build failed"; exit 1; }
@@ -64,14 +66,27 @@ grep -E "FAIL" "$out/default.log" "$out/small.log" | head -20 || true
 tail -1 "$out/default.log"; tail -1 "$out/small.log"
 
 if [ "${CHECK_METAL_TSAN:-1}" != 0 ]; then
-  echo "[3/3] harness under ThreadSanitizer (reduced set, small tiles)"
+  echo "[3/4] harness under ThreadSanitizer (reduced set, small tiles)"
   "$cxx" "${emu[@]}" -g -fsanitize=thread -DOT_TILE=8u -DOT_TILE_ELEMS=64u -o "$out/harness_tsan"
   if ! HARNESS_QUICK=1 TSAN_OPTIONS="halt_on_error=1 exitcode=66" "$out/harness_tsan" > "$out/tsan.log" 2>&1; then
     fail=1; grep -E -m5 -A12 "ThreadSanitizer|FAIL" "$out/tsan.log" || tail -20 "$out/tsan.log"
   fi
   tail -1 "$out/tsan.log"
 else
-  echo "[3/3] ThreadSanitizer run skipped (CHECK_METAL_TSAN=0)"
+  echo "[3/4] ThreadSanitizer run skipped (CHECK_METAL_TSAN=0)"
+fi
+
+if [ "${CHECK_METAL_RUST:-1}" != 0 ]; then
+  echo "[4/4] Rust Metal glue: clippy --features metal on Linux (.ci/check-metal-rust.sh)"
+  t0=$(date +%s)
+  if ! bash .ci/check-metal-rust.sh > "$out/rust.log" 2>&1; then
+    fail=1; grep -v -E '^ +(Compiling|Checking) ' "$out/rust.log" | tail -60
+  else
+    grep -E '^(\+ cargo|objc2-metal| +Finished|check-metal-rust)' "$out/rust.log"
+  fi
+  echo "  ($(( $(date +%s) - t0 ))s)"
+else
+  echo "[4/4] Rust Metal glue check skipped (CHECK_METAL_RUST=0)"
 fi
 
 if [ "$fail" -ne 0 ]; then echo "check-metal: FAILED"; exit 1; fi
