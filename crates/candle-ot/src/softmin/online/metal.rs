@@ -227,7 +227,11 @@ fn launch(
         )
     }
     let nargs = inputs.len() + 5 + s.k.is_some() as usize + 1;
-    debug_assert_eq!(args.len(), nargs, "{entry}: argument list differs from the ABI");
+    debug_assert_eq!(
+        args.len(),
+        nargs,
+        "{entry}: argument list differs from the ABI"
+    );
     let pipeline = pipeline(dev, source, entry)?;
     let out = dev
         .new_buffer_builder()
@@ -316,7 +320,11 @@ pub(super) fn softmin_fwd(
     let (b, n, d) = dims3(lx, "x")?;
     let (by, m, dy) = dims3(ly, "y")?;
     if (by, dy) != (b, d) {
-        candle_core::bail!("candle-ot softmin: x is {:?} but y is {:?}", lx.dims(), ly.dims())
+        candle_core::bail!(
+            "candle-ot softmin: x is {:?} but y is {:?}",
+            lx.dims(),
+            ly.dims()
+        )
     }
     if lh.shape().dims() != [b, m] {
         candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {lh:?}")
@@ -518,7 +526,11 @@ mod tests {
                 assert!(src::SOFTMIN_KERNELS.contains(&e), "{e}");
             }
         }
-        for k in [KernelKind::Gaussian, KernelKind::Laplacian, KernelKind::Energy] {
+        for k in [
+            KernelKind::Gaussian,
+            KernelKind::Laplacian,
+            KernelKind::Energy,
+        ] {
             for e in [kernel_product_entry(k), kernel_sums_grad_entry(k)] {
                 assert!(src::KERNEL_SUM_KERNELS.contains(&e), "{e}");
             }
