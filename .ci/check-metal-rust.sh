@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Type-check (clippy, warnings as errors) of the Rust Metal glue on Linux: candle-ot's
 # `metal_fwd` paths (crates/candle-ot/src/softmin/online/metal.rs) against Candle's real Metal
-# backend (candle-core / candle-metal-kernels with their `metal` code compiled in), and the test
-# crates with `--features metal`. Nothing is linked or run: no Metal exists on Linux
-# (see .ci/metal/README.md, docs/metal.md).
+# backend (candle-core / candle-nn / candle-metal-kernels with their `metal` code compiled in),
+# and every workspace member and target with `--features metal` (tests, CLI, examples).
+# Nothing is linked or run: no Metal exists on Linux (see .ci/metal/README.md, docs/metal.md).
 #
 # How: objc2 and block2 accept non-Apple targets only with a GNUstep runtime feature, and
 # objc2-metal links `Metal.framework` unconditionally (`#[link(name = "Metal", kind =
@@ -92,10 +92,10 @@ export CARGO_TARGET_DIR="$target_dir"
 patch_cfg="patch.crates-io.objc2-metal.path=\"$patched\""
 echo "objc2-metal $ver patched (framework link cfg'd to Apple, objc2/block2 gnustep-2-1); cargo $tool:"
 run() { echo "+ cargo $tool $*"; cargo "$tool" --config "$patch_cfg" "$@" "${lints[@]}"; }
-# The library and its unit tests, benches (candle-ot's metal.rs and candle-core's metal backend).
-run -p candle-ot --features metal --all-targets
-# The behaviour tests with their Metal variants compiled in (tests/*.rs).
-run -p candle-ot-tests --features metal --all-targets
+# Every workspace member with its `metal` feature (candle-ot's metal.rs and its tests/metal.rs,
+# the behaviour tests' Metal variants, the CLI and the examples' Metal device paths) and all
+# their targets, over candle-core's / candle-nn's / candle-metal-kernels' Metal code.
+run --workspace --features metal --all-targets
 # The patched crate must really be the one checked.
 cargo tree --config "$patch_cfg" -p candle-ot --features metal -i objc2-metal -e normal --depth 0 2>/dev/null \
   | grep -q "$patched" || { echo "check-metal-rust: the patched objc2-metal was not used" >&2; exit 1; }
