@@ -91,7 +91,10 @@ cd "$work/ws"
 export CARGO_TARGET_DIR="$target_dir"
 patch_cfg="patch.crates-io.objc2-metal.path=\"$patched\""
 echo "objc2-metal $ver patched (framework link cfg'd to Apple, objc2/block2 gnustep-2-1); cargo $tool:"
-run() { echo "+ cargo $tool $*"; cargo "$tool" --config "$patch_cfg" "$@" "${lints[@]}"; }
+# Nothing is executed, so build scripts and proc macros need no optimisation (the workspace
+# builds dependencies at opt-level 3): a cold check takes less CPU time with opt-level 0.
+fast_cfg=(--config 'profile.dev.package."*".opt-level=0' --config 'profile.dev.build-override.opt-level=0')
+run() { echo "+ cargo $tool $*"; cargo "$tool" --config "$patch_cfg" "${fast_cfg[@]}" "$@" "${lints[@]}"; }
 # Every workspace member with its `metal` feature (candle-ot's metal.rs and its tests/metal.rs,
 # the behaviour tests' Metal variants, the CLI and the examples' Metal device paths) and all
 # their targets, over candle-core's / candle-nn's / candle-metal-kernels' Metal code.
