@@ -158,7 +158,7 @@ fn run(args: &Args) -> Result<()> {
     // equal as measures, so a fit that goes below it is adapting to the particular samples.
     let floor = loss.forward(&x_true, &y)?.to_scalar::<f32>()? as f64;
 
-    let varmap = VarMap::new();
+    let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let affine = Affine::new(vb.pp("affine"))?;
     let mut curve = vec![];
@@ -199,6 +199,27 @@ fn run(args: &Args) -> Result<()> {
     // 2. The affine map and a residual MLP, trained together.
     let t1 = std::time::Instant::now();
     let mlp = Residual::new(vb.pp("mlp"))?;
+    // Candle's CPU initialisers are not seeded: redraw the hidden layers from our seeded
+    // generator, as candle-nn's `linear` draws them (Kaiming-normal weights, biases uniform in
+    // ±1/√fan_in), so that runs are repeatable.
+    for (layer, fan_in, fan_out) in [("l1", 3, 64), ("l2", 64, 64)] {
+        let std = (2.0 / fan_in as f64).sqrt();
+        let w: Vec<f32> = (0..fan_out * fan_in)
+            .map(|_| (std * normal(&mut r)) as f32)
+            .collect();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let b: Vec<f32> = (0..fan_out)
+            .map(|_| ((rand::Rng::random::<f64>(&mut r) * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        varmap.set_one(
+            format!("mlp.{layer}.weight"),
+            Tensor::from_vec(w, (fan_out, fan_in), &dev)?,
+        )?;
+        varmap.set_one(
+            format!("mlp.{layer}.bias"),
+            Tensor::from_vec(b, fan_out, &dev)?,
+        )?;
+    }
     let mut opt = candle_nn::AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
