@@ -77,7 +77,7 @@ else
 fi
 
 if [ "${CHECK_METAL_RUST:-1}" != 0 ]; then
-  echo "[4/4] Rust Metal glue: clippy --features metal on Linux (.ci/check-metal-rust.sh)"
+  echo "[4/4] Rust Metal glue type-checked on Linux: cargo ${METAL_CHECK_TOOL:-clippy} --workspace --features metal (.ci/check-metal-rust.sh)"
   t0=$(date +%s)
   if ! bash .ci/check-metal-rust.sh > "$out/rust.log" 2>&1; then
     fail=1; grep -v -E '^ +(Compiling|Checking) ' "$out/rust.log" | tail -60

@@ -139,7 +139,11 @@ impl<'a> F32Input<'a> {
             }),
             // (Candle's cast honours the layout's offset; the copy starts at 0.)
             DType::F16 | DType::BF16 => Ok(Self {
-                storage: Cow::Owned(s.to_dtype(l, DType::F32)?),
+                storage: Cow::Owned(if l.shape().elem_count() == 0 {
+                    empty(s.device(), DType::F32)? // (a cast of 0 elements divides by 0)
+                } else {
+                    s.to_dtype(l, DType::F32)?
+                }),
                 offset_bytes: 0,
             }),
             DType::F64 => candle_core::bail!(
@@ -151,6 +155,12 @@ impl<'a> F32Input<'a> {
             ),
         }
     }
+}
+
+/// A storage of 0 elements of `dtype` (over a 1-element buffer: Metal has no empty buffers).
+fn empty(dev: &MetalDevice, dtype: DType) -> Result<MetalStorage> {
+    let buffer = dev.new_buffer_builder().with_size_for(1, dtype).build()?;
+    Ok(MetalStorage::new(buffer, dev.clone(), 0, dtype))
 }
 
 /// The common input dtype of an op (all inputs must agree).
@@ -265,6 +275,8 @@ fn launch(
     let storage = MetalStorage::new(out, dev.clone(), out_len, DType::F32);
     let storage = if dtype == DType::F32 {
         storage
+    } else if out_len == 0 {
+        empty(dev, dtype)?
     } else {
         storage.to_dtype(&Layout::contiguous(out_shape.clone()), dtype)?
     };
