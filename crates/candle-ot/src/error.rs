@@ -7,8 +7,11 @@ pub enum OtError {
     /// A tensor has the wrong rank or shape.
     #[error("{name} must be {expected}, got {got:?}")]
     Shape {
+        /// The argument (`"x"`, `"a"`, `"v"`, …).
         name: &'static str,
+        /// The shape it should have, e.g. `"(N, D) or (B, N, D)"`.
         expected: String,
+        /// The shape it has.
         got: Vec<usize>,
     },
     /// Two tensors disagree (dimension, batch size, number of points).
@@ -16,16 +19,34 @@ pub enum OtError {
     Mismatch(String),
     /// A point cloud has no point.
     #[error("{name} is empty: a point cloud needs at least one point, got shape {got:?}")]
-    Empty { name: &'static str, got: Vec<usize> },
+    Empty {
+        /// The argument (`"x"` or `"y"`).
+        name: &'static str,
+        /// Its shape.
+        got: Vec<usize>,
+    },
     /// NaN or infinity in an input.
     #[error("{name} contains non-finite values (NaN or Inf)")]
-    NonFinite { name: &'static str },
+    NonFinite {
+        /// The argument.
+        name: &'static str,
+    },
     /// Weights with a negative entry, or with no positive entry.
     #[error("{name}: {reason}")]
-    Weights { name: &'static str, reason: String },
+    Weights {
+        /// The argument (`"a"`, `"b"`, or `"a, b"` for unequal total masses).
+        name: &'static str,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// An option outside its range.
     #[error("invalid option {name}: {reason}")]
-    Option { name: &'static str, reason: String },
+    Option {
+        /// The option (`"blur"`, `"scaling"`, …).
+        name: &'static str,
+        /// Its valid range, or why the value is refused.
+        reason: String,
+    },
     /// Finite inputs whose costs would overflow the compute dtype.
     #[error("{0}")]
     Range(String),
