@@ -88,11 +88,11 @@ const SIZES: [(usize, usize, usize, usize); 5] = [
     (1, 300, 257, 2),
 ];
 
-/// h (B, M) with masked points, and every point of batch item 1 masked.
-fn log_weights(seed: u64, b: usize, m: usize) -> Result<Tensor> {
+/// h (B, M) with masked points, and with `all_of_item_1` every point of batch item 1 masked.
+fn log_weights(seed: u64, b: usize, m: usize, all_of_item_1: bool) -> Result<Tensor> {
     let mut h = uniform(seed, b * m, -1.0, 1.0);
     for (k, v) in h.iter_mut().enumerate() {
-        if k % 7 == 3 || (b > 1 && k / m == 1) {
+        if k % 7 == 3 || (all_of_item_1 && b > 1 && k / m == 1) {
             *v = f32::NEG_INFINITY;
         }
     }
@@ -109,10 +109,18 @@ fn metal_softmin_and_gradients() -> Result<()> {
         let s = s as u64 * 10;
         let x = tensor(s + 1, &[b, n, d], 0.0, 1.0)?;
         let y = tensor(s + 2, &[b, m, d], 0.1, 1.1)?;
-        let h = log_weights(s + 3, b, m)?;
+        let h = log_weights(s + 3, b, m, false)?;
         let w = tensor(s + 4, &[b, n], -1.0, 1.0)?;
+        // A fully masked batch item: f = +inf there (forward only: its gradients are 0/0).
+        let h_all = log_weights(s + 3, b, m, true)?;
         for cost in [CostKind::SqEuclidean, CostKind::Euclidean] {
             for eps in [0.05, 0.5] {
+                let f_all = |dev: &Device| -> Result<Tensor> {
+                    let on = |t: &Tensor| t.to_device(dev);
+                    online::softmin(cost, eps, &on(&x)?, &on(&y)?, &on(&h_all)?)
+                };
+                let what = format!("f (masked item) {cost:?} eps={eps} B={b} N={n} M={m} D={d}");
+                assert_close(&what, &f_all(&dev)?, &f_all(&Device::Cpu)?, TOL)?;
                 let run = |dev: &Device| -> Result<Vec<Tensor>> {
                     let (vx, vy, vh) = (
                         Var::from_tensor(&x.to_device(dev)?)?,
@@ -120,8 +128,6 @@ fn metal_softmin_and_gradients() -> Result<()> {
                         Var::from_tensor(&h.to_device(dev)?)?,
                     );
                     let f = online::softmin(cost, eps, &vx, &vy, &vh)?;
-                    // (The fully masked batch item has f = +inf; its x-gradient is 0/0 = NaN on
-                    // every device, compared as such.)
                     let g = (&f * w.to_device(dev)?)?.sum_all()?.backward()?;
                     Ok(vec![
                         f,
@@ -236,7 +242,7 @@ fn metal_inputs_with_a_start_offset() -> Result<()> {
     let (b, n, m, d) = (3, 17, 29, 3);
     let x = tensor(401, &[b, n, d], 0.0, 1.0)?.to_device(&dev)?;
     let y = tensor(402, &[b, m, d], 0.0, 1.0)?.to_device(&dev)?;
-    let h = log_weights(403, b, m)?.to_device(&dev)?;
+    let h = log_weights(403, b, m, true)?.to_device(&dev)?;
     let (xs, ys, hs) = (x.narrow(0, 2, 1)?, y.narrow(0, 2, 1)?, h.narrow(0, 2, 1)?);
     assert!(xs.is_contiguous());
     let got = online::softmin(CostKind::SqEuclidean, 0.1, &xs, &ys, &hs)?;
@@ -263,7 +269,7 @@ fn metal_dtypes() -> Result<()> {
     let (b, n, m, d) = (2, 17, 29, 3);
     let x = tensor(501, &[b, n, d], 0.0, 1.0)?;
     let y = tensor(502, &[b, m, d], 0.0, 1.0)?;
-    let h = log_weights(503, b, m)?;
+    let h = log_weights(503, b, m, true)?;
     for dtype in [DType::F16, DType::BF16] {
         let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(&dev);
         let got = online::softmin(CostKind::Euclidean, 0.2, &on(&x)?, &on(&y)?, &on(&h)?)?;
