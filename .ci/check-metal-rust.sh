@@ -46,7 +46,8 @@ cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 find_src() { ls -d "$cargo_home"/registry/src/*/"objc2-metal-$ver" 2>/dev/null | head -1; }
 src="$(find_src || true)"
 if [ -z "$src" ]; then
-  (cd "$work/ws" && cargo fetch --quiet)
+  host="$(rustc -vV | sed -n 's/^host: //p')"
+  (cd "$work/ws" && cargo fetch --quiet --target "$host")
   src="$(find_src || true)"
 fi
 [ -n "$src" ] || { echo "check-metal-rust: objc2-metal $ver not found in $cargo_home/registry" >&2; exit 1; }
