@@ -19,7 +19,8 @@ fn metal(test: &str) -> Result<Option<Device>> {
         eprintln!("skipping {test}: candle-core was built without Metal (enable the `metal` feature on a Mac)");
         return Ok(None);
     }
-    if !online::supports(&Device::new_metal(0)?) {
+    if !cfg!(feature = "metal") {
+        // (candle-core's Metal can be on through another crate's feature.)
         eprintln!("skipping {test}: candle-ot was built without its `metal` feature");
         return Ok(None);
     }
