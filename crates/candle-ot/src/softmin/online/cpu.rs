@@ -19,7 +19,7 @@
 // Lane loops index several fixed-size arrays in lock step: that is what vectorises.
 #![allow(clippy::needless_range_loop)]
 
-use super::real::Real;
+use super::real::{fma, Real, PORTABLE_FMA};
 use crate::cost::{CostKind, KernelKind};
 use rayon::prelude::*;
 
@@ -194,6 +194,290 @@ fn softmin_block<T: Real>(
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// squared Euclidean cost: the base-2 dot-product form
+// ---------------------------------------------------------------------------------------
+//
+// For C = ½|x − y|², any centre c and κ = log₂e,
+//
+//   κ (h_j − C_ij/ε) = H_j + X_i·Y_j − R_i,
+//   Y_j = y_j − c,   X_i = κ (x_i − c)/ε,   H_j = κ (h_j − |y_j − c|²/2ε),   R_i = κ |x_i − c|²/2ε.
+//
+// R_i is constant along row i, so it leaves the streaming (max, sum) and is put back in f64 at
+// the end. A pair then costs D fused multiply-adds for its exponent z = H_j + X_i·Y_j (against
+// D subtractions, D multiply-adds and a scale for the distance form) and a base-2 exponential
+// `exp2_le0`, which needs no Cody–Waite reduction. The centre is the midpoint of the clouds'
+// bounding box, so that |x − c| and |y − c| stay below the diameter: the terms of X_i·Y_j are
+// then no larger than those of C_ij/ε, and the rounding of z is that of the distance form
+// (the reference suite checks both dtypes). Only the p = 1 cost, which needs the distance
+// itself, and the block-sparse kernels use the distance form.
+
+/// The midpoint of the bounding box of two clouds (N·D and M·D values), in f64.
+fn centre<T: Real>(x: &[T], y: &[T], d: usize) -> Vec<f64> {
+    if d == 0 {
+        return vec![];
+    }
+    let mut lo = vec![f64::INFINITY; d];
+    let mut hi = vec![f64::NEG_INFINITY; d];
+    for p in x.chunks_exact(d).chain(y.chunks_exact(d)) {
+        for k in 0..d {
+            let v = p[k].to_f64();
+            lo[k] = lo[k].min(v);
+            hi[k] = hi[k].max(v);
+        }
+    }
+    (0..d)
+        .map(|k| {
+            if lo[k] <= hi[k] {
+                0.5 * (lo[k] + hi[k])
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// The columns of the dot-product form, `[Y_j (D), H_j, rest_j…]` (stride D + 1 + rest), from
+/// `col(j) = (y_j, h_j, rest_j)`.
+fn dot_cols<'a, T: Real>(
+    m: usize,
+    d: usize,
+    c: &[f64],
+    eps: f64,
+    col: impl Fn(usize) -> (&'a [T], T, &'a [T]),
+) -> Vec<T> {
+    let kappa = std::f64::consts::LOG2_E;
+    let mut out = Vec::with_capacity(m * (d + 1 + col(0).2.len()));
+    for j in 0..m {
+        let (yj, hj, rest) = col(j);
+        let mut sq = 0.0;
+        for k in 0..d {
+            let t = yj[k].to_f64() - c[k];
+            sq += t * t;
+            out.push(T::from_f64(t));
+        }
+        out.push(T::from_f64(kappa * (hj.to_f64() - sq / (2.0 * eps))));
+        out.extend_from_slice(rest);
+    }
+    out
+}
+
+/// Loads rows `i0..i0 + L` of `p` (stride `ps`; a partial block is padded with row `n − 1`)
+/// as the block `X` of the dot-product form, and returns their `R_i` (f64).
+fn dot_rows<T: Real>(
+    p: &[T],
+    ps: usize,
+    (i0, n, d): (usize, usize, usize),
+    c: &[f64],
+    eps: f64,
+    xs: &mut [[T; L]],
+) -> [f64; L] {
+    let kappa = std::f64::consts::LOG2_E;
+    let mut r = [0.0; L];
+    for l in 0..L {
+        let i = (i0 + l).min(n - 1);
+        let mut sq = 0.0;
+        for k in 0..d {
+            let t = p[i * ps + k].to_f64() - c[k];
+            sq += t * t;
+            xs[k][l] = T::from_f64(kappa * t / eps);
+        }
+        r[l] = kappa * sq / (2.0 * eps);
+    }
+    r
+}
+
+/// `z_l = H + Σ_k X_kl Y_k` of one column `q = [Y (D), H, …]` against a block of rows.
+#[inline(always)]
+fn dot_exponent<T: Real, const F: bool>(d: usize, xs: &[[T; L]], q: &[T]) -> [T; L] {
+    let mut z = [q[d]; L];
+    for k in 0..d {
+        let yk = q[k];
+        for l in 0..L {
+            z[l] = fma::<T, F>(xs[k][l], yk, z[l]);
+        }
+    }
+    z
+}
+
+/// Folds a tile's maxima into the running maxima `mx` (base 2); returns the factors that
+/// rescale the running sums and the shifts of the tile's exponents (0 where the maximum is
+/// still −∞, so that nothing is ever exponentiated unshifted or as −∞ − (−∞)). A maximum
+/// that does not move rescales by exactly 1 (the f32 polynomial's 2^0 is 1 + 1 ulp, which
+/// would otherwise compound over the tiles).
+#[inline(always)]
+fn fold_max2<T: Real, const F: bool>(mx: &mut [T; L], tmax: &[T; L]) -> ([T; L], [T; L]) {
+    let mut rescale = [T::ZERO; L];
+    let mut shift = [T::ZERO; L];
+    for l in 0..L {
+        let nm = mx[l].fmax(tmax[l]);
+        let safe = if nm == T::NEG_INFINITY { T::ZERO } else { nm };
+        let r = (mx[l] - safe).exp2_le0::<F>();
+        rescale[l] = if mx[l] == nm { T::ONE } else { r };
+        mx[l] = nm;
+        shift[l] = safe;
+    }
+    (rescale, shift)
+}
+
+/// Running base-2 `(max, sum)` of one block of rows `xs` (the `X` of the dot-product form)
+/// against the columns `cols = [Y_j (D), H_j]`: `max_l = max_j z_lj`, `sum_l = Σ_j 2^{z_lj − max_l}`.
+/// Each tile of [`TJ`] columns is one pass computing and storing its exponents (D FMAs each) and
+/// their maxima, a rescale of the sums, and one pass of exponentials.
+#[inline(always)]
+fn softmin_dot_body<T: Real, const F: bool>(
+    d: usize,
+    xs: &[[T; L]],
+    cols: &[T],
+) -> ([T; L], [T; L]) {
+    let cs = d + 1;
+    let mut mx = [T::NEG_INFINITY; L];
+    let mut s = [T::ZERO; L];
+    let mut zb = [[T::ZERO; L]; TJ];
+    for tile in cols.chunks(TJ * cs) {
+        let mut tmax = [T::NEG_INFINITY; L];
+        for (z, q) in zb.iter_mut().zip(tile.chunks_exact(cs)) {
+            *z = dot_exponent::<T, F>(d, xs, q);
+            for l in 0..L {
+                tmax[l] = tmax[l].fmax(z[l]);
+            }
+        }
+        let (rescale, shift) = fold_max2::<T, F>(&mut mx, &tmax);
+        for l in 0..L {
+            s[l] *= rescale[l];
+        }
+        for z in zb.iter().take(tile.len() / cs) {
+            for l in 0..L {
+                // s += p·2^n: the product is exact, so one FMA rounds as the add did.
+                let (p, scale) = (z[l] - shift[l]).exp2_split::<F>();
+                s[l] = fma::<T, F>(p, scale, s[l]);
+            }
+        }
+    }
+    (mx, s)
+}
+
+/// The gradient reduction of one block of rows in the dot-product form, columns
+/// `[Y_j (D), H_j, w_j]`: `acc[k][l] = Σ_j 2^{z_lj − max_l} w_j Y_jk` (k < D) and
+/// `acc[D][l] = Σ_j 2^{z_lj − max_l} w_j`. Returns the running maxima (base 2).
+#[inline(always)]
+fn grad_dot_body<T: Real, const F: bool>(
+    d: usize,
+    xs: &[[T; L]],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    let cs = d + 2;
+    let mut mx = [T::NEG_INFINITY; L];
+    for a in acc.iter_mut() {
+        *a = [T::ZERO; L];
+    }
+    let mut zb = [[T::ZERO; L]; TJ];
+    for tile in cols.chunks(TJ * cs) {
+        let mut tmax = [T::NEG_INFINITY; L];
+        for (z, q) in zb.iter_mut().zip(tile.chunks_exact(cs)) {
+            *z = dot_exponent::<T, F>(d, xs, q);
+            for l in 0..L {
+                tmax[l] = tmax[l].fmax(z[l]);
+            }
+        }
+        let (rescale, shift) = fold_max2::<T, F>(&mut mx, &tmax);
+        for a in acc.iter_mut() {
+            for l in 0..L {
+                a[l] *= rescale[l];
+            }
+        }
+        for (z, q) in zb.iter().zip(tile.chunks_exact(cs)) {
+            let w = q[d + 1];
+            let mut ew = [T::ZERO; L];
+            for l in 0..L {
+                ew[l] = (z[l] - shift[l]).exp2_le0::<F>() * w;
+            }
+            for k in 0..d {
+                let yk = q[k];
+                for l in 0..L {
+                    acc[k][l] = fma::<T, F>(ew[l], yk, acc[k][l]);
+                }
+            }
+            for l in 0..L {
+                acc[d][l] += ew[l];
+            }
+        }
+    }
+    mx
+}
+
+/// Instantiates a dot-form block kernel for the small dimensions, and for the x86-64 SIMD
+/// levels (with FMA) behind run-time detection: `$name(level, d, args…)`.
+macro_rules! dot_kernel {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[inline(always)]
+        fn $name<T: Real>(level: SimdLevel, d: usize, $($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn by_d<T: Real, const F: bool>(d: usize, $($arg: $ty),*) -> $ret {
+                match d {
+                    1 => $body::<T, F>(1, $($arg),*),
+                    2 => $body::<T, F>(2, $($arg),*),
+                    3 => $body::<T, F>(3, $($arg),*),
+                    4 => $body::<T, F>(4, $($arg),*),
+                    8 => $body::<T, F>(8, $($arg),*),
+                    _ => $body::<T, F>(d, $($arg),*),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+            unsafe fn avx512<T: Real>(d: usize, $($arg: $ty),*) -> $ret {
+                by_d::<T, true>(d, $($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<T: Real>(d: usize, $($arg: $ty),*) -> $ret {
+                by_d::<T, true>(d, $($arg),*)
+            }
+            match level {
+                // SAFETY: the level was detected at run time on this CPU by `simd_level`.
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx512 => unsafe { avx512::<T>(d, $($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx2 => unsafe { avx2::<T>(d, $($arg),*) },
+                _ => by_d::<T, PORTABLE_FMA>(d, $($arg),*),
+            }
+        }
+    };
+}
+
+dot_kernel!(softmin_dot_block, softmin_dot_body, (xs: &[[T; L]], cols: &[T]) -> ([T; L], [T; L]));
+dot_kernel!(grad_dot_block, grad_dot_body, (xs: &[[T; L]], cols: &[T], acc: &mut [[T; L]]) -> [T; L]);
+
+/// Softmin of one batch item for the squared Euclidean cost, in the dot-product form.
+fn softmin_item_dot<T: Real>(
+    level: SimdLevel,
+    eps: f64,
+    (x, y, h): (&[T], &[T], &[T]),
+    d: usize,
+    out: &mut [T],
+) {
+    let n = out.len();
+    let c = centre(x, y, d);
+    let cols = dot_cols(h.len(), d, &c, eps, |j| (&y[j * d..j * d + d], h[j], &[]));
+    let ln2 = std::f64::consts::LN_2;
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, out_task)| {
+            let mut xs = vec![[T::ZERO; L]; d];
+            for (blk, out_blk) in out_task.chunks_mut(L).enumerate() {
+                let i0 = task * ROWS_PER_TASK + blk * L;
+                let r = dot_rows(x, d, (i0, n, d), &c, eps, &mut xs);
+                let (mx, s) = softmin_dot_block(level, d, &xs, &cols);
+                for (l, o) in out_blk.iter_mut().enumerate() {
+                    // −ε (ln 2 (max − R) + ln sum); +∞ for a row whose columns are all masked.
+                    let v = ln2 * (mx[l].to_f64() - r[l]) + s[l].to_f64().ln();
+                    *o = T::from_f64(-eps * v);
+                }
+            }
+        });
+}
+
 /// Softmin of one batch item: x (N·D), y (M·D), h (M) → out (N).
 #[allow(clippy::too_many_arguments)]
 fn softmin_item<T: Real>(
@@ -246,6 +530,13 @@ pub(crate) fn softmin<T: Real>(
     crate::threads::install(|| {
         out.par_chunks_mut(n).enumerate().for_each(|(bi, ob)| {
             let _ = b;
+            if cost == CostKind::SqEuclidean && m > 0 {
+                let (xb, yb) = (
+                    &x[bi * n * d..(bi + 1) * n * d],
+                    &y[bi * m * d..(bi + 1) * m * d],
+                );
+                return softmin_item_dot(level, eps, (xb, yb, &h[bi * m..(bi + 1) * m]), d, ob);
+            }
             softmin_item(
                 level,
                 cost,
@@ -258,6 +549,155 @@ pub(crate) fn softmin<T: Real>(
             )
         })
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// roofline
+// ---------------------------------------------------------------------------------------
+
+/// The instruction mix of the roofline micro-benchmark ([`roofline`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RooflineMix {
+    /// The mix, per pair: the distance (D subtractions and D multiply-adds), the
+    /// exponent `z = h − C/ε` (one FMA), the running max, the exponential, the accumulate.
+    Distance,
+    /// The mix of the softmin kernel's squared-Euclidean path: the exponent `z = H + X·Y`
+    /// (D FMAs), the running max, the exponential, the accumulate.
+    Dot,
+}
+
+/// Columns of the roofline: few enough to stay in L1 (and in the load ports' broadcasts).
+const ROOF_COLS: usize = 64;
+
+/// Rows per roofline block (one kernel block).
+const ROOF_ROWS: usize = L;
+/// Columns per roofline step: their exponents are computed first, then their exponentials,
+/// with one accumulator each, so that the loop exposes independent work to the out-of-order
+/// core instead of one exponential's latency after another (the kernel gets the same effect
+/// from its two passes per tile).
+const ROOF_UNROLL: usize = 2;
+
+/// One block of [`ROOF_ROWS`] rows against `reps` sweeps of [`ROOF_COLS`] columns `[y (D), h]`,
+/// with no intermediate stores: the running max and the sum of `2^z` (the columns are chosen
+/// with z ≤ 0, so the shift is the bound 0). Returns a checksum.
+#[inline(always)]
+fn roofline_body<T: Real, const F: bool, const DOT: bool>(
+    d: usize,
+    xs: &[[T; ROOF_ROWS]],
+    cols: &[T],
+    reps: usize,
+) -> T {
+    let cs = d + 1;
+    let neg_k = T::from_f64(-1.0);
+    let mut mx = [T::NEG_INFINITY; ROOF_ROWS];
+    let mut s = [[T::ZERO; ROOF_ROWS]; ROOF_UNROLL];
+    for _ in 0..reps {
+        for qs in cols.chunks_exact(cs * ROOF_UNROLL) {
+            let mut z = [[T::ZERO; ROOF_ROWS]; ROOF_UNROLL];
+            for (zu, q) in z.iter_mut().zip(qs.chunks_exact(cs)) {
+                if DOT {
+                    *zu = dot_exponent::<T, F>(d, xs, q);
+                } else {
+                    let mut sq = [T::ZERO; ROOF_ROWS];
+                    for k in 0..d {
+                        for l in 0..ROOF_ROWS {
+                            let t = xs[k][l] - q[k];
+                            sq[l] = fma::<T, F>(t, t, sq[l]);
+                        }
+                    }
+                    for l in 0..ROOF_ROWS {
+                        zu[l] = fma::<T, F>(sq[l], neg_k, q[d]);
+                    }
+                }
+            }
+            for (zu, su) in z.iter().zip(s.iter_mut()) {
+                for l in 0..ROOF_ROWS {
+                    mx[l] = mx[l].fmax(zu[l]);
+                    let (p, scale) = zu[l].exp2_split::<F>();
+                    su[l] = fma::<T, F>(p, scale, su[l]);
+                }
+            }
+        }
+    }
+    let mut t = T::ZERO;
+    for l in 0..ROOF_ROWS {
+        t += mx[l];
+        for su in &s {
+            t += su[l];
+        }
+    }
+    t
+}
+
+dot_kernel!(roofline_dot_block, roofline_dot_body, (xs: &[[T; ROOF_ROWS]], cols: &[T], reps: usize) -> T);
+dot_kernel!(roofline_dist_block, roofline_dist_body, (xs: &[[T; ROOF_ROWS]], cols: &[T], reps: usize) -> T);
+
+#[inline(always)]
+fn roofline_dot_body<T: Real, const F: bool>(
+    d: usize,
+    xs: &[[T; ROOF_ROWS]],
+    c: &[T],
+    r: usize,
+) -> T {
+    roofline_body::<T, F, true>(d, xs, c, r)
+}
+
+#[inline(always)]
+fn roofline_dist_body<T: Real, const F: bool>(
+    d: usize,
+    xs: &[[T; ROOF_ROWS]],
+    c: &[T],
+    r: usize,
+) -> T {
+    roofline_body::<T, F, false>(d, xs, c, r)
+}
+
+/// The roofline micro-benchmark: the per-pair instruction mix of the softmin kernel with its
+/// exponential, on blocks of [`ROOF_ROWS`] rows held in registers against [`ROOF_COLS`]
+/// columns held in L1, with none of the kernel's memory traffic (no stored exponents, no
+/// tiles, no rescale). Runs about `n × m` pairs (`n` rounded up to blocks, `m` to
+/// [`ROOF_COLS`]) over the thread pool, on the instruction set of [`simd_level`]. Returns
+/// `(pairs run, checksum)`.
+pub fn roofline(
+    mix: RooflineMix,
+    dtype: candle_core::DType,
+    (n, m, d): (usize, usize, usize),
+) -> candle_core::Result<(u64, f64)> {
+    match dtype {
+        candle_core::DType::F32 => Ok(roofline_t::<f32>(mix, n, m, d)),
+        candle_core::DType::F64 => Ok(roofline_t::<f64>(mix, n, m, d)),
+        dt => candle_core::bail!("roofline: unsupported dtype {dt:?} (f32 or f64)"),
+    }
+}
+
+fn roofline_t<T: Real>(mix: RooflineMix, n: usize, m: usize, d: usize) -> (u64, f64) {
+    let level = simd_level();
+    let blocks = n.div_ceil(ROOF_ROWS).max(1);
+    let reps = m.div_ceil(ROOF_COLS).max(1);
+    // Rows in [0, 1), columns with h ≤ 0 so that every exponent is ≤ 0 in both mixes.
+    let xs: Vec<[T; ROOF_ROWS]> = (0..d)
+        .map(|k| std::array::from_fn(|l| T::from_f64(((l * 7 + k * 3) % 16) as f64 / 16.0)))
+        .collect();
+    let mut cols = Vec::with_capacity(ROOF_COLS * (d + 1));
+    for j in 0..ROOF_COLS {
+        for k in 0..d {
+            cols.push(T::from_f64(((j * 5 + k) % 16) as f64 / 16.0 * 0.01));
+        }
+        cols.push(T::from_f64(-((j % 8) as f64) - 8.0));
+    }
+    let sum = crate::threads::install(|| {
+        (0..blocks)
+            .into_par_iter()
+            .map(|_| {
+                let t = match mix {
+                    RooflineMix::Dot => roofline_dot_block(level, d, &xs, &cols, reps),
+                    RooflineMix::Distance => roofline_dist_block(level, d, &xs, &cols, reps),
+                };
+                t.to_f64()
+            })
+            .sum::<f64>()
+    });
+    ((blocks * ROOF_ROWS * reps * ROOF_COLS) as u64, sum)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -548,6 +988,71 @@ unsafe fn grad_block_avx2<T: Real>(
     grad_block_dispatch(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
 }
 
+/// The blocked gradient reduction of one batch item (see [`Weighted::Grad`]) for the squared
+/// Euclidean cost, in the dot-product form: `out_r = 2^{max_r − R_r} [(p_r − c)·mass_r − acc_r,
+/// mass_r]`, the sum `Σ_c e^{z_rc} w_c (p_r − q_c)` split as `(p_r − c) Σ_c e^{z_rc} w_c −
+/// Σ_c e^{z_rc} w_c (q_c − c)`, with `R_r = κ(|p_r − c|²/2ε − α_r)`.
+#[allow(clippy::too_many_arguments)]
+fn grad_item_dot<T: Real>(
+    level: SimdLevel,
+    eps: f64,
+    rows: &[T],
+    cols: &[T],
+    d: usize,
+    with_mass: bool,
+    out: &mut [T],
+) {
+    let (rs, cs) = (d + 1, d + 2);
+    let od = d + with_mass as usize;
+    let n = out.len() / od;
+    let m = cols.len() / cs;
+    let kappa = std::f64::consts::LOG2_E;
+    let mut c = vec![0.0; d];
+    {
+        // The centre of the rows' and columns' points (both strided here).
+        let (mut lo, mut hi) = (vec![f64::INFINITY; d], vec![f64::NEG_INFINITY; d]);
+        for p in rows.chunks_exact(rs).chain(cols.chunks_exact(cs)) {
+            for k in 0..d {
+                lo[k] = lo[k].min(p[k].to_f64());
+                hi[k] = hi[k].max(p[k].to_f64());
+            }
+        }
+        for k in 0..d {
+            if lo[k] <= hi[k] {
+                c[k] = 0.5 * (lo[k] + hi[k]);
+            }
+        }
+    }
+    let prep = dot_cols(m, d, &c, eps, |j| {
+        let q = &cols[j * cs..(j + 1) * cs];
+        (&q[..d], q[d], &q[d + 1..])
+    });
+    out.par_chunks_mut(ROWS_PER_TASK * od)
+        .enumerate()
+        .for_each(|(task, out_task)| {
+            let mut xs = vec![[T::ZERO; L]; d];
+            let mut acc = vec![[T::ZERO; L]; d + 1];
+            for (blk, out_blk) in out_task.chunks_mut(L * od).enumerate() {
+                let i0 = task * ROWS_PER_TASK + blk * L;
+                let r = dot_rows(rows, rs, (i0, n, d), &c, eps, &mut xs);
+                let mx = grad_dot_block(level, d, &xs, &prep, &mut acc);
+                for (l, o) in out_blk.chunks_mut(od).enumerate() {
+                    let i = i0 + l;
+                    let alpha = rows[i * rs + d].to_f64();
+                    let total = (mx[l].to_f64() - r[l] + kappa * alpha).exp2();
+                    let mass = acc[d][l].to_f64();
+                    for k in 0..d {
+                        let pk = rows[i * rs + k].to_f64() - c[k];
+                        o[k] = T::from_f64(total * (pk * mass - acc[k][l].to_f64()));
+                    }
+                    if with_mass {
+                        o[d] = T::from_f64(total * mass);
+                    }
+                }
+            }
+        });
+}
+
 /// The blocked gradient reduction of one batch item (see [`Weighted::Grad`]).
 #[allow(clippy::too_many_arguments)]
 fn grad_item<T: Real>(
@@ -626,6 +1131,17 @@ pub(crate) fn lse_weighted<T: Real>(
     crate::threads::install(|| {
         out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
             if let Weighted::Grad { with_mass } = mode {
+                if cost == CostKind::SqEuclidean && m > 0 {
+                    return grad_item_dot(
+                        level,
+                        eps,
+                        &rows[bi * n * rs..(bi + 1) * n * rs],
+                        &cols[bi * m * cs..(bi + 1) * m * cs],
+                        d,
+                        with_mass,
+                        ob,
+                    );
+                }
                 return grad_item(
                     level,
                     cost,

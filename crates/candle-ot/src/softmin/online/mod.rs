@@ -18,7 +18,7 @@
 pub(crate) mod cpu;
 pub(crate) mod real;
 
-pub use cpu::{simd_level, SimdLevel};
+pub use cpu::{roofline, simd_level, RooflineMix, SimdLevel};
 
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{
