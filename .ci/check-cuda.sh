@@ -3,7 +3,8 @@
 #   1. nvcc -ptx for sm_80 and sm_90, all front-end warnings as errors; PTX .version <= 9.0
 #      (what the CUDA 13.0 driver, 580, loads);
 #   2. ptxas on that PTX (-v, warnings as errors, register spills fail), register use printed;
-#   3. NVRTC on common.cuh + <file>.cu concatenated (as candle-ot-kernels ships the sources).
+#   3. NVRTC on common.cuh + <file>.cu concatenated (as candle-ot-kernels ships the sources);
+#   4. cargo clippy --features cuda --all-targets on the Rust crates (CHECK_CUDA_RUST=0 skips).
 # The pinned CUDA 13.0 toolchain comes from PyPI into a venv under $HOME/.cache (reused).
 # usage: bash .ci/check-cuda.sh
 set -euo pipefail
@@ -52,4 +53,16 @@ for arch in 80 90; do
     "$CANDLE_OT_CUDA_VENV/bin/python" .ci/nvrtc_check.py "$CUDA_TOOLKIT_DIR/lib/libnvrtc.so.13" "$arch" "${specs[@]}" || fail=1
 done
 if [ "$fail" -ne 0 ]; then echo "check-cuda: FAILED"; exit 1; fi
+
+# 4. The Rust `cuda_fwd` paths: clippy (a type check plus lints) of every crate and target with
+#    the `cuda` feature. candle-kernels compiles its own kernels with this nvcc (CUDA_COMPUTE_CAP
+#    from cuda-toolchain.sh); a separate target dir keeps the default build's artefacts intact.
+if [ "${CHECK_CUDA_RUST:-1}" != 0 ]; then
+  t0=$(date +%s)
+  CARGO_TARGET_DIR="${CUDA_CHECK_TARGET_DIR:-$root/target/cuda-check}" \
+    cargo clippy -p candle-ot -p candle-ot-cli -p candle-ot-tests -p candle-ot-examples \
+      --features cuda --all-targets -- -D warnings \
+    || { echo "check-cuda: cargo clippy --features cuda FAILED"; exit 1; }
+  echo "  cargo clippy --features cuda --all-targets: ok ($(( $(date +%s) - t0 )) s)"
+fi
 echo "check-cuda: ok"

@@ -4,8 +4,9 @@
 //! Also the raw custom ops (`online::softmin`, `online::kernel_product`) against dense f64
 //! formulas and against the tensorized twin's gradients with respect to all three inputs.
 //!
-//! On CUDA / Metal the tensorized side runs on that device while the online side (CPU-only
-//! until its kernels exist) runs on the CPU, on the same data.
+//! On CUDA / Metal both sides run on that device when the online kernels are compiled in (the
+//! `cuda` / `metal` features of this test package), else the online side runs on the CPU, on
+//! the same data. `tests/devices.rs` compares each device's online kernels with the CPU's.
 
 #[macro_use]
 mod common;
@@ -33,6 +34,15 @@ const ZEROS_B: [usize; 3] = [0, 13, 28];
 const UNBALANCED_MASS_B: f64 = 1.3;
 /// Reach of the unbalanced cases.
 const REACH: f64 = 0.3;
+
+/// Where the online side runs: `dev` when its kernels are compiled in, else the CPU.
+fn online_device(dev: &Device) -> &Device {
+    if online::supports(dev) {
+        dev
+    } else {
+        &Device::Cpu
+    }
+}
 
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::F64 {
@@ -172,7 +182,7 @@ fn twins(dev: &Device, loss_kind: Loss, dtype: DType) -> Result<()> {
                         .backend(backend)
                         .build()
                 };
-                let on = run(&build(Backend::Online)?, &inp, dtype, &Device::Cpu)?;
+                let on = run(&build(Backend::Online)?, &inp, dtype, online_device(dev))?;
                 let te = run(&build(Backend::Tensorized)?, &inp, dtype, dev)?;
                 let name = format!("{loss_kind:?} {dtype:?} {c:?} D={d} batched={batched}");
                 assert_eq!(on.sol.backend, Backend::Online, "{name}");
@@ -367,10 +377,13 @@ fn cost_kind(p: u32) -> CostKind {
 }
 
 /// `online::softmin` equals the dense f64 formula (including masked columns).
-fn raw_softmin_values(_dev: &Device) -> Result<()> {
-    let cpu = &Device::Cpu;
+fn raw_softmin_values(dev: &Device) -> Result<()> {
+    let cpu = online_device(dev); // where the online op runs
     let mut failures = vec![];
     for dtype in [DType::F64, DType::F32] {
+        if !dtype_supported(dtype, cpu) {
+            continue;
+        }
         for p in [1, 2] {
             for d in DIMS {
                 let eps = BLUR.powi(p as i32);
@@ -403,9 +416,12 @@ fn raw_softmin_values(_dev: &Device) -> Result<()> {
 }
 
 /// A row whose every column is masked gives +∞ (documented), not NaN.
-fn raw_softmin_all_masked_row(_dev: &Device) -> Result<()> {
-    let cpu = &Device::Cpu;
+fn raw_softmin_all_masked_row(dev: &Device) -> Result<()> {
+    let cpu = online_device(dev); // where the online op runs
     for dtype in [DType::F64, DType::F32] {
+        if !dtype_supported(dtype, cpu) {
+            continue;
+        }
         let x = Tensor::zeros((1, 3, 2), dtype, cpu)?;
         let y = Tensor::ones((1, 4, 2), dtype, cpu)?;
         let h = Tensor::full(f64::NEG_INFINITY, (1, 4), cpu)?.to_dtype(dtype)?;
@@ -429,7 +445,7 @@ fn raw_softmin_grads(dev: &Device) -> Result<()> {
                     let inp =
                         raw_inputs(100 + d as u64 + 10 * p as u64, d, masked, f64::NEG_INFINITY);
                     let run = |online_op: bool| -> Result<Vec<Tensor>> {
-                        let dev = if online_op { &Device::Cpu } else { dev };
+                        let dev = if online_op { online_device(dev) } else { dev };
                         let x = var(&inp.x, &[BATCH, N, d], dtype, dev)?;
                         let y = var(&inp.y, &[BATCH, M, d], dtype, dev)?;
                         let h = var(&inp.h, &[BATCH, M], dtype, dev)?;
@@ -480,10 +496,13 @@ fn kernel_kinds() -> [KernelKind; 3] {
 }
 
 /// `online::kernel_product` equals the dense f64 formula.
-fn raw_kernel_product_values(_dev: &Device) -> Result<()> {
-    let cpu = &Device::Cpu;
+fn raw_kernel_product_values(dev: &Device) -> Result<()> {
+    let cpu = online_device(dev); // where the online op runs
     let mut failures = vec![];
     for dtype in [DType::F64, DType::F32] {
+        if !dtype_supported(dtype, cpu) {
+            continue;
+        }
         for kind in kernel_kinds() {
             for d in DIMS {
                 let inp = raw_inputs(200 + d as u64, d, true, 0.0);
@@ -529,7 +548,7 @@ fn raw_kernel_product_grads(dev: &Device) -> Result<()> {
                 let inp = raw_inputs(300 + d as u64, d, true, 0.0);
                 let bw: Vec<f64> = inp.h.iter().map(|v| v + 1.0).collect();
                 let run = |online_op: bool| -> Result<Vec<Tensor>> {
-                    let dev = if online_op { &Device::Cpu } else { dev };
+                    let dev = if online_op { online_device(dev) } else { dev };
                     let x = var(&inp.x, &[BATCH, N, d], dtype, dev)?;
                     let y = var(&inp.y, &[BATCH, M, d], dtype, dev)?;
                     let b = var(&bw, &[BATCH, M], dtype, dev)?;

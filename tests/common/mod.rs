@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// Expands `fn name(dev: &Device) -> Result<()>` into a CPU test and CUDA / Metal tests that
 /// run only where such a device is available (else they print a skip message and pass).
+#[allow(unused_macros)] // not every test file expands it
 macro_rules! test_device {
     ($fn_name:ident, $cpu:ident, $cuda:ident, $metal:ident) => {
         #[test]

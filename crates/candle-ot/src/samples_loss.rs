@@ -165,7 +165,7 @@ impl SamplesLoss {
     /// The backend `Auto` resolves to on `device` (an error for unavailable combinations).
     pub fn resolve_backend(&self, device: &Device) -> Result<Backend> {
         match self.opts.backend {
-            Backend::Auto => Ok(if device.is_cpu() {
+            Backend::Auto => Ok(if crate::softmin::online::supports(device) {
                 Backend::Online
             } else {
                 Backend::Tensorized
@@ -174,11 +174,14 @@ impl SamplesLoss {
                 "the multiscale backend is not implemented yet; use Backend::Online or Backend::Tensorized".into(),
             )
             .into()),
-            Backend::Online if !device.is_cpu() => Err(OtError::Unsupported(format!(
-                "the online backend has no kernels for {:?} yet; use Backend::Tensorized",
-                device.location()
-            ))
-            .into()),
+            Backend::Online if !crate::softmin::online::supports(device) => {
+                Err(OtError::Unsupported(format!(
+                    "the online backend's kernels for {:?} are not compiled in: enable candle-ot's \
+                     `cuda` / `metal` feature, or use Backend::Tensorized",
+                    device.location()
+                ))
+                .into())
+            }
             b => Ok(b),
         }
     }

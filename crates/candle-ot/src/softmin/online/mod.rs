@@ -7,8 +7,9 @@
 //! This keeps each reduction one pass over the pairs, with the per-point scalars next to the
 //! coordinates they go with (one cache line), and needs no change to Candle.
 //!
-//! Ops (each a private struct, with `cpu_fwd`; CUDA and Metal paths are filled by the kernel
-//! issues and until then return Candle's "no cuda/metal implementation" error):
+//! Ops (each a private struct with `cpu_fwd`, and `cuda_fwd` / `metal_fwd` behind the `cuda` /
+//! `metal` features, which launch the kernels of `candle-ot-kernels` on the same packed layouts;
+//! see `cuda.rs` and `metal.rs`):
 //! - `SoftminOp`: `(x, y, h) ↦ f`, `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`, with a `bwd`
 //!   that streams the gradients with respect to all three inputs;
 //! - `LseWeightedOp`: packed softmax-weighted sums, used by that `bwd` and by plan application;
@@ -16,6 +17,10 @@
 //! - `KernelSumsOp`: the packed sums of that `bwd`.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub(crate) mod real;
 
 pub use cpu::{roofline, simd_level, RooflineMix, SimdLevel};
@@ -43,6 +48,16 @@ macro_rules! with_float {
             dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64)", $op),
         }
     };
+}
+
+/// Whether the online ops have kernels for `device` in this build: always on the CPU, on CUDA
+/// with the `cuda` feature, on Metal with the `metal` feature.
+pub fn supports(device: &candle_core::Device) -> bool {
+    match device {
+        candle_core::Device::Cpu => true,
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda"),
+        candle_core::Device::Metal(_) => cfg!(feature = "metal"),
+    }
 }
 
 fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -100,6 +115,32 @@ impl CustomOp3 for SoftminOp {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -215,6 +256,28 @@ impl CustomOp2 for LseWeightedOp {
         });
         Ok((out, Shape::from((b, n, od))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
+    }
 }
 
 pub(crate) fn lse_weighted(
@@ -292,6 +355,32 @@ impl CustomOp3 for KernelProductOp {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::kernel_product_fwd(self.kind, self.sigma, (s1, l1), (s2, l2), (s3, l3))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::kernel_product_fwd(self.kind, self.sigma, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -377,6 +466,28 @@ impl CustomOp2 for KernelSumsOp {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n, od))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::kernel_sums_fwd(self.kind, self.sigma, self.grad, (s1, l1), (s2, l2))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::kernel_sums_fwd(self.kind, self.sigma, self.grad, (s1, l1), (s2, l2))
     }
 }
 
