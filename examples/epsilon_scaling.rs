@@ -24,7 +24,7 @@
 //! ```
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_ot::softmin::online::softmin;
 use candle_ot::{CostKind, Loss, SamplesLoss};
 use candle_ot_examples::{
@@ -100,7 +100,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = args.device.clone();
     let (s, plot_n, arrow_every) = if args.quick {
         (16, 24, 2)
     } else {

@@ -28,7 +28,7 @@
 //! ```
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_ot::{Loss, SamplesLoss};
 use candle_ot_examples::{
     hex, panel, points_tensor, rng, sample_density, smooth_step, tensor_points2, wrote, Args, FONT,
@@ -109,7 +109,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = args.device.clone();
     let (n, lr) = (if args.quick { 100 } else { 800 }, 0.05);
     let times: Vec<f64> = if args.quick {
         vec![0.0, 0.1]

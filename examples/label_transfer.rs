@@ -16,7 +16,7 @@
 //! ```
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_ot::{Loss, SamplesLoss};
 use candle_ot_examples::{
     gaussian_blob, hex, panel, points_tensor, rgb, rng, tensor_points2, tensor_points3, tensor_vec,
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = args.device.clone();
     let (n, m) = if args.quick { (200, 150) } else { (3000, 3000) };
 
     // Target: three blobs with one-hot labels (M, 3).

@@ -22,7 +22,7 @@
 //! ```
 
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear, Init, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use candle_ot::{Loss, SamplesLoss};
 use candle_ot_examples::{
@@ -133,7 +133,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = args.device.clone();
     let (n, steps_affine, steps_mlp) = if args.quick {
         (150, 5, 5)
     } else {

@@ -18,14 +18,17 @@ pub const FONT: &str = "sans-serif";
 /// The environment variable that moves every example's figures to `$VAR/NAME/`.
 pub const OUT_ENV: &str = "CANDLE_OT_EXAMPLES_OUT";
 
-/// What every example accepts: `--out DIR` (where the figures go) and `--quick` (tiny sizes,
-/// for the smoke tests).
+/// What every example accepts: `--out DIR` (where the figures go), `--quick` (tiny sizes,
+/// for the smoke tests) and `--device cpu|cuda|metal` (GPUs need the examples' `cuda` /
+/// `metal` feature: `cargo run --release --features cuda --example NAME -- --device cuda`).
 #[derive(Clone, Debug)]
 pub struct Args {
     /// The folder the figures are written to (created).
     pub out: PathBuf,
     /// Tiny problem sizes: a smoke run, not a figure worth looking at.
     pub quick: bool,
+    /// Where the computations run.
+    pub device: Device,
 }
 
 impl Args {
@@ -35,6 +38,7 @@ impl Args {
     pub fn parse(name: &str) -> Result<Self> {
         let mut out = None;
         let mut quick = false;
+        let mut device = Device::Cpu;
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
             if a == "--quick" {
@@ -43,10 +47,16 @@ impl Args {
                 out = Some(PathBuf::from(it.next().context("--out needs a folder")?));
             } else if let Some(dir) = a.strip_prefix("--out=") {
                 out = Some(PathBuf::from(dir));
+            } else if a == "--device" {
+                device =
+                    Self::parse_device(&it.next().context("--device needs cpu, cuda or metal")?)?;
+            } else if let Some(d) = a.strip_prefix("--device=") {
+                device = Self::parse_device(d)?;
             } else if a == "--help" || a == "-h" {
-                println!("usage: cargo run --release --example {name} -- [--out DIR] [--quick]");
+                println!("usage: cargo run --release --example {name} -- [--out DIR] [--quick] [--device cpu|cuda|metal]");
                 println!("  --out DIR   where the PNG figures go (default: target/examples/{name}/, or ${OUT_ENV}/{name}/)");
                 println!("  --quick     tiny sizes (a smoke test)");
+                println!("  --device D  cpu (default), cuda or metal (build with --features cuda / metal)");
                 std::process::exit(0);
             } else {
                 bail!("unknown argument {a:?} (try --help)");
@@ -56,7 +66,10 @@ impl Args {
             Some(o) => o,
             None => default_out(name),
         };
-        Self::with(out, quick)
+        Ok(Self {
+            device,
+            ..Self::with(out, quick)?
+        })
     }
 
     /// Arguments for a test: quick sizes, figures in `dir`.
@@ -64,7 +77,23 @@ impl Args {
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create the output folder {}", out.display()))?;
         register_font()?;
-        Ok(Self { out, quick })
+        Ok(Self {
+            out,
+            quick,
+            device: Device::Cpu,
+        })
+    }
+
+    /// `cpu`, `cuda` (device 0) or `metal` (device 0).
+    pub fn parse_device(name: &str) -> Result<Device> {
+        Ok(match name {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::new_cuda(0).context("no CUDA device (build with --features cuda)")?,
+            "metal" => {
+                Device::new_metal(0).context("no Metal device (build with --features metal)")?
+            }
+            other => bail!("unknown device {other:?}: cpu, cuda or metal"),
+        })
     }
 
     /// `out/file`.
