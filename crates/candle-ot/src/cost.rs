@@ -1,9 +1,10 @@
 //! Ground costs and kernels.
 //!
-//! - Sinkhorn and Hausdorff use `C(x, y) = |x − y|^p / p`: `p = 1` gives the Euclidean
-//!   distance, `p = 2` half the squared distance (GeomLoss's convention).
-//! - The kernel losses use `energy`: `k(x, y) = −|x − y|`; `gaussian`:
-//!   `k(x, y) = exp(−|x − y|² / 2σ²)`; `laplacian`: `k(x, y) = exp(−|x − y| / σ)`, with σ = blur.
+//! - Sinkhorn and Hausdorff use $C(x, y) = \frac{1}{p}|x - y|^p$: $p = 1$ gives the Euclidean
+//!   distance, $p = 2$ half the squared distance (GeomLoss's convention).
+//! - The kernel losses use `energy`: $k(x, y) = -|x - y|$; `gaussian`:
+//!   $k(x, y) = \exp(-|x - y|^2 / 2\sigma^2)$; `laplacian`: $k(x, y) = \exp(-|x - y| / \sigma)$,
+//!   with $\sigma$ = blur.
 //!
 //! Distances are always computed from the differences `x_i − y_j`, never through
 //! `|x|² + |y|² − 2⟨x, y⟩`, which loses every digit on translated clouds. The gradient of
@@ -11,7 +12,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-/// The ground cost `C(x, y) = |x − y|^p / p`.
+/// The ground cost $C(x, y) = \frac{1}{p}|x - y|^p$, $p \in \lbrace 1, 2 \rbrace$.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CostKind {
     /// `p = 1`: `C(x, y) = |x − y|`.

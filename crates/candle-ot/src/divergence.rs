@@ -1,11 +1,12 @@
 //! Values of the Sinkhorn losses from the dual potentials (GeomLoss's `sinkhorn_cost`).
 //!
-//! With `⟨a, f⟩ = Σ_i a_i f_i` per batch item, ε = blur^p and ρ = reach^p:
+//! With $\langle a, f \rangle = \sum_i a_i f_i$ per batch item, $\varepsilon = \text{blur}^p$ and
+//! $\rho = \text{reach}^p$:
 //!
 //! | | balanced | unbalanced |
 //! |---|---|---|
-//! | debiased `S_ε` | `⟨a, f_ba − f_aa⟩ + ⟨b, g_ab − g_bb⟩` | `⟨a, (ρ + ε/2)(e^{−f_aa/ρ} − e^{−f_ba/ρ})⟩ + ⟨b, (ρ + ε/2)(e^{−g_bb/ρ} − e^{−g_ab/ρ})⟩` |
-//! | raw `OT_ε` | `⟨a, f_ba⟩ + ⟨b, g_ab⟩` | `⟨a, (ρ + ε/2)(1 − e^{−f_ba/ρ})⟩ + ⟨b, (ρ + ε/2)(1 − e^{−g_ab/ρ})⟩` |
+//! | debiased $S_\varepsilon$ | $\langle a, f_{ba} - f_{aa} \rangle + \langle b, g_{ab} - g_{bb} \rangle$ | $(\rho + \tfrac{\varepsilon}{2}) \big[\langle a, e^{-f_{aa}/\rho} - e^{-f_{ba}/\rho} \rangle + \langle b, e^{-g_{bb}/\rho} - e^{-g_{ab}/\rho} \rangle\big]$ |
+//! | raw $\mathrm{OT}\_\varepsilon$ | $\langle a, f_{ba} \rangle + \langle b, g_{ab} \rangle$ | $(\rho + \tfrac{\varepsilon}{2}) \big[\langle a, 1 - e^{-f_{ba}/\rho} \rangle + \langle b, 1 - e^{-g_{ab}/\rho} \rangle\big]$ |
 //!
 //! The weights `a`, `b` enter explicitly, so autograd gives `∂/∂a = F` in the balanced case.
 
@@ -42,9 +43,10 @@ pub fn sinkhorn_cost(
 /// differences of its own value by 10–17%. Here the value is the same, and the gradient is
 /// the derivative of the dual objective at its optimum (envelope theorem), with `ρ = reach^p`:
 ///
-/// - debiased: `∂/∂a_i = (ρ+ε)(e^{−f_aa,i/ρ} − e^{−f_ba,i/ρ})`,
-///   `∂/∂x_i = a_i (1+ε/ρ) [e^{−f_ba,i/ρ} ∇f_ba(x_i) − e^{−f_aa,i/ρ} ∇f_aa(x_i)]`;
-/// - raw: `∂/∂a_i = (ρ+ε)(1 − e^{−f_ba,i/ρ}) − ε/2`, `∂/∂x_i = a_i (1+ε/ρ) e^{−f_ba,i/ρ} ∇f_ba(x_i)`;
+/// - debiased: $\partial_{a_i} = (\rho+\varepsilon)(e^{-f_{aa,i}/\rho} - e^{-f_{ba,i}/\rho})$,
+///   $\partial_{x_i} = a_i (1+\varepsilon/\rho) \big[e^{-f_{ba,i}/\rho} \nabla f_{ba}(x_i) - e^{-f_{aa,i}/\rho} \nabla f_{aa}(x_i)\big]$;
+/// - raw: $\partial_{a_i} = (\rho+\varepsilon)(1 - e^{-f_{ba,i}/\rho}) - \varepsilon/2$,
+///   $\partial_{x_i} = a_i (1+\varepsilon/\rho) e^{-f_{ba,i}/\rho} \nabla f_{ba}(x_i)$;
 ///
 /// and symmetrically for b and y. `∇f_ba` is the gradient of the last (differentiable) update.
 /// It is implemented as `value + (T − T.detach())` with a surrogate `T` whose gradient is the

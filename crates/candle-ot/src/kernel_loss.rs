@@ -1,21 +1,24 @@
 //! Kernel-norm losses (energy, gaussian, laplacian) and the Hausdorff divergence.
 //!
-//! **Kernel norms** (GeomLoss's `kernel_*` routines), with `K_xy = [k(x_i, y_j)]`:
+//! **Kernel norms** (GeomLoss's `kernel_*` routines), with $K_{xy}$ the matrix of the $k(x_i, y_j)$:
 //!
-//! ```text
-//! loss = ½ aᵀ K_xx a + ½ bᵀ K_yy b − aᵀ K_xy b,    F = K_xx a − K_xy b,    G = K_yy b − K_yx a
-//! ```
+//! $$
+//! \mathcal{L} = \tfrac12 a^\top K_{xx} a + \tfrac12 b^\top K_{yy} b - a^\top K_{xy} b, \qquad
+//! F = K_{xx} a - K_{xy} b, \qquad G = K_{yy} b - K_{yx} a.
+//! $$
 //!
 //! Gradients are the full derivatives of this value (in x, y, a and b); `∂/∂a = F`, `∂/∂b = G`.
 //!
 //! **Hausdorff** (GeomLoss's formula; GeomLoss 0.3.1 itself crashes on it), with one softmin
 //! per term at ε = blur^p, λ = 1/(1 + ε/ρ) when a reach is set (else 1):
 //!
-//! ```text
-//! F = λ (softmin_ε(C_xy, log b) − softmin_ε(C_xx, log a))
-//! G = λ (softmin_ε(C_yx, log a) − softmin_ε(C_yy, log b))
-//! loss = ½ ⟨a, F⟩ + ½ ⟨b, G⟩
-//! ```
+//! $$
+//! \begin{aligned}
+//! F &= \lambda \big(\mathrm{softmin}\_\varepsilon(C_{xy}, \log b) - \mathrm{softmin}\_\varepsilon(C_{xx}, \log a)\big), \\\\
+//! G &= \lambda \big(\mathrm{softmin}\_\varepsilon(C_{yx}, \log a) - \mathrm{softmin}\_\varepsilon(C_{yy}, \log b)\big), \\\\
+//! \mathcal{L} &= \tfrac12 \langle a, F \rangle + \tfrac12 \langle b, G \rangle.
+//! \end{aligned}
+//! $$
 //!
 //! As in the Sinkhorn loop, gradients flow through the first argument of each cost and through
 //! the explicit weights of the value, never through the log-weights.

@@ -72,7 +72,8 @@ pub fn schedule_len(p: u32, diameter: f64, blur: f64, scaling: f64) -> f64 {
     2.0 + len.max(0.0)
 }
 
-/// The dampening factor `λ(ε) = 1 / (1 + ε/ρ)` of unbalanced OT (1 when balanced).
+/// The dampening factor $\lambda(\varepsilon) = 1 / (1 + \varepsilon/\rho)$ of unbalanced OT (1 when
+/// balanced).
 pub fn dampening(eps: f64, rho: Option<f64>) -> f64 {
     match rho {
         None => 1.0,

@@ -195,8 +195,15 @@ impl CustomOp3 for SoftminOp {
     }
 }
 
-/// Streaming softmin `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`, differentiable with respect
-/// to `x`, `y` and `h`. x (B, N, D), y (B, M, D), h (B, M) → (B, N).
+/// Streaming softmin, differentiable with respect to `x`, `y` and `h`:
+///
+/// $$ f_i = -\varepsilon \log \sum_j \exp\big(h_j - C(x_i, y_j)/\varepsilon\big). $$
+///
+/// x (B, N, D), y (B, M, D), h (B, M) → (B, N). Computed with a running (max, sum) pair over
+/// tiles of y (never an N×M matrix); a row whose `h` is all −∞ gives +∞. Gradients:
+/// $\partial f_i / \partial x_i = \sum_j \pi_{ij} \nabla_x C(x_i, y_j)$,
+/// $\partial f_i / \partial h_j = -\varepsilon \pi_{ij}$ with the row-softmax weights
+/// $\pi_{ij} = \exp\big((f_i - C(x_i, y_j))/\varepsilon + h_j\big)$, streamed the same way.
 pub fn softmin(cost: CostKind, eps: f64, x: &Tensor, y: &Tensor, h: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&y.contiguous()?, &h.contiguous()?, SoftminOp { cost, eps })
@@ -412,7 +419,10 @@ impl CustomOp3 for KernelProductOp {
     }
 }
 
-/// Streaming kernel product `u_i = Σ_j k(x_i, y_j) b_j`, differentiable in x, y and b.
+/// Streaming kernel product, differentiable in x, y and b:
+///
+/// $$ u_i = \sum_j k(x_i, y_j) b_j. $$
+///
 /// x (B, N, D), y (B, M, D), b (B, M) → (B, N).
 pub fn kernel_product(
     kind: KernelKind,
