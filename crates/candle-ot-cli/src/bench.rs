@@ -7,7 +7,9 @@
 //! The pair count is the work of the algorithm, not of the implementation:
 //! `(K + 2)·(2NM + [debias](N² + M²))` for the Sinkhorn loss, with K the length of the ε list
 //! plus the extra `tol` iterations; plus `NM (+ N²` when debiased) with `--grad`; `NM` for
-//! `--op softmin`.
+//! `--op softmin`. The multiscale backend does less work than that count (its coarse level and
+//! its kept blocks): its pairs/s is the equivalent rate, and `kept_pairs` reports the kept
+//! point pairs of C_xy.
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -52,6 +54,9 @@ pub struct BenchResult {
     pub peak_rss_bytes: u64,
     pub loss: f64,
     pub times_s: Vec<f64>,
+    /// Multiscale only: kept point pairs of C_xy (block-sparse), and their fraction of N·M.
+    pub kept_pairs: Option<u64>,
+    pub kept_fraction: Option<f64>,
 }
 
 /// Uniform points in the unit cube, a fixed function of (seed, n, m, d): (x (N, D), y (M, D)) in f64.
@@ -131,6 +136,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let mut times = Vec::with_capacity(cfg.reps);
     let mut value = 0.0;
     let mut k_passes = 0usize;
+    let mut kept = None;
     for rep in 0..cfg.warmup + cfg.reps {
         cfg.device.synchronize()?;
         let t0 = Instant::now();
@@ -175,6 +181,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
                 value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if let Some(d) = &sol.diagnostics {
                     k_passes = d.eps_list.len() + d.extra_iterations;
+                    kept = d
+                        .multiscale
+                        .as_ref()
+                        .map(|ms| (ms.kept_pairs, ms.kept_fraction));
                 }
             }
         }
@@ -212,5 +222,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         peak_rss_bytes: peak_rss_bytes(),
         loss: value,
         times_s: times,
+        kept_pairs: kept.map(|k| k.0),
+        kept_fraction: kept.map(|k| k.1),
     })
 }

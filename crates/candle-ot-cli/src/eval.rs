@@ -122,7 +122,12 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         bail!("--dtype must be f32 or f64");
     }
     let mut opts = case.options.clone();
-    opts.backend = backend;
+    // `auto` stays exact here: the library's `Auto` may take the approximate multiscale
+    // backend on large clouds, so eval resolves it to the exact streaming backend itself.
+    opts.backend = match backend {
+        Backend::Auto => Backend::Online,
+        b => b,
+    };
     let loss = SamplesLoss::from_options(opts)?;
     let get = |name: &str| case.tensors.get(name);
     let x = get("x").ok_or_else(|| anyhow!("the case has no tensor `x`"))?;

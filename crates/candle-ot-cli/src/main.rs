@@ -166,6 +166,12 @@ enum Cmd {
         tol: Option<f64>,
         #[arg(long, value_enum, default_value = "online")]
         backend: BackendArg,
+        /// Multiscale kernel truncation, in units of ε (default 5).
+        #[arg(long)]
+        truncate: Option<f64>,
+        /// Multiscale cluster (voxel) side (default: about 2000 cells over the bounding box).
+        #[arg(long)]
+        cluster_scale: Option<f64>,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         #[arg(long, value_enum, default_value = "f32")]
@@ -275,6 +281,8 @@ fn run(cli: Cli) -> Result<()> {
             reach,
             tol,
             backend,
+            truncate,
+            cluster_scale,
             device,
             dtype,
             grad,
@@ -304,6 +312,8 @@ fn run(cli: Cli) -> Result<()> {
                     reach,
                     tol,
                     backend: backend.into(),
+                    truncate: truncate.unwrap_or(5.0),
+                    cluster_scale,
                     ..Default::default()
                 },
                 n,
@@ -323,8 +333,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let r = bench::run(&cfg)?;
             if json {
+                let kept = match (r.kept_pairs, r.kept_fraction) {
+                    (Some(k), Some(f)) => {
+                        format!(",\"kept_pairs\":{k},\"kept_fraction\":{f:e}")
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}}}",
+                    "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}{kept}}}",
                     r.median_s, r.pairs, r.pairs_per_s, r.peak_rss_bytes, r.loss
                 );
             } else {
@@ -340,6 +356,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.loss,
                     candle_ot::num_threads()
                 );
+                if let (Some(k), Some(f)) = (r.kept_pairs, r.kept_fraction) {
+                    println!(
+                        "multiscale: kept {k} point pairs of C_xy ({:.2} % of N·M)",
+                        100.0 * f
+                    );
+                }
             }
         }
     }

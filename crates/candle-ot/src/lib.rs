@@ -54,7 +54,10 @@
 //! - [`Backend::Tensorized`]: dense matrices, any device, O(N·M) memory.
 //! - [`Backend::Online`]: streaming custom ops with a `(max, sum)` log-sum-exp, O(N + M)
 //!   memory, multi-threaded and vectorised on the CPU.
-//! - [`Backend::Auto`]: online on the CPU, tensorized elsewhere.
+//! - [`Backend::Multiscale`]: GeomLoss's coarse-to-fine scheme (voxel-grid clusters, kernel
+//!   truncation, block-sparse streaming softmins) for 10⁵–10⁶ points in D ≤ 3; CPU only.
+//! - [`Backend::Auto`]: online on the CPU (multiscale for large f32 Sinkhorn problems in
+//!   D ≤ 3), tensorized elsewhere.
 //!
 //! Inputs are f32 or f64 (f16/bf16 are computed in f32); batches are `(B, N, D)` with weights
 //! `(B, N)`. Errors are [`OtError`] values converted into [`candle_core::Error`].

@@ -62,15 +62,18 @@ impl std::str::FromStr for Loss {
 /// How the reductions over all pairs (x_i, y_j) are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// Picks an exact backend: `Online` on the CPU, `Tensorized` on other devices (until
-    /// their streaming kernels exist).
+    /// Picks `Online` where its kernels are compiled in, else `Tensorized`; on the CPU,
+    /// `Multiscale` for the Sinkhorn loss in f32 with no `tol`, D ≤ 3 and
+    /// `B·N·M ≥` [`crate::samples_loss::AUTO_MULTISCALE_PAIRS`] (measured crossover).
     #[default]
     Auto,
     /// Dense N×M matrices with Candle tensor ops; any device; O(N·M·D) memory.
     Tensorized,
     /// Streaming custom ops; O((N + M)·D) memory.
     Online,
-    /// Coarse-to-fine clustering with kernel truncation (not available yet: an error).
+    /// Coarse-to-fine: ε-scaling on voxel-grid cluster centroids, then kernel truncation and
+    /// block-sparse streaming softmins on the points (GeomLoss's `multiscale`). CPU only,
+    /// D ≤ 3; the kernel and Hausdorff losses run on `Online` instead.
     Multiscale,
 }
 
@@ -108,9 +111,11 @@ pub struct SamplesLossOptions {
     pub diameter: Option<f64>,
     /// Ratio between successive ε of the schedule, in (0, 1). Default 0.5.
     pub scaling: f64,
-    /// Multiscale kernel truncation (in units of ε). Default 5.
+    /// Multiscale kernel truncation (in units of ε): the block (I, J) is kept when
+    /// `f̄_I + ḡ_J > C(x̄_I, ȳ_J) − truncate·ε` at the jump. Default 5.
     pub truncate: f64,
-    /// Multiscale cluster size; `None` (default) picks it from the data.
+    /// Multiscale cluster (voxel) side; `None` (default) takes GeomLoss's
+    /// `diameter / (√D · 2000^{1/D})`, about 2000 cells over the bounding box.
     pub cluster_scale: Option<f64>,
     /// Debiased Sinkhorn divergence `S_ε` (default) or the raw `OT_ε`.
     pub debias: bool,

@@ -46,7 +46,10 @@ impl TransportPlan {
     #[allow(clippy::too_many_arguments)]
     fn stream(&self, p: &Tensor, f: &Tensor, q: &Tensor, h: &Tensor, v: &Tensor) -> Result<Tensor> {
         match self.backend {
-            Backend::Online => Online { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v),
+            // The multiscale plan is the exact plan of its potentials, streamed.
+            Backend::Online | Backend::Multiscale => {
+                Online { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v)
+            }
             _ => Tensorized { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v),
         }
     }

@@ -8,6 +8,7 @@ use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 use crate::plan::TransportPlan;
 use crate::schedule::{epsilon_schedule, estimate_diameter, schedule_len, MAX_SCHEDULE_LEN};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
+use crate::softmin::multiscale::{self, cluster::default_cluster_scale, MultiscaleParams};
 use crate::softmin::{Online, Softmin, Tensorized};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -59,6 +60,11 @@ pub struct Solution {
     pub diagnostics: Option<SinkhornDiagnostics>,
     plan: Option<TransportPlan>,
 }
+
+/// The size `B·N·M` from which `Backend::Auto` takes the multiscale backend on the CPU (with
+/// the other conditions of the auto rule): the crossover measured on this project's 2-core
+/// machine, docs/performance.md.
+pub const AUTO_MULTISCALE_PAIRS: f64 = 4.0e8;
 
 /// Inputs after validation: batched, in the compute dtype.
 struct Prepared {
@@ -170,9 +176,10 @@ impl SamplesLoss {
             } else {
                 Backend::Tensorized
             }),
-            Backend::Multiscale => Err(OtError::Unsupported(
-                "the multiscale backend is not implemented yet; use Backend::Online or Backend::Tensorized".into(),
-            )
+            Backend::Multiscale if !device.is_cpu() => Err(OtError::Unsupported(format!(
+                "the multiscale backend has no kernels for {:?} yet (CPU only); use Backend::Tensorized",
+                device.location()
+            ))
             .into()),
             Backend::Online if !crate::softmin::online::supports(device) => {
                 Err(OtError::Unsupported(format!(
@@ -184,6 +191,21 @@ impl SamplesLoss {
             }
             b => Ok(b),
         }
+    }
+
+    /// Whether `Auto` takes the multiscale backend: only where it was measured to win and its
+    /// accuracy suits the request, i.e. the Sinkhorn loss on the CPU in f32 (f16/bf16) with
+    /// GeomLoss's fixed schedule (no `tol`), D ≤ 3, and `B·N·M ≥` [`AUTO_MULTISCALE_PAIRS`]
+    /// (see docs/performance.md).
+    fn auto_multiscale(&self, p: &Prepared) -> Result<bool> {
+        let (bsz, n, d) = p.x.dims3()?;
+        let m = p.y.dim(1)?;
+        Ok(p.x.device().is_cpu()
+            && self.opts.loss == Loss::Sinkhorn
+            && self.opts.tol.is_none()
+            && p.x.dtype() == DType::F32
+            && d <= multiscale::MAX_DIM
+            && (bsz * n) as f64 * m as f64 >= AUTO_MULTISCALE_PAIRS)
     }
 
     fn prepare(
@@ -384,12 +406,21 @@ impl SamplesLoss {
         y: &Tensor,
     ) -> Result<Solution> {
         let prep = self.prepare(a, x, b, y)?;
-        let backend = self.resolve_backend(prep.x.device())?;
+        let mut backend = self.resolve_backend(prep.x.device())?;
+        if self.opts.backend == Backend::Auto && self.auto_multiscale(&prep)? {
+            backend = Backend::Multiscale;
+        }
         let cost = CostKind::from_p(self.opts.p).expect("validated p");
         let mut sol = match backend {
             Backend::Tensorized => self.run_with(&Tensorized { cost }, backend, &prep)?,
             Backend::Online => self.run_with(&Online { cost }, backend, &prep)?,
-            Backend::Auto | Backend::Multiscale => unreachable!("resolved above"),
+            // Multiscale solves the Sinkhorn loss (see `run_with`); the other losses are
+            // computed exactly by the online backend, and say so in `Solution::backend`.
+            Backend::Multiscale if self.opts.loss == Loss::Sinkhorn => {
+                self.run_with(&Online { cost }, backend, &prep)?
+            }
+            Backend::Multiscale => self.run_with(&Online { cost }, Backend::Online, &prep)?,
+            Backend::Auto => unreachable!("resolved above"),
         };
         if !prep.batched {
             sol.loss = sol.loss.squeeze(0)?;
@@ -454,7 +485,18 @@ impl SamplesLoss {
                     max_iter: o.max_iter,
                 };
                 let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
-                let (pot, diag) = sinkhorn_loop(backend, &p.x, &p.y, &log_a, &log_b, &params)?;
+                let (pot, diag) = if resolved == Backend::Multiscale {
+                    let ms = MultiscaleParams {
+                        cost: CostKind::from_p(o.p).expect("validated p"),
+                        truncate: o.truncate,
+                        cluster_scale: o.cluster_scale.unwrap_or_else(|| {
+                            default_cluster_scale(diameter, p.x.dim(2).unwrap_or(1))
+                        }),
+                    };
+                    multiscale::solve(ms, &p.x, &p.a, &p.y, &p.b, &params)?
+                } else {
+                    sinkhorn_loop(backend, &p.x, &p.y, &log_a, &log_b, &params)?
+                };
                 let loss = sinkhorn_cost(&p.a, &p.b, &pot, eps, rho)?;
                 let (f, g) = sinkhorn_potentials(&pot)?;
                 let mut sol = solution(loss, f.detach(), g.detach(), Some(eps), Some(diag));

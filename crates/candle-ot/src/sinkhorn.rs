@@ -67,6 +67,9 @@ pub struct SinkhornDiagnostics {
     /// With `tol`: whether `update_error < tol` was reached before `max_iter`.
     /// Without `tol`: `None` (GeomLoss's fixed schedule makes no claim).
     pub converged: Option<bool>,
+    /// What the multiscale backend did (clusters, the jump, the kept blocks); `None` on the
+    /// other backends.
+    pub multiscale: Option<crate::softmin::multiscale::MultiscaleDiagnostics>,
 }
 
 struct State {
@@ -76,6 +79,38 @@ struct State {
     g_bb: Option<Tensor>,
 }
 
+impl State {
+    fn detached(&self) -> DualPotentials {
+        DualPotentials {
+            f_ba: self.f_ba.detach(),
+            g_ab: self.g_ab.detach(),
+            f_aa: self.f_aa.as_ref().map(|t| t.detach()),
+            g_bb: self.g_bb.as_ref().map(|t| t.detach()),
+        }
+    }
+}
+
+/// The four costs of one level: `C_xy`, `C_yx` and, debiased, `C_xx`, `C_yy`.
+#[derive(Clone, Debug)]
+pub struct CostSet<C> {
+    /// C(x_i, y_j).
+    pub xy: C,
+    /// C(y_j, x_i).
+    pub yx: C,
+    /// C(x_i, x_k) (debiased only).
+    pub xx: Option<C>,
+    /// C(y_j, y_l) (debiased only).
+    pub yy: Option<C>,
+}
+
+/// The costs of the last update whose first argument is tracked (`None`: the loop's own).
+struct Tracked<C> {
+    xy: Option<C>,
+    yx: Option<C>,
+    xx: Option<C>,
+    yy: Option<C>,
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
         .abs()?
@@ -83,6 +118,175 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         .max(0)?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()
+}
+
+fn average(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    (a + b)? * 0.5
+}
+
+fn average_opt(a: &Option<Tensor>, b: &Option<Tensor>) -> Result<Option<Tensor>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some(average(a, b)?)),
+        _ => Ok(None),
+    }
+}
+
+/// One level of the loop: a softmin, its costs and the log-weights, counting passes.
+struct Level<'a, S: Softmin> {
+    softmin: &'a S,
+    costs: &'a CostSet<S::Cost>,
+    log_a: &'a Tensor, // (B, N), detached
+    log_b: &'a Tensor, // (B, M), detached
+    rho: Option<f64>,
+    passes: &'a std::cell::Cell<usize>,
+}
+
+impl<S: Softmin> Level<'_, S> {
+    fn sm(&self, eps: f64, c: &S::Cost, h: &Tensor) -> Result<Tensor> {
+        self.passes.set(self.passes.get() + 1);
+        self.softmin.softmin_no_grad(eps, c, h)
+    }
+
+    /// Step 1: the initialisation at ε₀.
+    fn init(&self, eps0: f64) -> Result<State> {
+        let lam = dampening(eps0, self.rho);
+        let c = self.costs;
+        Ok(State {
+            f_ba: (self.sm(eps0, &c.xy, self.log_b)? * lam)?,
+            g_ab: (self.sm(eps0, &c.yx, self.log_a)? * lam)?,
+            f_aa: match &c.xx {
+                Some(c) => Some((self.sm(eps0, c, self.log_a)? * lam)?),
+                None => None,
+            },
+            g_bb: match &c.yy {
+                Some(c) => Some((self.sm(eps0, c, self.log_b)? * lam)?),
+                None => None,
+            },
+        })
+    }
+
+    /// One symmetric update from the current values: the four f̃ of the module docs.
+    fn update(&self, st: &State, eps: f64) -> Result<State> {
+        let lam = dampening(eps, self.rho);
+        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let h_b = (log_b + (&st.g_ab / eps)?)?;
+        let h_a = (log_a + (&st.f_ba / eps)?)?;
+        Ok(State {
+            f_ba: (self.sm(eps, &c.xy, &h_b)? * lam)?,
+            g_ab: (self.sm(eps, &c.yx, &h_a)? * lam)?,
+            f_aa: match (&c.xx, &st.f_aa) {
+                (Some(c), Some(f)) => Some((self.sm(eps, c, &(log_a + (f / eps)?)?)? * lam)?),
+                _ => None,
+            },
+            g_bb: match (&c.yy, &st.g_bb) {
+                (Some(c), Some(g)) => Some((self.sm(eps, c, &(log_b + (g / eps)?)?)? * lam)?),
+                _ => None,
+            },
+        })
+    }
+
+    /// Step 2: averaged updates for each ε of `eps_list`, exactly as GeomLoss.
+    fn anneal(&self, mut st: State, eps_list: &[f64]) -> Result<State> {
+        for &eps in eps_list {
+            let new = self.update(&st, eps)?;
+            st = State {
+                f_ba: average(&st.f_ba, &new.f_ba)?,
+                g_ab: average(&st.g_ab, &new.g_ab)?,
+                f_aa: average_opt(&st.f_aa, &new.f_aa)?,
+                g_bb: average_opt(&st.g_bb, &new.g_bb)?,
+            };
+        }
+        Ok(st)
+    }
+
+    /// Step 3: extra iterations at `eps` until the update is below `tol`. The cross potentials
+    /// alternate (Gauss–Seidel: g̃_ab uses the new f̃_ba), which converges about four times
+    /// faster than the averaged parallel update; the symmetric ones keep the averaging,
+    /// without which they oscillate. Returns (state, extra iterations, converged).
+    fn converge(
+        &self,
+        mut st: State,
+        eps: f64,
+        tol: Option<f64>,
+        max_iter: usize,
+    ) -> Result<(State, usize, Option<bool>)> {
+        let Some(tol) = tol else {
+            return Ok((st, 0, None));
+        };
+        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let lam = dampening(eps, self.rho);
+        let mut extra = 0usize;
+        while extra < max_iter {
+            extra += 1;
+            let f_ba = (self.sm(eps, &c.xy, &(log_b + (&st.g_ab / eps)?)?)? * lam)?;
+            let g_ab = (self.sm(eps, &c.yx, &(log_a + (&f_ba / eps)?)?)? * lam)?;
+            let mut err = max_abs_diff(&f_ba, &st.f_ba)?.max(max_abs_diff(&g_ab, &st.g_ab)?);
+            st.f_ba = f_ba;
+            st.g_ab = g_ab;
+            if let (Some(c), Some(f)) = (&c.xx, &st.f_aa) {
+                let ft = (self.sm(eps, c, &(log_a + (f / eps)?)?)? * lam)?;
+                err = err.max(max_abs_diff(&ft, f)?);
+                st.f_aa = Some(average(f, &ft)?);
+            }
+            if let (Some(c), Some(g)) = (&c.yy, &st.g_bb) {
+                let gt = (self.sm(eps, c, &(log_b + (g / eps)?)?)? * lam)?;
+                err = err.max(max_abs_diff(&gt, g)?);
+                st.g_bb = Some(average(g, &gt)?);
+            }
+            if err / eps < tol {
+                return Ok((st, extra, Some(true)));
+            }
+        }
+        Ok((st, extra, Some(false)))
+    }
+
+    /// Step 4: the last, non-averaged and differentiable update at `eps`, on the costs
+    /// `tracked` where given (their first argument tracked by autograd), else on the loop's.
+    /// Returns the potentials and the update error `max_i |f̃_i − f_i| / ε`.
+    fn last(
+        &self,
+        st: &State,
+        eps: f64,
+        tracked: Tracked<S::Cost>,
+    ) -> Result<(DualPotentials, f64)> {
+        let lam = dampening(eps, self.rho);
+        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let h_b = (log_b + (&st.g_ab / eps)?)?.detach();
+        let h_a = (log_a + (&st.f_ba / eps)?)?.detach();
+        let final_sm = |c_t: &Option<S::Cost>, c: &S::Cost, h: &Tensor| -> Result<Tensor> {
+            self.passes.set(self.passes.get() + 1);
+            self.softmin.softmin(eps, c_t.as_ref().unwrap_or(c), h)? * lam
+        };
+        let f_ba = final_sm(&tracked.xy, &c.xy, &h_b)?;
+        let g_ab = final_sm(&tracked.yx, &c.yx, &h_a)?;
+        let (f_aa, g_bb) = match (&c.xx, &c.yy, &st.f_aa, &st.g_bb) {
+            (Some(cxx), Some(cyy), Some(f_aa), Some(g_bb)) => {
+                let h_aa = (log_a + (f_aa / eps)?)?.detach();
+                let h_bb = (log_b + (g_bb / eps)?)?.detach();
+                (
+                    Some(final_sm(&tracked.xx, cxx, &h_aa)?),
+                    Some(final_sm(&tracked.yy, cyy, &h_bb)?),
+                )
+            }
+            _ => (None, None),
+        };
+        let mut err = max_abs_diff(&f_ba, &st.f_ba)?.max(max_abs_diff(&g_ab, &st.g_ab)?);
+        if let (Some(a), Some(b)) = (&f_aa, &st.f_aa) {
+            err = err.max(max_abs_diff(a, b)?);
+        }
+        if let (Some(a), Some(b)) = (&g_bb, &st.g_bb) {
+            err = err.max(max_abs_diff(a, b)?);
+        }
+        Ok((
+            DualPotentials {
+                f_ba,
+                g_ab,
+                f_aa,
+                g_bb,
+            },
+            err / eps,
+        ))
+    }
 }
 
 /// Runs the loop. x (B, N, D), y (B, M, D), log_a (B, N), log_b (B, M), detached log-weights
@@ -97,126 +301,29 @@ pub fn sinkhorn_loop<S: Softmin>(
     params: &LoopParams,
 ) -> Result<(DualPotentials, SinkhornDiagnostics)> {
     let eps_list = &params.eps_list;
-    let debias = params.debias;
-    let rho = params.rho;
     let (xd, yd) = (x.detach(), y.detach());
     let (log_a, log_b) = (log_a.detach(), log_b.detach());
-    let c_xy = softmin.cost(&xd, &yd)?;
-    let c_yx = softmin.cost(&yd, &xd)?;
-    let (c_xx, c_yy) = if debias {
-        (Some(softmin.cost(&xd, &xd)?), Some(softmin.cost(&yd, &yd)?))
-    } else {
-        (None, None)
+    let costs = CostSet {
+        xy: softmin.cost(&xd, &yd)?,
+        yx: softmin.cost(&yd, &xd)?,
+        xx: params.debias.then(|| softmin.cost(&xd, &xd)).transpose()?,
+        yy: params.debias.then(|| softmin.cost(&yd, &yd)).transpose()?,
     };
-    let mut passes = 0usize;
-    let mut sm = |eps: f64, c: &S::Cost, h: &Tensor| -> Result<Tensor> {
-        passes += 1;
-        softmin.softmin_no_grad(eps, c, h)
+    let passes = std::cell::Cell::new(0);
+    let level = Level {
+        softmin,
+        costs: &costs,
+        log_a: &log_a,
+        log_b: &log_b,
+        rho: params.rho,
+        passes: &passes,
     };
-
-    // 1. Initialisation at ε₀.
-    let eps0 = eps_list[0];
-    let lam = dampening(eps0, rho);
-    let mut st = State {
-        f_ba: (sm(eps0, &c_xy, &log_b)? * lam)?,
-        g_ab: (sm(eps0, &c_yx, &log_a)? * lam)?,
-        f_aa: match &c_xx {
-            Some(c) => Some((sm(eps0, c, &log_a)? * lam)?),
-            None => None,
-        },
-        g_bb: match &c_yy {
-            Some(c) => Some((sm(eps0, c, &log_b)? * lam)?),
-            None => None,
-        },
-    };
-
-    // One symmetric update from the current values: the four f̃ of the module docs.
-    let mut update = |st: &State, eps: f64| -> Result<State> {
-        let lam = dampening(eps, rho);
-        let h_b = (&log_b + (&st.g_ab / eps)?)?;
-        let h_a = (&log_a + (&st.f_ba / eps)?)?;
-        Ok(State {
-            f_ba: (sm(eps, &c_xy, &h_b)? * lam)?,
-            g_ab: (sm(eps, &c_yx, &h_a)? * lam)?,
-            f_aa: match (&c_xx, &st.f_aa) {
-                (Some(c), Some(f)) => Some((sm(eps, c, &(&log_a + (f / eps)?)?)? * lam)?),
-                _ => None,
-            },
-            g_bb: match (&c_yy, &st.g_bb) {
-                (Some(c), Some(g)) => Some((sm(eps, c, &(&log_b + (g / eps)?)?)? * lam)?),
-                _ => None,
-            },
-        })
-    };
-    let average = |a: &Tensor, b: &Tensor| -> Result<Tensor> { (a + b)? * 0.5 };
-    let average_opt = |a: &Option<Tensor>, b: &Option<Tensor>| -> Result<Option<Tensor>> {
-        match (a, b) {
-            (Some(a), Some(b)) => Ok(Some(average(a, b)?)),
-            _ => Ok(None),
-        }
-    };
-    let step_error = |new: &State, old: &State, eps: f64| -> Result<f64> {
-        let mut err = max_abs_diff(&new.f_ba, &old.f_ba)?.max(max_abs_diff(&new.g_ab, &old.g_ab)?);
-        if let (Some(a), Some(b)) = (&new.f_aa, &old.f_aa) {
-            err = err.max(max_abs_diff(a, b)?);
-        }
-        if let (Some(a), Some(b)) = (&new.g_bb, &old.g_bb) {
-            err = err.max(max_abs_diff(a, b)?);
-        }
-        Ok(err / eps)
-    };
-
-    // 2. ε-scaling with averaged updates, exactly as GeomLoss.
-    for &eps in eps_list {
-        let new = update(&st, eps)?;
-        st = State {
-            f_ba: average(&st.f_ba, &new.f_ba)?,
-            g_ab: average(&st.g_ab, &new.g_ab)?,
-            f_aa: average_opt(&st.f_aa, &new.f_aa)?,
-            g_bb: average_opt(&st.g_bb, &new.g_bb)?,
-        };
-    }
-
-    // 3. Optional extra iterations at the last ε until the update is below `tol`. The cross
-    //    potentials alternate (Gauss–Seidel: g̃_ab uses the new f̃_ba), which converges about
-    //    four times faster than the averaged parallel update; the symmetric ones keep the
-    //    averaging, without which they oscillate.
-    let eps_last = *eps_list.last().expect("non-empty schedule");
-    let mut extra = 0usize;
-    let mut converged = None;
-    if let Some(tol) = params.tol {
-        let eps = eps_last;
-        let lam = dampening(eps, rho);
-        converged = Some(false);
-        while extra < params.max_iter {
-            extra += 1;
-            let f_ba = (sm(eps, &c_xy, &(&log_b + (&st.g_ab / eps)?)?)? * lam)?;
-            let g_ab = (sm(eps, &c_yx, &(&log_a + (&f_ba / eps)?)?)? * lam)?;
-            let mut err = max_abs_diff(&f_ba, &st.f_ba)?.max(max_abs_diff(&g_ab, &st.g_ab)?);
-            st.f_ba = f_ba;
-            st.g_ab = g_ab;
-            if let (Some(c), Some(f)) = (&c_xx, &st.f_aa) {
-                let ft = (sm(eps, c, &(&log_a + (f / eps)?)?)? * lam)?;
-                err = err.max(max_abs_diff(&ft, f)?);
-                st.f_aa = Some(average(f, &ft)?);
-            }
-            if let (Some(c), Some(g)) = (&c_yy, &st.g_bb) {
-                let gt = (sm(eps, c, &(&log_b + (g / eps)?)?)? * lam)?;
-                err = err.max(max_abs_diff(&gt, g)?);
-                st.g_bb = Some(average(g, &gt)?);
-            }
-            if err / eps < tol {
-                converged = Some(true);
-                break;
-            }
-        }
-    }
-
-    // 4. The last, non-averaged and differentiable update at ε = blur^p.
-    let eps = eps_last;
-    let lam = dampening(eps, rho);
-    // Its costs C(x, y.detach()) etc. differ from the loop's only when their first argument is
-    // tracked by autograd; otherwise the loop's detached costs serve as they are.
+    let st = level.init(eps_list[0])?;
+    let st = level.anneal(st, eps_list)?;
+    let eps = *eps_list.last().expect("non-empty schedule");
+    let (st, extra, converged) = level.converge(st, eps, params.tol, params.max_iter)?;
+    // The last update's costs C(x, y.detach()) etc. differ from the loop's only when their
+    // first argument is tracked by autograd; otherwise the loop's detached costs serve.
     let cost_t = |a: &Tensor, b: &Tensor| -> Result<Option<S::Cost>> {
         if a.track_op() {
             Ok(Some(softmin.cost(a, b)?))
@@ -224,51 +331,174 @@ pub fn sinkhorn_loop<S: Softmin>(
             Ok(None)
         }
     };
-    let c_xy_t = cost_t(x, &yd)?;
-    let c_yx_t = cost_t(y, &xd)?;
-    let h_b = (&log_b + (&st.g_ab / eps)?)?.detach();
-    let h_a = (&log_a + (&st.f_ba / eps)?)?.detach();
-    let final_sm = |c_t: &Option<S::Cost>, c: &S::Cost, h: &Tensor| -> Result<Tensor> {
-        softmin.softmin(eps, c_t.as_ref().unwrap_or(c), h)? * lam
+    let tracked = Tracked {
+        xy: cost_t(x, &yd)?,
+        yx: cost_t(y, &xd)?,
+        xx: if params.debias { cost_t(x, &xd)? } else { None },
+        yy: if params.debias { cost_t(y, &yd)? } else { None },
     };
-    let f_ba = final_sm(&c_xy_t, &c_xy, &h_b)?;
-    let g_ab = final_sm(&c_yx_t, &c_yx, &h_a)?;
-    passes += 2;
-    let (f_aa, g_bb) = match (&c_xx, &c_yy, &st.f_aa, &st.g_bb) {
-        (Some(cxx), Some(cyy), Some(f_aa), Some(g_bb)) => {
-            let c_xx_t = cost_t(x, &xd)?;
-            let c_yy_t = cost_t(y, &yd)?;
-            let h_aa = (&log_a + (f_aa / eps)?)?.detach();
-            let h_bb = (&log_b + (g_bb / eps)?)?.detach();
-            passes += 2;
-            (
-                Some(final_sm(&c_xx_t, cxx, &h_aa)?),
-                Some(final_sm(&c_yy_t, cyy, &h_bb)?),
-            )
-        }
-        _ => (None, None),
-    };
-    let out = State {
-        f_ba,
-        g_ab,
-        f_aa,
-        g_bb,
-    };
-    let update_error = step_error(&out, &st, eps)?;
+    let (pot, update_error) = level.last(&st, eps, tracked)?;
     let diagnostics = SinkhornDiagnostics {
         eps_list: eps_list.clone(),
-        softmin_passes: passes,
+        softmin_passes: passes.get(),
         extra_iterations: extra,
         update_error,
         converged,
+        multiscale: None,
     };
-    Ok((
-        DualPotentials {
-            f_ba: out.f_ba,
-            g_ab: out.g_ab,
-            f_aa: out.f_aa,
-            g_bb: out.g_bb,
+    Ok((pot, diagnostics))
+}
+
+/// The coarse level of [`sinkhorn_loop_two_scale`]: cluster centroids x̄ (B, Ncx, D),
+/// ȳ (B, Ncy, D) and their detached log-weights (B, Ncx), (B, Ncy) (−∞ for padding).
+pub struct CoarseLevel<'a> {
+    /// Centroids of x.
+    pub x: &'a Tensor,
+    /// Centroids of y.
+    pub y: &'a Tensor,
+    /// log ā.
+    pub log_a: &'a Tensor,
+    /// log b̄.
+    pub log_b: &'a Tensor,
+}
+
+/// The fine level of [`sinkhorn_loop_two_scale`]: the points x (B, N, D), y (B, M, D) (tracked
+/// or not; the last update differentiates through them) and detached log-weights.
+pub struct FineLevel<'a> {
+    /// Points x.
+    pub x: &'a Tensor,
+    /// Points y.
+    pub y: &'a Tensor,
+    /// log a.
+    pub log_a: &'a Tensor,
+    /// log b.
+    pub log_b: &'a Tensor,
+}
+
+/// What the jump of [`sinkhorn_loop_two_scale`] builds: the fine costs, and the costs of the
+/// extrapolation, between the fine points and the coarse other cloud
+/// (`extrapolate.xy = C(x_i, ȳ_J)`, `.yx = C(y_j, x̄_I)`, `.xx = C(x_i, x̄_K)`, `.yy = C(y_j, ȳ_L)`).
+#[derive(Clone, Debug)]
+pub struct Refined<C> {
+    /// The costs of the fine level.
+    pub costs: CostSet<C>,
+    /// The costs of the extrapolation step.
+    pub extrapolate: CostSet<C>,
+}
+
+/// GeomLoss's two-scale loop (`sinkhorn_loop` with one `jump`, Algorithm 3.6 of J. Feydy's
+/// thesis), still free of device code:
+///
+/// 1. the init and the averaged ε-scaling updates of [`sinkhorn_loop`] on the coarse level
+///    (`coarse` softmin, centroids), for `eps_list[..=jump]`;
+/// 2. at ε_J = `eps_list[jump]`, `refine(coarse potentials, ε_J)` builds the fine costs and
+///    the extrapolation costs (the multiscale backend prunes blocks there: kernel truncation);
+/// 3. extrapolation of the four potentials to the fine points, each a softmin (of the `fine`
+///    backend) of fine points against the coarse other cloud:
+///    `f_ba(x_i) = λ softmin_{ε_J}(C(x_i, ȳ), log b̄ + ḡ_ab/ε_J)` and alike for `g_ab`
+///    (from f̄_ba), `f_aa`, `g_bb` (the cross updates in parallel);
+/// 4. the averaged updates for `eps_list[jump+1..]`, the `tol` iterations and the last,
+///    differentiable update of [`sinkhorn_loop`] on the fine costs; its tracked costs are
+///    `track(detached cost, tracked first argument)`.
+///
+/// With `jump = len − 1` the fine level runs no annealing step: only the `tol` iterations and
+/// the last update (GeomLoss would instead return the extrapolated potentials there).
+#[allow(clippy::too_many_arguments)]
+pub fn sinkhorn_loop_two_scale<C: Softmin, F: Softmin>(
+    coarse: &C,
+    fine: &F,
+    cl: &CoarseLevel<'_>,
+    fl: &FineLevel<'_>,
+    params: &LoopParams,
+    jump: usize,
+    refine: impl FnOnce(&DualPotentials, f64) -> Result<Refined<F::Cost>>,
+    track: impl Fn(&F::Cost, &Tensor) -> Result<F::Cost>,
+) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    let eps_list = &params.eps_list;
+    let jump = jump.min(eps_list.len() - 1);
+    let (xc, yc) = (cl.x.detach(), cl.y.detach());
+    let (log_ac, log_bc) = (cl.log_a.detach(), cl.log_b.detach());
+    let (log_a, log_b) = (fl.log_a.detach(), fl.log_b.detach());
+    let passes = std::cell::Cell::new(0);
+    let coarse_costs = CostSet {
+        xy: coarse.cost(&xc, &yc)?,
+        yx: coarse.cost(&yc, &xc)?,
+        xx: params.debias.then(|| coarse.cost(&xc, &xc)).transpose()?,
+        yy: params.debias.then(|| coarse.cost(&yc, &yc)).transpose()?,
+    };
+    let cl_level = Level {
+        softmin: coarse,
+        costs: &coarse_costs,
+        log_a: &log_ac,
+        log_b: &log_bc,
+        rho: params.rho,
+        passes: &passes,
+    };
+    let st = cl_level.init(eps_list[0])?;
+    let st = cl_level.anneal(st, &eps_list[..=jump])?;
+
+    // The jump, at ε_J.
+    let eps_j = eps_list[jump];
+    let Refined {
+        costs: fine_costs,
+        extrapolate: ext,
+    } = refine(&st.detached(), eps_j)?;
+    let lam = dampening(eps_j, params.rho);
+    let extrapolate = |c: &F::Cost, log_w: &Tensor, pot: &Tensor| -> Result<Tensor> {
+        passes.set(passes.get() + 1);
+        fine.softmin_no_grad(eps_j, c, &(log_w + (pot / eps_j)?)?)? * lam
+    };
+    let st = State {
+        f_ba: extrapolate(&ext.xy, &log_bc, &st.g_ab)?,
+        g_ab: extrapolate(&ext.yx, &log_ac, &st.f_ba)?,
+        f_aa: match (&ext.xx, &st.f_aa) {
+            (Some(c), Some(f)) => Some(extrapolate(c, &log_ac, f)?),
+            _ => None,
         },
-        diagnostics,
-    ))
+        g_bb: match (&ext.yy, &st.g_bb) {
+            (Some(c), Some(g)) => Some(extrapolate(c, &log_bc, g)?),
+            _ => None,
+        },
+    };
+
+    let fl_level = Level {
+        softmin: fine,
+        costs: &fine_costs,
+        log_a: &log_a,
+        log_b: &log_b,
+        rho: params.rho,
+        passes: &passes,
+    };
+    let st = fl_level.anneal(st, &eps_list[jump + 1..])?;
+    let eps = *eps_list.last().expect("non-empty schedule");
+    let (st, extra, converged) = fl_level.converge(st, eps, params.tol, params.max_iter)?;
+    let cost_t = |a: &Tensor, c: &F::Cost| -> Result<Option<F::Cost>> {
+        if a.track_op() {
+            Ok(Some(track(c, a)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let tracked = Tracked {
+        xy: cost_t(fl.x, &fine_costs.xy)?,
+        yx: cost_t(fl.y, &fine_costs.yx)?,
+        xx: match &fine_costs.xx {
+            Some(c) => cost_t(fl.x, c)?,
+            None => None,
+        },
+        yy: match &fine_costs.yy {
+            Some(c) => cost_t(fl.y, c)?,
+            None => None,
+        },
+    };
+    let (pot, update_error) = fl_level.last(&st, eps, tracked)?;
+    let diagnostics = SinkhornDiagnostics {
+        eps_list: eps_list.clone(),
+        softmin_passes: passes.get(),
+        extra_iterations: extra,
+        update_error,
+        converged,
+        multiscale: None,
+    };
+    Ok((pot, diagnostics))
 }

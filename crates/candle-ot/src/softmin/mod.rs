@@ -13,6 +13,7 @@
 //! Backends are algorithms; devices live inside each backend's ops (`cpu_fwd` / `cuda_fwd` /
 //! `metal_fwd` of the online custom ops, Candle's own kernels for the tensorized one).
 
+pub mod multiscale;
 pub mod online;
 pub mod tensorized;
 

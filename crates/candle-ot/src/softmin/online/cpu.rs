@@ -174,8 +174,11 @@ pub fn simd_level() -> SimdLevel {
     SimdLevel::Portable
 }
 
+/// The running `(max, sum)` of one block of [`L`] rows (`xs`, struct of arrays) against the
+/// columns `y` (M·D) with offsets `h` (M), on the instruction set `level`. Also used by the
+/// block-sparse multiscale kernels, one call per kept column range.
 #[inline]
-fn softmin_block<T: Real>(
+pub(crate) fn softmin_block<T: Real>(
     level: SimdLevel,
     cost: CostKind,
     d: usize,
@@ -986,6 +989,36 @@ unsafe fn grad_block_avx2<T: Real>(
     acc: &mut [[T; L]],
 ) -> [T; L] {
     grad_block_dispatch(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
+}
+
+/// One block of [`L`] rows of the gradient reduction on the instruction set `level` (see
+/// [`grad_block_body`]): overwrites `acc` and returns the running maxima. Also used by the
+/// block-sparse multiscale kernels, one call per kept column range.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grad_block<T: Real>(
+    level: SimdLevel,
+    cost: CostKind,
+    with_mass: bool,
+    d: usize,
+    inv_eps: T,
+    xs: &[[T; L]],
+    alpha: &[T; L],
+    cols: &[T],
+    acc: &mut [[T; L]],
+) -> [T; L] {
+    match level {
+        // SAFETY: the level was detected at run time on this CPU by `simd_level`.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe {
+            grad_block_avx512(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe {
+            grad_block_avx2(cost, with_mass, d, inv_eps, xs, alpha, cols, acc)
+        },
+        _ => grad_block_dispatch(cost, with_mass, d, inv_eps, xs, alpha, cols, acc),
+    }
 }
 
 /// The blocked gradient reduction of one batch item (see [`Weighted::Grad`]) for the squared

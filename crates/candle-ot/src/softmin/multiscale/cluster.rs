@@ -1,0 +1,200 @@
+//! Voxel-grid clustering and the block structures of the multiscale backend (host code, f64).
+//!
+//! [`grid_cluster`] is GeomLoss's `clusterize` (pykeops' `grid_cluster` +
+//! `cluster_ranges_centroids` + a sort by label): points fall into cubic cells of side
+//! `scale`; each non-empty cell is a cluster with the summed weight `ā_I = Σ_{i∈I} a_i` and the
+//! weighted centroid `x̄_I = Σ_{i∈I} a_i x_i / ā_I` (the plain mean when `ā_I = 0`); points are
+//! sorted cluster by cluster (a stable sort on the cells in lexicographic order, so points keep
+//! their input order inside a cluster) and the permutation is kept.
+//!
+//! [`Blocks`] is the block-sparse pattern of one cost matrix: for each row cluster, the column
+//! *point ranges* of its kept column clusters, with consecutive clusters merged into one range
+//! (clusters are sorted along the grid's last axis, so a ball of kept cells is a few long runs).
+
+/// One clustered cloud (one batch item).
+#[derive(Clone, Debug)]
+pub(crate) struct Clustering {
+    /// `perm[k]` = the input index of the k-th point in cluster order.
+    pub perm: Vec<u32>,
+    /// Point ranges `[start, end)` of the clusters in the sorted cloud.
+    pub ranges: Vec<(u32, u32)>,
+    /// Centroids x̄_I, (Nc·D), row-major.
+    pub centroids: Vec<f64>,
+    /// Summed weights ā_I, (Nc).
+    pub weights: Vec<f64>,
+}
+
+impl Clustering {
+    /// The number of clusters.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+}
+
+/// Clusters the points `x` (N·D, row-major) with weights `a` (N) on a grid of cell side `scale`.
+pub(crate) fn grid_cluster(x: &[f64], a: &[f64], d: usize, scale: f64) -> Clustering {
+    let n = a.len();
+    let mut lo = vec![f64::INFINITY; d];
+    for p in x.chunks(d) {
+        for (l, v) in lo.iter_mut().zip(p) {
+            *l = l.min(*v);
+        }
+    }
+    // Cell coordinates relative to the lowest corner (GeomLoss anchors the grid at the origin;
+    // only the cell boundaries move, the algorithm is the same). Clamped so that a huge
+    // extent over a tiny scale cannot overflow.
+    let cell =
+        |p: &[f64], k: usize| -> u64 { ((p[k] - lo[k]) / scale).floor().clamp(0.0, 1e18) as u64 };
+    let mut keys: Vec<(u64, u64, u64, u32)> = (0..n)
+        .map(|i| {
+            let p = &x[i * d..(i + 1) * d];
+            let c = |k: usize| if k < d { cell(p, k) } else { 0 };
+            (c(0), c(1), c(2), i as u32)
+        })
+        .collect();
+    keys.sort_unstable(); // the index breaks ties: a stable order
+    let mut perm = Vec::with_capacity(n);
+    let mut ranges = Vec::new();
+    let mut centroids = Vec::new();
+    let mut weights = Vec::new();
+    let mut start = 0usize;
+    while start < n {
+        let key = (keys[start].0, keys[start].1, keys[start].2);
+        let mut end = start;
+        let mut w = 0.0;
+        let mut c = vec![0.0; d];
+        let mut mean = vec![0.0; d];
+        while end < n && (keys[end].0, keys[end].1, keys[end].2) == key {
+            let i = keys[end].3 as usize;
+            perm.push(i as u32);
+            let wi = a[i];
+            w += wi;
+            for k in 0..d {
+                c[k] += wi * x[i * d + k];
+                mean[k] += x[i * d + k];
+            }
+            end += 1;
+        }
+        let cnt = (end - start) as f64;
+        for k in 0..d {
+            centroids.push(if w > 0.0 { c[k] / w } else { mean[k] / cnt });
+        }
+        weights.push(w);
+        ranges.push((start as u32, end as u32));
+        start = end;
+    }
+    Clustering {
+        perm,
+        ranges,
+        centroids,
+        weights,
+    }
+}
+
+/// GeomLoss's default cluster scale, `diameter / (√D · 2000^{1/D})`: about 2000 cells over the
+/// bounding box.
+pub(crate) fn default_cluster_scale(diameter: f64, d: usize) -> f64 {
+    let df = d as f64;
+    diameter / (df.sqrt() * 2000f64.powf(1.0 / df))
+}
+
+/// The block-sparse pattern of one cost matrix (one batch item): for each row cluster I,
+/// `spans[offsets[I]..offsets[I+1]]` are the column point ranges it is reduced over.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Blocks {
+    /// Row point ranges, one per row cluster.
+    pub rows: Vec<(u32, u32)>,
+    /// CSR offsets into `spans`, (row clusters + 1).
+    pub offsets: Vec<u32>,
+    /// Column point ranges `[start, end)`.
+    pub spans: Vec<(u32, u32)>,
+    /// Kept point pairs `Σ_{(I, J) kept} |I|·|J|`.
+    pub pairs: u64,
+    /// Kept cluster pairs (I, J).
+    pub cluster_pairs: u64,
+}
+
+impl Blocks {
+    /// From sorted kept lists: `lists[I]` holds the kept column clusters J of row cluster I.
+    pub fn from_lists(rows: &[(u32, u32)], cols: &[(u32, u32)], lists: &[Vec<u32>]) -> Blocks {
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        let mut spans: Vec<(u32, u32)> = Vec::new();
+        let mut pairs = 0u64;
+        let mut cluster_pairs = 0u64;
+        offsets.push(0u32);
+        for (r, l) in rows.iter().zip(lists) {
+            let nrow = (r.1 - r.0) as u64;
+            let mut last: Option<u32> = None;
+            for &j in l {
+                let c = cols[j as usize];
+                cluster_pairs += 1;
+                pairs += nrow * (c.1 - c.0) as u64;
+                match last {
+                    Some(lj) if lj + 1 == j => spans.last_mut().expect("a span").1 = c.1,
+                    _ => spans.push(c),
+                }
+                last = Some(j);
+            }
+            offsets.push(spans.len() as u32);
+        }
+        Blocks {
+            rows: rows.to_vec(),
+            offsets,
+            spans,
+            pairs,
+            cluster_pairs,
+        }
+    }
+
+    /// All pairs: one row cluster covering `n` points, one span covering `m`.
+    pub fn dense(n: usize, m: usize) -> Blocks {
+        Blocks {
+            rows: vec![(0, n as u32)],
+            offsets: vec![0, 1],
+            spans: vec![(0, m as u32)],
+            pairs: (n * m) as u64,
+            cluster_pairs: 1,
+        }
+    }
+
+    /// The column spans of row cluster `r`.
+    pub fn spans_of(&self, r: usize) -> &[(u32, u32)] {
+        &self.spans[self.offsets[r] as usize..self.offsets[r + 1] as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_are_contiguous_with_weighted_centroids() {
+        // 1-D: cells of side 1.
+        let x = [0.0, 3.5, 0.7, 3.1, 1.5]; // cells 0, 3, 0, 3, 1 from the lowest point
+        let a = [1.0, 1.0, 3.0, 1.0, 2.0];
+        let c = grid_cluster(&x, &a, 1, 1.0);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.perm, vec![0, 2, 4, 1, 3]);
+        assert_eq!(c.ranges, vec![(0, 2), (2, 3), (3, 5)]);
+        assert!((c.centroids[0] - 3.0 * 0.7 / 4.0).abs() < 1e-12);
+        assert_eq!(c.weights, vec![4.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn zero_weight_clusters_use_the_plain_mean() {
+        let c = grid_cluster(&[0.0, 0.0, 0.5, 0.5], &[0.0, 0.0], 2, 1.0);
+        assert_eq!(c.centroids, vec![0.25, 0.25]);
+        assert_eq!(c.weights, vec![0.0]);
+    }
+
+    #[test]
+    fn consecutive_kept_clusters_merge_into_one_span() {
+        let rows = [(0, 2), (2, 5)];
+        let cols = [(0, 1), (1, 4), (4, 6)];
+        let b = Blocks::from_lists(&rows, &cols, &[vec![0, 1], vec![0, 2]]);
+        assert_eq!(b.spans_of(0), &[(0, 4)]);
+        assert_eq!(b.spans_of(1), &[(0, 1), (4, 6)]);
+        assert_eq!(b.pairs, 2 * 4 + 3 * 3);
+        assert_eq!(b.cluster_pairs, 4);
+    }
+}

@@ -1,0 +1,749 @@
+//! The multiscale backend: clustering, kernel truncation and block-sparse streaming softmins
+//! (GeomLoss's `sinkhorn_multiscale`, for 10⁵–10⁶ points in D ≤ 3).
+//!
+//! 1. Each cloud (each batch item) is clustered on a voxel grid of side `cluster_scale`
+//!    (default `diameter / (√D · 2000^{1/D})`, about 2000 cells over the bounding box):
+//!    centroids x̄_I, summed weights ā_I, points sorted cluster by cluster ([`cluster`]).
+//! 2. The ε-scaling loop runs on the centroids (the [`super::Online`] softmin over all cluster
+//!    pairs) up to ε_J, the last ε of the schedule not below `cluster_scale^p` (GeomLoss's
+//!    `jumps`: the first ε below it is the first fine iteration).
+//! 3. At ε_J, *kernel truncation*: the block (I, J) is kept iff
+//!    `f̄_I + ḡ_J > C(x̄_I, ȳ_J) − truncate·ε_J` on the coarse potentials (GeomLoss's
+//!    `kernel_truncation`, no cluster-radius correction), and alike for (x, x) with f̄_aa and
+//!    (y, y) with ḡ_bb. Every row and column cluster keeps at least its best block.
+//! 4. The potentials are extrapolated to the points (a softmin of fine points against the coarse
+//!    other cloud), and the loop finishes on the points with the block-sparse softmin
+//!    [`BlockSparse`], whose last update is differentiable ([`block_softmin`], a `CustomOp3`
+//!    whose `bwd` streams over the same kept blocks, transposed for ∂y and ∂h).
+//!
+//! The loop itself is [`crate::sinkhorn::sinkhorn_loop_two_scale`] (no device code). Results
+//! are returned in the input order. CPU only: other devices get an `Unsupported` error.
+
+pub(crate) mod cluster;
+pub(crate) mod cpu;
+
+use crate::cost::{CostKind, KernelKind};
+use crate::error::OtError;
+use crate::sinkhorn::{
+    sinkhorn_loop_two_scale, CoarseLevel, CostSet, DualPotentials, FineLevel, LoopParams, Refined,
+    SinkhornDiagnostics,
+};
+use crate::softmin::{online, Online, Softmin};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType,
+};
+use cluster::{grid_cluster, Blocks, Clustering};
+use std::sync::Arc;
+
+/// The largest dimension the multiscale backend clusters (a voxel grid in D > 3 has too many
+/// cells for a useful coarse level).
+pub const MAX_DIM: usize = 3;
+
+/// What the multiscale backend did (in [`SinkhornDiagnostics::multiscale`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultiscaleDiagnostics {
+    /// The cluster (voxel) side.
+    pub cluster_scale: f64,
+    /// Clusters of x, per batch item.
+    pub clusters_x: Vec<usize>,
+    /// Clusters of y, per batch item.
+    pub clusters_y: Vec<usize>,
+    /// ε_J, where the loop jumped from the centroids to the points (truncation and
+    /// extrapolation).
+    pub jump_eps: f64,
+    /// Kept point pairs of C_xy, summed over the batch (C_yx keeps the same, transposed).
+    pub kept_pairs: u64,
+    /// All point pairs of C_xy, `B·N·M`.
+    pub total_pairs: u64,
+    /// `kept_pairs / total_pairs`.
+    pub kept_fraction: f64,
+    /// Kept cluster pairs (I, J) of C_xy, summed over the batch.
+    pub kept_blocks: u64,
+    /// Kept point pairs of C_xx and C_yy together (debiased only), and their fraction of
+    /// `B·(N² + M²)`.
+    pub kept_pairs_sym: u64,
+    /// `kept_pairs_sym / (B·(N² + M²))` (0 when not debiased).
+    pub kept_fraction_sym: f64,
+}
+
+macro_rules! with_float {
+    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64)", $op),
+        }
+    };
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("candle-ot: multiscale op inputs must be contiguous"),
+    }
+}
+
+fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
+    match l.shape().dims() {
+        &[b, n, d] => Ok((b, n, d)),
+        d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
+    }
+}
+
+fn check_pattern(p: &[Blocks], b: usize, n: usize, m: usize, op: &str) -> Result<()> {
+    let ok = p.len() == b
+        && p.iter().all(|blk| {
+            blk.rows.last().map(|r| r.1 as usize) == Some(n)
+                && blk.spans.iter().all(|s| s.1 as usize <= m)
+        });
+    if !ok {
+        candle_core::bail!(
+            "candle-ot {op}: the block pattern does not match the inputs ({b}, {n}, {m})"
+        )
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// `(x, y, h) ↦ f`, `f_i = −ε log Σ_{j ∈ kept(i)} exp(h_j − C(x_i, y_j)/ε)` over the pattern
+/// `fwd`; `tr` is its transpose (for the backward over columns).
+#[derive(Clone, Debug)]
+struct BlockSoftminOp {
+    cost: CostKind,
+    eps: f64,
+    fwd: Arc<Vec<Blocks>>,
+    tr: Arc<Vec<Blocks>>,
+}
+
+impl CustomOp3 for BlockSoftminOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-block-softmin"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d) = dims3(l1, "x")?;
+        let (_, m, _) = dims3(l2, "y")?;
+        if l3.shape().dims() != [b, m] {
+            candle_core::bail!("candle-ot block softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
+        }
+        check_pattern(&self.fwd, b, n, m, self.name())?;
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let mut out = vec![<T as WithDType>::from_f64(0.0); b * n];
+            let (x, y, h) = (
+                contiguous::<T>(s1, l1)?,
+                contiguous::<T>(s2, l2)?,
+                contiguous::<T>(s3, l3)?,
+            );
+            for (bi, ob) in out.chunks_mut(n).enumerate() {
+                cpu::block_softmin(
+                    self.cost,
+                    self.eps,
+                    &x[bi * n * d..(bi + 1) * n * d],
+                    &y[bi * m * d..(bi + 1) * m * d],
+                    &h[bi * m..(bi + 1) * m],
+                    d,
+                    &self.fwd[bi],
+                    ob,
+                );
+            }
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from((b, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        h: &Tensor,
+        f: &Tensor,
+        grad_f: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // As the online op's bwd, over the kept blocks: π_ij = exp(h_j + f_i/ε − C_ij/ε).
+        let eps = self.eps;
+        let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
+        let d = x.dim(2)?;
+        let grad_x = {
+            let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
+            let ones = h.ones_like()?.unsqueeze(2)?; // (B, M, 1)
+            let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
+            let s = block_grad(self.cost, eps, &rows, &cols, &self.fwd)?; // (B, N, D+1)
+            let mass = s.narrow(2, d, 1)?; // (B, N, 1)
+            s.narrow(2, 0, d)?
+                .broadcast_div(&mass)?
+                .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
+        };
+        let (grad_y, grad_h) = if y.track_op() || h.track_op() {
+            let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
+            let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
+            let s = block_grad(self.cost, eps, &rows, &cols, &self.tr)?; // (B, M, D+1)
+            let gy = s.narrow(2, 0, d)?; // (B, M, D)
+            let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
+            (Some(gy), Some(gh))
+        } else {
+            (None, None)
+        };
+        Ok((Some(grad_x), grad_y, grad_h))
+    }
+}
+
+/// Block-sparse softmax-weighted sums `[Σ_c π_rc w_c ∇₁C(p_r, q_c), Σ_c π_rc w_c]` over a pattern.
+#[derive(Clone, Debug)]
+struct BlockGradOp {
+    cost: CostKind,
+    eps: f64,
+    pattern: Arc<Vec<Blocks>>,
+}
+
+impl CustomOp2 for BlockGradOp {
+    fn name(&self) -> &'static str {
+        "candle-ot-block-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, d1) = dims3(l1, "rows")?;
+        let (_, m, _) = dims3(l2, "cols")?;
+        let d = d1 - 1;
+        check_pattern(&self.pattern, b, n, m, self.name())?;
+        let od = d + 1;
+        let out = with_float!(s1.dtype(), self.name(), |T| {
+            let mut out = vec![<T as WithDType>::from_f64(0.0); b * n * od];
+            let (rows, cols) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            let (rs, cs) = (d + 1, d + 2);
+            for (bi, ob) in out.chunks_mut(n * od).enumerate() {
+                cpu::block_grad(
+                    self.cost,
+                    self.eps,
+                    &rows[bi * n * rs..(bi + 1) * n * rs],
+                    &cols[bi * m * cs..(bi + 1) * m * cs],
+                    d,
+                    true,
+                    &self.pattern[bi],
+                    ob,
+                );
+            }
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from((b, n, od))))
+    }
+}
+
+fn block_grad(
+    cost: CostKind,
+    eps: f64,
+    rows: &Tensor,
+    cols: &Tensor,
+    pattern: &Arc<Vec<Blocks>>,
+) -> Result<Tensor> {
+    rows.contiguous()?.apply_op2_no_bwd(
+        &cols.contiguous()?,
+        &BlockGradOp {
+            cost,
+            eps,
+            pattern: pattern.clone(),
+        },
+    )
+}
+
+/// Block-sparse streaming softmin over the kept blocks of `c`, differentiable with respect to
+/// `c.x`, `c.y` and `h`. x (B, N, D), y (B, M, D), h (B, M) → (B, N).
+pub fn block_softmin(cost: CostKind, eps: f64, c: &BlockCost, h: &Tensor) -> Result<Tensor> {
+    c.x.contiguous()?.apply_op3(
+        &c.y.contiguous()?,
+        &h.contiguous()?,
+        BlockSoftminOp {
+            cost,
+            eps,
+            fwd: c.fwd.clone(),
+            tr: c.tr.clone(),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// The block-sparse softmin of the fine level. Its [`Softmin::cost`] keeps every pair (one
+/// block), which makes it the online softmin; the truncated costs come from the multiscale
+/// solve. Kernel products and plans are the online backend's (exact).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSparse {
+    /// The ground cost.
+    pub cost: CostKind,
+}
+
+/// A block-sparse cost: rows x (B, N, D), columns y (B, M, D), both sorted cluster by cluster,
+/// and the kept pattern per batch item with its transpose.
+#[derive(Clone, Debug)]
+pub struct BlockCost {
+    /// Rows, (B, N, D).
+    pub x: Tensor,
+    /// Columns, (B, M, D).
+    pub y: Tensor,
+    fwd: Arc<Vec<Blocks>>,
+    tr: Arc<Vec<Blocks>>,
+}
+
+impl BlockCost {
+    /// Kept point pairs, summed over the batch.
+    pub fn kept_pairs(&self) -> u64 {
+        self.fwd.iter().map(|b| b.pairs).sum()
+    }
+
+    /// The same pattern with other rows (a tracked copy of `x`).
+    fn with_rows(&self, x: &Tensor) -> BlockCost {
+        BlockCost {
+            x: x.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+impl Softmin for BlockSparse {
+    type Cost = BlockCost;
+
+    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<BlockCost> {
+        let (b, n, _) = x.dims3()?;
+        let m = y.dim(1)?;
+        Ok(BlockCost {
+            x: x.contiguous()?,
+            y: y.contiguous()?,
+            fwd: Arc::new(vec![Blocks::dense(n, m); b]),
+            tr: Arc::new(vec![Blocks::dense(m, n); b]),
+        })
+    }
+
+    fn softmin(&self, eps: f64, c: &BlockCost, h: &Tensor) -> Result<Tensor> {
+        block_softmin(self.cost, eps, c, h)
+    }
+
+    fn softmin_no_grad(&self, eps: f64, c: &BlockCost, h: &Tensor) -> Result<Tensor> {
+        c.x.contiguous()?.apply_op3_no_bwd(
+            &c.y.contiguous()?,
+            &h.contiguous()?,
+            &BlockSoftminOp {
+                cost: self.cost,
+                eps,
+                fwd: c.fwd.clone(),
+                tr: c.tr.clone(),
+            },
+        )
+    }
+
+    fn kernel_product(
+        &self,
+        kind: KernelKind,
+        sigma: f64,
+        x: &Tensor,
+        y: &Tensor,
+        b: &Tensor,
+    ) -> Result<Tensor> {
+        online::kernel_product(kind, sigma, x, y, b)
+    }
+
+    fn plan_apply(
+        &self,
+        eps: f64,
+        x: &Tensor,
+        f: &Tensor,
+        y: &Tensor,
+        h: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        Online { cost: self.cost }.plan_apply(eps, x, f, y, h, v)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// GeomLoss's jump index: the iteration after which the loop moves to the points, i.e. the
+/// last ε before the first ε of `eps_list[2..]` below `cluster_scale^p`
+/// (`len − 1` when there is none).
+pub fn jump_index(eps_list: &[f64], cluster_scale: f64, p: u32) -> usize {
+    let cp = cluster_scale.powi(p as i32);
+    for (i, &eps) in eps_list.iter().enumerate().skip(2) {
+        if cp > eps {
+            return i - 1;
+        }
+    }
+    eps_list.len() - 1
+}
+
+/// One clustered cloud set: per batch item clusterings, and the tensors of both levels.
+struct Clouds {
+    clusters: Vec<Clustering>,
+    /// Centroids (B, Nc, D), padded with copies of the first centroid.
+    coarse: Tensor,
+    /// log ā (B, Nc), −∞ for zero weights and padding.
+    log_coarse: Tensor,
+    /// The points in cluster order, (B, N, D), differentiable with respect to the input.
+    sorted: Tensor,
+    /// log weights in cluster order, (B, N), detached.
+    log_sorted: Tensor,
+    /// Flat gather index from the sorted order back to the input order, (B·N,).
+    inverse: Tensor,
+}
+
+fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
+    let (b, n, d) = x.dims3()?;
+    let dev = x.device();
+    let xs = x.detach().to_dtype(DType::F64)?.to_vec3::<f64>()?;
+    let ws = w.detach().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let clusters: Vec<Clustering> = xs
+        .iter()
+        .zip(&ws)
+        .map(|(xb, wb)| {
+            let flat: Vec<f64> = xb.iter().flatten().copied().collect();
+            grid_cluster(&flat, wb, d, scale)
+        })
+        .collect();
+    let nc = clusters.iter().map(|c| c.len()).max().unwrap_or(1);
+    let mut cen = Vec::with_capacity(b * nc * d);
+    let mut logw = Vec::with_capacity(b * nc);
+    let mut fwd = Vec::with_capacity(b * n);
+    let mut inv = vec![0u32; b * n];
+    for (bi, c) in clusters.iter().enumerate() {
+        for k in 0..nc {
+            let kk = if k < c.len() { k } else { 0 };
+            cen.extend_from_slice(&c.centroids[kk * d..(kk + 1) * d]);
+            logw.push(if k < c.len() {
+                c.weights[k].ln()
+            } else {
+                f64::NEG_INFINITY
+            });
+        }
+        for (k, &i) in c.perm.iter().enumerate() {
+            fwd.push((bi * n) as u32 + i);
+            inv[bi * n + i as usize] = (bi * n + k) as u32;
+        }
+    }
+    let dtype = x.dtype();
+    let coarse = Tensor::from_vec(cen, (b, nc, d), dev)?.to_dtype(dtype)?;
+    let log_coarse = Tensor::from_vec(logw, (b, nc), dev)?.to_dtype(dtype)?;
+    let fwd = Tensor::from_vec(fwd, b * n, dev)?;
+    let inverse = Tensor::from_vec(inv, b * n, dev)?;
+    let sorted = x
+        .reshape((b * n, d))?
+        .index_select(&fwd, 0)?
+        .reshape((b, n, d))?; // (B, N, D)
+    let log_sorted = w
+        .detach()
+        .reshape(b * n)?
+        .index_select(&fwd, 0)?
+        .reshape((b, n))?
+        .log()?; // (B, N)
+    Ok(Clouds {
+        clusters,
+        coarse,
+        log_coarse,
+        sorted,
+        log_sorted,
+        inverse,
+    })
+}
+
+/// Back to the input order: t (B, N) in cluster order.
+fn unsort(t: &Tensor, inverse: &Tensor) -> Result<Tensor> {
+    let (b, n) = t.dims2()?;
+    t.reshape(b * n)?.index_select(inverse, 0)?.reshape((b, n))
+}
+
+/// The kept column clusters of every row cluster (one batch item, sorted lists):
+/// `f_I + g_J > C(x̄_I, ȳ_J) − truncate·ε`, plus the best block of every row and of every
+/// column (so that no fine potential is a softmin over nothing), plus the diagonal when `sym`.
+/// Rows in parallel: O(Nc²) cost evaluations, O(kept) memory.
+#[allow(clippy::too_many_arguments)]
+fn kept_lists(
+    cost: CostKind,
+    d: usize,
+    rx: &Clustering,
+    ry: &Clustering,
+    f: &[f64],
+    g: &[f64],
+    thresh: f64,
+    sym: bool,
+) -> Vec<Vec<u32>> {
+    use rayon::prelude::*;
+    let nc = ry.len();
+    let p1 = cost == CostKind::Euclidean;
+    // The column centroids as three coordinate arrays (zeros beyond D): the row loop below
+    // then vectorises.
+    let soa: [Vec<f64>; 3] = std::array::from_fn(|k| {
+        (0..nc)
+            .map(|j| if k < d { ry.centroids[j * d + k] } else { 0.0 })
+            .collect()
+    });
+    // One row of scores s_J = f_I + g_J − C(x̄_I, ȳ_J) into `out`.
+    let row = |i: usize, out: &mut Vec<f64>| {
+        let p: [f64; 3] =
+            std::array::from_fn(|k| if k < d { rx.centroids[i * d + k] } else { 0.0 });
+        out.clear();
+        out.resize(nc, 0.0);
+        let (q0, q1, q2, g) = (&soa[0][..nc], &soa[1][..nc], &soa[2][..nc], &g[..nc]);
+        for j in 0..nc {
+            let (t0, t1, t2) = (p[0] - q0[j], p[1] - q1[j], p[2] - q2[j]);
+            let sq = t0 * t0 + t1 * t1 + t2 * t2;
+            out[j] = f[i] + g[j] - if p1 { sq.sqrt() } else { 0.5 * sq };
+        }
+    };
+    let mut lists: Vec<Vec<u32>> = crate::threads::install(|| {
+        (0..rx.len())
+            .into_par_iter()
+            .map_init(Vec::new, |buf, i| {
+                row(i, buf);
+                let mut l = Vec::new();
+                let mut best = (f64::NEG_INFINITY, 0usize);
+                for (j, &s) in buf.iter().enumerate() {
+                    if s > thresh || (sym && i == j) {
+                        l.push(j as u32);
+                    }
+                    if s > best.0 {
+                        best = (s, j);
+                    }
+                }
+                if let Err(at) = l.binary_search(&(best.1 as u32)) {
+                    l.insert(at, best.1 as u32);
+                }
+                l
+            })
+            .collect()
+    });
+    let mut seen = vec![false; nc];
+    for l in &lists {
+        for &j in l {
+            seen[j as usize] = true;
+        }
+    }
+    if seen.iter().any(|s| !s) {
+        // Columns that no row kept: add their best row (one more pass over the scores).
+        let mut col_best = vec![(f64::NEG_INFINITY, 0usize); nc];
+        let mut buf = Vec::new();
+        for i in 0..rx.len() {
+            row(i, &mut buf);
+            for (j, &s) in buf.iter().enumerate() {
+                if s > col_best[j].0 {
+                    col_best[j] = (s, i);
+                }
+            }
+        }
+        for j in (0..nc).filter(|&j| !seen[j]) {
+            let i = col_best[j].1;
+            if let Err(at) = lists[i].binary_search(&(j as u32)) {
+                lists[i].insert(at, j as u32);
+            }
+        }
+    }
+    lists
+}
+
+/// The transposed lists: row J of the result holds the I whose list holds J (sorted).
+fn transpose_lists(lists: &[Vec<u32>], nc: usize) -> Vec<Vec<u32>> {
+    let mut t = vec![Vec::new(); nc];
+    for (i, l) in lists.iter().enumerate() {
+        for &j in l {
+            t[j as usize].push(i as u32);
+        }
+    }
+    t
+}
+
+/// The multiscale options.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MultiscaleParams {
+    pub cost: CostKind,
+    pub truncate: f64,
+    pub cluster_scale: f64,
+}
+
+/// Runs the two-scale Sinkhorn loop. x (B, N, D), y (B, M, D) (tracked or not), a (B, N),
+/// b (B, M). The potentials are in the input order.
+pub(crate) fn solve(
+    ms: MultiscaleParams,
+    x: &Tensor,
+    a: &Tensor,
+    y: &Tensor,
+    b: &Tensor,
+    params: &LoopParams,
+) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    let (bsz, n, d) = x.dims3()?;
+    let m = y.dim(1)?;
+    if !x.device().is_cpu() {
+        return Err(OtError::Unsupported(format!(
+            "the multiscale backend runs on the CPU only (got {:?}); use Backend::Online or Backend::Tensorized",
+            x.device().location()
+        ))
+        .into());
+    }
+    if d > MAX_DIM {
+        return Err(OtError::Unsupported(format!(
+            "the multiscale backend clusters points in D ≤ {MAX_DIM} dimensions, got D = {d}; use Backend::Online"
+        ))
+        .into());
+    }
+    let cx = clouds(x, a, ms.cluster_scale)?;
+    let cy = clouds(y, b, ms.cluster_scale)?;
+    let jump = jump_index(&params.eps_list, ms.cluster_scale, ms.cost.p());
+    let patterns = std::cell::RefCell::new((0u64, 0u64, 0u64));
+    let (sx, sy) = (&cx.sorted.detach(), &cy.sorted.detach());
+    let refine = |pot: &DualPotentials, eps: f64| -> Result<Refined<BlockCost>> {
+        let host = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec2::<f64>();
+        let thresh = -ms.truncate * eps;
+        // One cost's pattern, its transpose, and the extrapolation patterns of both (fine rows
+        // against the coarse columns, one column per cluster).
+        let singles = |c: &Clustering| -> Vec<(u32, u32)> {
+            (0..c.len() as u32).map(|j| (j, j + 1)).collect()
+        };
+        type Patterns = [Arc<Vec<Blocks>>; 4];
+        let pattern = |rx: &[Clustering],
+                       ry: &[Clustering],
+                       f: &Tensor,
+                       g: &Tensor,
+                       sym: bool|
+         -> Result<Patterns> {
+            let (f, g) = (host(f)?, host(g)?);
+            let (mut fwd, mut tr, mut ext_fwd, mut ext_tr) = (vec![], vec![], vec![], vec![]);
+            for bi in 0..bsz {
+                let (r, c) = (&rx[bi], &ry[bi]);
+                let keep = kept_lists(ms.cost, d, r, c, &f[bi], &g[bi], thresh, sym);
+                let keep_t = transpose_lists(&keep, c.len());
+                fwd.push(Blocks::from_lists(&r.ranges, &c.ranges, &keep));
+                ext_fwd.push(Blocks::from_lists(&r.ranges, &singles(c), &keep));
+                tr.push(Blocks::from_lists(&c.ranges, &r.ranges, &keep_t));
+                ext_tr.push(Blocks::from_lists(&c.ranges, &singles(r), &keep_t));
+            }
+            Ok([
+                Arc::new(fwd),
+                Arc::new(tr),
+                Arc::new(ext_fwd),
+                Arc::new(ext_tr),
+            ])
+        };
+        let cost =
+            |x: &Tensor, y: &Tensor, fwd: &Arc<Vec<Blocks>>, tr: &Arc<Vec<Blocks>>| BlockCost {
+                x: x.clone(),
+                y: y.clone(),
+                fwd: fwd.clone(),
+                tr: tr.clone(),
+            };
+        // Extrapolation costs carry no transpose: they are never differentiated.
+        let none = Arc::new(Vec::new());
+        let [fwd, tr, ext_xy, ext_yx] =
+            pattern(&cx.clusters, &cy.clusters, &pot.f_ba, &pot.g_ab, false)?;
+        let xy = cost(sx, sy, &fwd, &tr);
+        let yx = cost(sy, sx, &tr, &fwd);
+        let mut sym_pairs = 0u64;
+        let mut sym =
+            |cl: &Clouds, pot: &Option<Tensor>| -> Result<(Option<BlockCost>, Option<BlockCost>)> {
+                let Some(pot) = pot else {
+                    return Ok((None, None));
+                };
+                let [fwd, tr, ext, _] = pattern(&cl.clusters, &cl.clusters, pot, pot, true)?;
+                sym_pairs += fwd.iter().map(|b| b.pairs).sum::<u64>();
+                let s = cl.sorted.detach();
+                Ok((
+                    Some(cost(&s, &s, &fwd, &tr)),
+                    Some(cost(&s, &cl.coarse, &ext, &none)),
+                ))
+            };
+        let (xx, ext_xx) = sym(&cx, &pot.f_aa)?;
+        let (yy, ext_yy) = sym(&cy, &pot.g_bb)?;
+        *patterns.borrow_mut() = (
+            xy.kept_pairs(),
+            sym_pairs,
+            fwd.iter().map(|b| b.cluster_pairs).sum(),
+        );
+        Ok(Refined {
+            costs: CostSet { xy, yx, xx, yy },
+            extrapolate: CostSet {
+                xy: cost(sx, &cy.coarse, &ext_xy, &none),
+                yx: cost(sy, &cx.coarse, &ext_yx, &none),
+                xx: ext_xx,
+                yy: ext_yy,
+            },
+        })
+    };
+    let coarse = Online { cost: ms.cost };
+    let fine = BlockSparse { cost: ms.cost };
+    let (pot, mut diag) = sinkhorn_loop_two_scale(
+        &coarse,
+        &fine,
+        &CoarseLevel {
+            x: &cx.coarse,
+            y: &cy.coarse,
+            log_a: &cx.log_coarse,
+            log_b: &cy.log_coarse,
+        },
+        &FineLevel {
+            x: &cx.sorted,
+            y: &cy.sorted,
+            log_a: &cx.log_sorted,
+            log_b: &cy.log_sorted,
+        },
+        params,
+        jump,
+        refine,
+        |c: &BlockCost, rows: &Tensor| Ok(c.with_rows(rows)),
+    )?;
+    let pot = DualPotentials {
+        f_ba: unsort(&pot.f_ba, &cx.inverse)?,
+        g_ab: unsort(&pot.g_ab, &cy.inverse)?,
+        f_aa: pot.f_aa.map(|t| unsort(&t, &cx.inverse)).transpose()?,
+        g_bb: pot.g_bb.map(|t| unsort(&t, &cy.inverse)).transpose()?,
+    };
+    let (kept, kept_sym, kept_blocks) = *patterns.borrow();
+    let total = (bsz * n * m) as u64;
+    let total_sym = (bsz * (n * n + m * m)) as u64;
+    diag.multiscale = Some(MultiscaleDiagnostics {
+        cluster_scale: ms.cluster_scale,
+        clusters_x: cx.clusters.iter().map(|c| c.len()).collect(),
+        clusters_y: cy.clusters.iter().map(|c| c.len()).collect(),
+        jump_eps: params.eps_list[jump.min(params.eps_list.len() - 1)],
+        kept_pairs: kept,
+        total_pairs: total,
+        kept_fraction: kept as f64 / total as f64,
+        kept_blocks,
+        kept_pairs_sym: kept_sym,
+        kept_fraction_sym: if params.debias {
+            kept_sym as f64 / total_sym as f64
+        } else {
+            0.0
+        },
+    });
+    Ok((pot, diag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jump_is_the_last_eps_not_below_the_cluster_scale() {
+        let eps = [3.0, 3.0, 0.75, 0.1875, 0.047, 0.0117, 0.0029, 0.0025];
+        // 0.0794² = 0.0063: the first ε below it is 0.0029 (index 6): jump after index 5.
+        assert_eq!(jump_index(&eps, 0.0794, 2), 5);
+        assert_eq!(jump_index(&eps, 1e-3, 2), 7);
+        assert_eq!(jump_index(&eps, 10.0, 2), 1);
+    }
+}

@@ -1,0 +1,286 @@
+//! The multiscale backend against the exact online backend: values, gradients, potentials,
+//! batches, unbalanced and raw problems, the truncation failure mode and the error cases.
+//!
+//! Accuracy is compared at convergence (`tol`), where both backends solve the same fixed-point
+//! problem and only the kernel truncation differs. With GeomLoss's fixed schedule the two
+//! backends follow different annealing paths (the coarse iterations and the extrapolation are
+//! not the online updates), so their values differ by about as much as either differs from the
+//! converged value: `fixed_schedule_error_is_the_schedule_s_own` checks that.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_ot::softmin::multiscale::BlockSparse;
+use candle_ot::softmin::{Online, Softmin};
+use candle_ot::{Backend, CostKind, Loss, SamplesLoss, SamplesLossBuilder, Solution};
+use common::{rel_err, rng, scalar, uniform};
+
+struct Run {
+    loss: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    sol: Solution,
+}
+
+/// Loss and gradients (of the summed loss) with `backend`.
+fn run(builder: &SamplesLossBuilder, backend: Backend, x: &Tensor, y: &Tensor) -> Result<Run> {
+    let loss = builder.clone().backend(backend).build()?;
+    let (xv, yv) = (Var::from_tensor(x)?, Var::from_tensor(y)?);
+    let sol = loss.solve(None, xv.as_tensor(), None, yv.as_tensor())?;
+    let grads = sol.loss.sum_all()?.backward()?;
+    Ok(Run {
+        loss: sol.loss.clone(),
+        gx: grads.get(&xv).expect("grad x").clone(),
+        gy: grads.get(&yv).expect("grad y").clone(),
+        sol,
+    })
+}
+
+/// x uniform in the unit cube; y uniform in a shifted, smaller cube (a non-trivial transport).
+fn clouds(seed: u64, dims_x: &[usize], dims_y: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut r = rng(seed);
+    let x = uniform(&mut r, dims_x, 0.0, 1.0, DType::F32, &Device::Cpu)?;
+    let y = ((uniform(&mut r, dims_y, 0.0, 1.0, DType::F32, &Device::Cpu)? * 0.8)? + 0.15)?;
+    Ok((x, y))
+}
+
+/// `t` minus its mean over the last axis (balanced potentials are defined up to a constant).
+fn centred(t: &Tensor) -> Tensor {
+    t.broadcast_sub(&t.mean_keepdim(t.rank() - 1).unwrap())
+        .unwrap()
+}
+
+/// (loss, grad_x, grad_y, F, G) relative errors of multiscale against online (F, G free of
+/// their mean).
+fn errors(ms: &Run, on: &Run) -> [f64; 5] {
+    [
+        rel_err(&ms.loss, &on.loss),
+        rel_err(&ms.gx, &on.gx),
+        rel_err(&ms.gy, &on.gy),
+        rel_err(&centred(&ms.sol.f), &centred(&on.sol.f)),
+        rel_err(&centred(&ms.sol.g), &centred(&on.sol.g)),
+    ]
+}
+
+fn kept_fraction(r: &Run) -> f64 {
+    r.sol
+        .diagnostics
+        .as_ref()
+        .and_then(|d| d.multiscale.as_ref())
+        .expect("multiscale diagnostics")
+        .kept_fraction
+}
+
+/// Multiscale against online at convergence, default truncation and cluster scale:
+/// loss within 1e-3, gradients (and potentials, in the input order) within 1e-2.
+fn check_converged(builder: SamplesLossBuilder, x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
+    let builder = builder.tol(1e-3).max_iter(200);
+    let ms = run(&builder, Backend::Multiscale, x, y)?;
+    let on = run(&builder, Backend::Online, x, y)?;
+    let e = errors(&ms, &on);
+    let kept = kept_fraction(&ms);
+    eprintln!("{what}: errors {e:?}, kept fraction {kept:.3}");
+    assert!(kept > 0.0 && kept < 1.0, "{what}: kept fraction {kept}");
+    assert!(e[0] <= 1e-3, "{what}: loss error {:e}", e[0]);
+    for (k, v) in e.iter().enumerate().skip(1) {
+        assert!(*v <= 1e-2, "{what}: error {k} = {v:e}");
+    }
+    assert_eq!(ms.sol.backend, Backend::Multiscale);
+    Ok(())
+}
+
+#[test]
+fn converged_matches_online_p2_d3() -> Result<()> {
+    let (x, y) = clouds(1, &[2000, 3], &[1500, 3])?;
+    check_converged(
+        SamplesLoss::builder(Loss::Sinkhorn).blur(0.1),
+        &x,
+        &y,
+        "p2 d3",
+    )
+}
+
+#[test]
+fn converged_matches_online_p1_d2() -> Result<()> {
+    let (x, y) = clouds(2, &[2000, 2], &[2500, 2])?;
+    check_converged(
+        SamplesLoss::builder(Loss::Sinkhorn).p(1).blur(0.1),
+        &x,
+        &y,
+        "p1 d2",
+    )
+}
+
+#[test]
+fn converged_matches_online_unbalanced_batched_raw() -> Result<()> {
+    let (x, y) = clouds(3, &[2, 1200, 2], &[2, 1000, 2])?;
+    let b = SamplesLoss::builder(Loss::Sinkhorn).blur(0.1).reach(0.5);
+    check_converged(b.clone(), &x, &y, "unbalanced batched")?;
+    let (x, y) = clouds(4, &[2, 1200, 3], &[2, 1200, 3])?;
+    check_converged(b.debias(false).p(1), &x, &y, "unbalanced batched raw p1")?;
+    let (x, y) = clouds(5, &[1500, 1], &[1200, 1])?;
+    check_converged(
+        SamplesLoss::builder(Loss::Sinkhorn)
+            .blur(0.05)
+            .debias(false),
+        &x,
+        &y,
+        "balanced raw d1",
+    )
+}
+
+/// GeomLoss's fixed schedule (no `tol`): multiscale differs from online by the schedule's own
+/// error, not more: |S_ms − S_online| ≤ 1.5·|S_online − S_converged|.
+#[test]
+fn fixed_schedule_error_is_the_schedule_s_own() -> Result<()> {
+    let (x, y) = clouds(6, &[2000, 3], &[2000, 3])?;
+    let b = SamplesLoss::builder(Loss::Sinkhorn);
+    let ms = scalar(&run(&b, Backend::Multiscale, &x, &y)?.loss);
+    let on = scalar(&run(&b, Backend::Online, &x, &y)?.loss);
+    let conv = scalar(&run(&b.clone().tol(1e-3).max_iter(300), Backend::Online, &x, &y)?.loss);
+    eprintln!("multiscale {ms}, online {on}, converged {conv}");
+    assert!(
+        (ms - on).abs() <= 1.5 * (on - conv).abs(),
+        "{ms} {on} {conv}"
+    );
+    assert!(
+        (ms - conv).abs() <= 1.5 * (on - conv).abs(),
+        "{ms} {on} {conv}"
+    );
+    Ok(())
+}
+
+/// The documented failure mode: with a tiny `truncate` most blocks are dropped, each point only
+/// sees its nearest clusters, and the loss is off (but finite).
+#[test]
+fn aggressive_truncation_loses_accuracy_but_stays_finite() -> Result<()> {
+    let (x, y) = clouds(7, &[1500, 2], &[1500, 2])?;
+    let b = SamplesLoss::builder(Loss::Sinkhorn)
+        .blur(0.1)
+        .tol(1e-3)
+        .max_iter(200);
+    let on = run(&b, Backend::Online, &x, &y)?;
+    let good = run(&b, Backend::Multiscale, &x, &y)?;
+    let bad = run(&b.clone().truncate(1e-3), Backend::Multiscale, &x, &y)?;
+    let (eg, eb) = (errors(&good, &on), errors(&bad, &on));
+    let (kg, kb) = (kept_fraction(&good), kept_fraction(&bad));
+    eprintln!("truncate 5: {eg:?} kept {kg:.3}; truncate 1e-3: {eb:?} kept {kb:.3}");
+    assert!(kb < kg);
+    assert!(eb[0] > 5.0 * eg[0], "{eb:?} vs {eg:?}");
+    assert!(eb[1] > 10.0 * eg[1] && eb[1] > 1e-2, "{eb:?} vs {eg:?}");
+    assert!(common::all_finite(&bad.loss) && common::all_finite(&bad.gx));
+    Ok(())
+}
+
+/// Points are sorted cluster by cluster inside the backend; results come back in the input
+/// order, so that shuffling the input shuffles the potentials and gradients alike.
+#[test]
+fn results_follow_the_input_order() -> Result<()> {
+    let (x, y) = clouds(8, &[1500, 3], &[1000, 3])?;
+    let n = x.dim(0)?;
+    let perm: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % n as u32).collect(); // 7919 is prime
+    let perm = Tensor::new(perm.as_slice(), &Device::Cpu)?;
+    let xp = x.index_select(&perm, 0)?;
+    let b = SamplesLoss::builder(Loss::Sinkhorn).blur(0.1);
+    let r = run(&b, Backend::Multiscale, &x, &y)?;
+    let rp = run(&b, Backend::Multiscale, &xp, &y)?;
+    assert!(rel_err(&rp.loss, &r.loss) < 1e-5);
+    assert!(rel_err(&rp.sol.f, &r.sol.f.index_select(&perm, 0)?) < 1e-4);
+    assert!(rel_err(&rp.gx, &r.gx.index_select(&perm, 0)?) < 1e-3);
+    assert!(rel_err(&rp.sol.g, &r.sol.g) < 1e-4);
+    Ok(())
+}
+
+/// The block-sparse op with every block kept is the online softmin: values and the gradients
+/// with respect to x, y and h.
+#[test]
+fn dense_block_softmin_is_the_online_softmin() -> Result<()> {
+    let mut r = rng(9);
+    for cost in [CostKind::SqEuclidean, CostKind::Euclidean] {
+        let x = Var::from_tensor(&uniform(
+            &mut r,
+            &[2, 70, 3],
+            0.0,
+            1.0,
+            DType::F64,
+            &Device::Cpu,
+        )?)?;
+        let y = Var::from_tensor(&uniform(
+            &mut r,
+            &[2, 50, 3],
+            0.0,
+            1.0,
+            DType::F64,
+            &Device::Cpu,
+        )?)?;
+        let h = Var::from_tensor(&uniform(
+            &mut r,
+            &[2, 50],
+            -1.0,
+            1.0,
+            DType::F64,
+            &Device::Cpu,
+        )?)?;
+        let (bs, on) = (BlockSparse { cost }, Online { cost });
+        let fb = bs.softmin(0.05, &bs.cost(&x, &y)?, &h)?;
+        let fo = on.softmin(0.05, &on.cost(&x, &y)?, &h)?;
+        assert!(rel_err(&fb, &fo) < 1e-12);
+        let w = uniform(&mut r, &[2, 70], 0.0, 1.0, DType::F64, &Device::Cpu)?;
+        let gb = (&fb * &w)?.sum_all()?.backward()?;
+        let go = (&fo * &w)?.sum_all()?.backward()?;
+        for v in [&x, &y, &h] {
+            assert!(rel_err(gb.get(v).unwrap(), go.get(v).unwrap()) < 1e-10);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn kernel_losses_run_on_the_online_backend() -> Result<()> {
+    let (x, y) = clouds(10, &[300, 2], &[200, 2])?;
+    for loss in [
+        Loss::Energy,
+        Loss::Gaussian,
+        Loss::Laplacian,
+        Loss::Hausdorff,
+    ] {
+        let b = SamplesLoss::builder(loss).blur(0.1);
+        let ms = run(&b, Backend::Multiscale, &x, &y)?;
+        let on = run(&b, Backend::Online, &x, &y)?;
+        assert_eq!(ms.sol.backend, Backend::Online, "{loss:?}");
+        assert_eq!(common::flat(&ms.loss), common::flat(&on.loss), "{loss:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn errors_are_explicit() -> Result<()> {
+    let mut r = rng(11);
+    let x = uniform(&mut r, &[50, 4], 0.0, 1.0, DType::F32, &Device::Cpu)?;
+    let y = uniform(&mut r, &[40, 4], 0.0, 1.0, DType::F32, &Device::Cpu)?;
+    let l = SamplesLoss::builder(Loss::Sinkhorn)
+        .backend(Backend::Multiscale)
+        .build()?;
+    let e = l.forward(&x, &y).unwrap_err().to_string();
+    assert!(e.contains("D ≤ 3") && e.contains("D = 4"), "{e}");
+    for bad in [0.0, -1.0, f64::NAN] {
+        assert!(SamplesLoss::builder(Loss::Sinkhorn)
+            .truncate(bad)
+            .build()
+            .is_err());
+        assert!(SamplesLoss::builder(Loss::Sinkhorn)
+            .cluster_scale(bad)
+            .build()
+            .is_err());
+    }
+    Ok(())
+}
+
+/// `Auto` stays exact below the measured crossover and when `tol` is asked for.
+#[test]
+fn auto_picks_multiscale_only_where_it_wins() -> Result<()> {
+    let (x, y) = clouds(12, &[400, 3], &[400, 3])?;
+    let sol = SamplesLoss::new(Loss::Sinkhorn).solve(None, &x, None, &y)?;
+    assert_eq!(sol.backend, Backend::Online);
+    Ok(())
+}
