@@ -64,7 +64,8 @@ impl std::str::FromStr for Loss {
 pub enum Backend {
     /// Picks `Online` where its kernels are compiled in, else `Tensorized`; on the CPU,
     /// `Multiscale` for the Sinkhorn loss in f32 with no `tol`, D ≤ 3 and
-    /// `B·N·M ≥` [`crate::samples_loss::AUTO_MULTISCALE_PAIRS`] (measured crossover).
+    /// `B·N·M ≥` [`crate::samples_loss::AUTO_MULTISCALE_PAIRS`] (measured crossover), with
+    /// `cluster_scale = blur` unless set.
     #[default]
     Auto,
     /// Dense N×M matrices with Candle tensor ops; any device; O(N·M·D) memory.
