@@ -91,7 +91,7 @@ fn check_converged(builder: SamplesLossBuilder, x: &Tensor, y: &Tensor, what: &s
 
 #[test]
 fn converged_matches_online_p2_d3() -> Result<()> {
-    let (x, y) = clouds(1, &[2000, 3], &[1500, 3])?;
+    let (x, y) = clouds(1, &[1200, 3], &[1000, 3])?;
     check_converged(
         SamplesLoss::builder(Loss::Sinkhorn).blur(0.1),
         &x,
@@ -102,7 +102,7 @@ fn converged_matches_online_p2_d3() -> Result<()> {
 
 #[test]
 fn converged_matches_online_p1_d2() -> Result<()> {
-    let (x, y) = clouds(2, &[2000, 2], &[2500, 2])?;
+    let (x, y) = clouds(2, &[1000, 2], &[1200, 2])?;
     check_converged(
         SamplesLoss::builder(Loss::Sinkhorn).p(1).blur(0.1),
         &x,
@@ -113,12 +113,12 @@ fn converged_matches_online_p1_d2() -> Result<()> {
 
 #[test]
 fn converged_matches_online_unbalanced_batched_raw() -> Result<()> {
-    let (x, y) = clouds(3, &[2, 1200, 2], &[2, 1000, 2])?;
+    let (x, y) = clouds(3, &[2, 800, 2], &[2, 700, 2])?;
     let b = SamplesLoss::builder(Loss::Sinkhorn).blur(0.1).reach(0.5);
     check_converged(b.clone(), &x, &y, "unbalanced batched")?;
-    let (x, y) = clouds(4, &[2, 1200, 3], &[2, 1200, 3])?;
+    let (x, y) = clouds(4, &[2, 800, 3], &[2, 800, 3])?;
     check_converged(b.debias(false).p(1), &x, &y, "unbalanced batched raw p1")?;
-    let (x, y) = clouds(5, &[1500, 1], &[1200, 1])?;
+    let (x, y) = clouds(5, &[1000, 1], &[800, 1])?;
     check_converged(
         SamplesLoss::builder(Loss::Sinkhorn)
             .blur(0.05)
@@ -133,7 +133,7 @@ fn converged_matches_online_unbalanced_batched_raw() -> Result<()> {
 /// error, not more: |S_ms − S_online| ≤ 1.5·|S_online − S_converged|.
 #[test]
 fn fixed_schedule_error_is_the_schedule_s_own() -> Result<()> {
-    let (x, y) = clouds(6, &[2000, 3], &[2000, 3])?;
+    let (x, y) = clouds(6, &[1500, 3], &[1500, 3])?;
     let b = SamplesLoss::builder(Loss::Sinkhorn);
     let ms = scalar(&run(&b, Backend::Multiscale, &x, &y)?.loss);
     let on = scalar(&run(&b, Backend::Online, &x, &y)?.loss);
@@ -154,7 +154,7 @@ fn fixed_schedule_error_is_the_schedule_s_own() -> Result<()> {
 /// sees its nearest clusters, and the loss is off (but finite).
 #[test]
 fn aggressive_truncation_loses_accuracy_but_stays_finite() -> Result<()> {
-    let (x, y) = clouds(7, &[1500, 2], &[1500, 2])?;
+    let (x, y) = clouds(7, &[1000, 2], &[1000, 2])?;
     let b = SamplesLoss::builder(Loss::Sinkhorn)
         .blur(0.1)
         .tol(1e-3)
