@@ -7,22 +7,33 @@
 //!
 //! ## The maths
 //!
-//! For measures `α = Σ_i a_i δ_{x_i}` and `β = Σ_j b_j δ_{y_j}`, a cost
-//! `C(x, y) = |x − y|^p / p` (p ∈ {1, 2}), ε = blur^p and, for unbalanced transport,
-//! ρ = reach^p, entropic optimal transport is
+//! For measures $\alpha = \sum_i a_i \delta_{x_i}$ and $\beta = \sum_j b_j \delta_{y_j}$, a cost
+//! $C(x, y) = \frac1p |x - y|^p$ ($p \in \lbrace 1, 2 \rbrace$), $\varepsilon = \text{blur}^p$ and, for
+//! unbalanced transport, $\rho = \text{reach}^p$, entropic optimal transport is
 //!
-//! ```text
-//! OT_ε(α, β) = min_{π ≥ 0} ⟨π, C⟩ + ε KL(π | α⊗β) + ρ KL(π1 | α) + ρ KL(πᵀ1 | β)
-//! ```
+//! $$
+//! \mathrm{OT}\_\varepsilon(\alpha, \beta) = \min_{\pi \geq 0} \langle \pi, C \rangle +
+//!   \varepsilon \mathrm{KL}(\pi \mid \alpha \otimes \beta) +
+//!   \rho \mathrm{KL}(\pi \mathbf{1} \mid \alpha) + \rho \mathrm{KL}(\pi^\top \mathbf{1} \mid \beta)
+//! $$
 //!
 //! (the last two terms replaced by the marginal constraints when balanced). Its dual
-//! potentials solve `f = λ softmin_ε(C, log b + g/ε)`, `g = λ softmin_ε(Cᵀ, log a + f/ε)` with
+//! potentials solve
+//! $f = \lambda \mathrm{softmin}\_\varepsilon(C, \log b + g/\varepsilon)$,
+//! $g = \lambda \mathrm{softmin}\_\varepsilon(C^\top, \log a + f/\varepsilon)$ with
 //!
-//! ```text
-//! softmin_ε(C, h)_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε),      λ = 1 / (1 + ε/ρ)
-//! ```
+//! $$
+//! \mathrm{softmin}\_\varepsilon(C, h)\_i = -\varepsilon \log \sum_j \exp\big(h_j - C(x_i, y_j)/\varepsilon\big),
+//! \qquad \lambda = \frac{1}{1 + \varepsilon/\rho}
+//! $$
 //!
-//! and the debiased Sinkhorn divergence is `S_ε(α, β) = OT_ε(α, β) − ½ OT_ε(α, α) − ½ OT_ε(β, β)`.
+//! and the debiased Sinkhorn divergence is
+//!
+//! $$
+//! S\_\varepsilon(\alpha, \beta) = \mathrm{OT}\_\varepsilon(\alpha, \beta) -
+//!   \tfrac12 \mathrm{OT}\_\varepsilon(\alpha, \alpha) - \tfrac12 \mathrm{OT}\_\varepsilon(\beta, \beta).
+//! $$
+//!
 //! [`sinkhorn`] runs GeomLoss's ε-scaling loop against any [`softmin::Softmin`];
 //! [`divergence`] turns potentials into values; [`kernel_loss`] has the kernel norms and the
 //! Hausdorff divergence.

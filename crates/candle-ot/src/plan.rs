@@ -1,9 +1,9 @@
 //! Transport-plan operators: the entropic plan of `OT_ε(α, β)` applied to values, streamed,
 //! never materialised.
 //!
-//! ```text
-//! π_ij = a_i b_j exp((f_ba,i + g_ab,j − C(x_i, y_j)) / ε)
-//! ```
+//! $$
+//! \pi_{ij} = a_i b_j \exp\big((f_{ba,i} + g_{ab,j} - C(x_i, y_j)) / \varepsilon\big)
+//! $$
 //!
 //! built from the raw potentials `f_ba`, `g_ab` of `OT_ε(α, β)` (never the debiased `F`, `G`),
 //! balanced or unbalanced (with a reach the potentials are the dampened ones and the plan's
@@ -85,7 +85,7 @@ impl TransportPlan {
         }
     }
 
-    /// `(π v)_i = Σ_j π_ij v_j`: v (M, K) or (B, M, K) → (N, K) or (B, N, K).
+    /// $(\pi v)\_i = \sum_j \pi_{ij} v_j$: v (M, K) or (B, M, K) → (N, K) or (B, N, K).
     pub fn apply(&self, v: &Tensor) -> Result<Tensor> {
         let (_, m, _) = self.y.dims3()?;
         let v = self.batch_values(v, "v", m)?;
@@ -96,7 +96,7 @@ impl TransportPlan {
         self.unbatch(out)
     }
 
-    /// `(πᵀ u)_j = Σ_i π_ij u_i`: u (N, K) or (B, N, K) → (M, K) or (B, M, K).
+    /// $(\pi^\top u)\_j = \sum_i \pi_{ij} u_i$: u (N, K) or (B, N, K) → (M, K) or (B, M, K).
     pub fn apply_transpose(&self, u: &Tensor) -> Result<Tensor> {
         let (_, n, _) = self.x.dims3()?;
         let u = self.batch_values(u, "u", n)?;
@@ -107,7 +107,8 @@ impl TransportPlan {
         self.unbatch(out)
     }
 
-    /// Soft transfer `Σ_j π_ij v_j / a_i = Σ_j b_j exp((f_ba,i + g_ab,j − C_ij)/ε) v_j`
+    /// Soft transfer
+    /// $\sum_j \pi_{ij} v_j / a_i = \sum_j b_j \exp\big((f_{ba,i} + g_{ab,j} - C_{ij})/\varepsilon\big) v_j$
     /// (label transfer; defined for zero-weight points too).
     pub fn transfer(&self, v: &Tensor) -> Result<Tensor> {
         let (_, m, _) = self.y.dims3()?;
@@ -117,7 +118,7 @@ impl TransportPlan {
         self.unbatch(out)
     }
 
-    /// Row masses `Σ_j π_ij`, (N,) or (B, N). Equal to `a` for converged balanced plans.
+    /// Row masses $\sum_j \pi_{ij}$, (N,) or (B, N). Equal to `a` for converged balanced plans.
     pub fn row_marginal(&self) -> Result<Tensor> {
         let (b, m, _) = self.y.dims3()?;
         let ones = Tensor::ones((b, m, 1), self.y.dtype(), self.y.device())?;
@@ -125,7 +126,7 @@ impl TransportPlan {
         self.apply(&ones)?.squeeze(candle_core::D::Minus1)
     }
 
-    /// Column masses `Σ_i π_ij`, (M,) or (B, M).
+    /// Column masses $\sum_i \pi_{ij}$, (M,) or (B, M).
     pub fn col_marginal(&self) -> Result<Tensor> {
         let (b, n, _) = self.x.dims3()?;
         let ones = Tensor::ones((b, n, 1), self.x.dtype(), self.x.device())?;
@@ -133,7 +134,7 @@ impl TransportPlan {
         self.apply_transpose(&ones)?.squeeze(candle_core::D::Minus1)
     }
 
-    /// The barycentric map `x_i ↦ Σ_j π_ij y_j / Σ_j π_ij`, (N, D) or (B, N, D).
+    /// The barycentric map $x_i \mapsto \sum_j \pi_{ij} y_j / \sum_j \pi_{ij}$, (N, D) or (B, N, D).
     ///
     /// It divides by the row mass of the plan, not by `a_i`: the two differ for unbalanced
     /// plans and for plans that are not converged. Rows of zero-weight points use the

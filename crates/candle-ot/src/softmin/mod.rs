@@ -31,7 +31,7 @@ pub trait Softmin {
     /// flow into whichever of `x`, `y` is tracked by autograd (the loop detaches `y`).
     fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Self::Cost>;
 
-    /// `f_i = −ε log Σ_j exp(h_j − C_ij / ε)` for h (B, M); returns (B, N).
+    /// $f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij} / \varepsilon)$ for h (B, M); returns (B, N).
     /// `h` may hold −∞ (masked points); a row whose `h` is all −∞ gives +∞.
     fn softmin(&self, eps: f64, cost: &Self::Cost, h: &Tensor) -> Result<Tensor>;
 
@@ -41,7 +41,7 @@ pub trait Softmin {
         Ok(self.softmin(eps, cost, h)?.detach())
     }
 
-    /// The kernel product `u_i = Σ_j k(x_i, y_j) b_j`, differentiable in x, y and b.
+    /// The kernel product $u_i = \sum_j k(x_i, y_j) b_j$, differentiable in x, y and b.
     /// x (B, N, D), y (B, M, D), b (B, M) → (B, N).
     fn kernel_product(
         &self,
@@ -52,10 +52,11 @@ pub trait Softmin {
         b: &Tensor,
     ) -> Result<Tensor>;
 
-    /// The plan applied to values, `out_i = Σ_j exp(f_i/ε + h_j − C(x_i, y_j)/ε) v_j`, for
-    /// x (B, N, D), f (B, N), y (B, M, D), h (B, M), v (B, M, K) → (B, N, K). With
-    /// `h = log b + g/ε` this is `Σ_j π_ij v_j / a_i` for the plan
-    /// `π_ij = a_i b_j exp((f_i + g_j − C_ij)/ε)`.
+    /// The plan applied to values,
+    /// $\mathrm{out}_i = \sum_j \exp\big(f_i/\varepsilon + h_j - C(x_i, y_j)/\varepsilon\big) v_j$,
+    /// for x (B, N, D), f (B, N), y (B, M, D), h (B, M), v (B, M, K) → (B, N, K). With
+    /// $h = \log b + g/\varepsilon$ this is $\sum_j \pi_{ij} v_j / a_i$ for the plan
+    /// $\pi_{ij} = a_i b_j \exp\big((f_i + g_j - C_{ij})/\varepsilon\big)$.
     #[allow(clippy::too_many_arguments)]
     fn plan_apply(
         &self,

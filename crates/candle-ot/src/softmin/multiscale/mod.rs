@@ -3,7 +3,7 @@
 //!
 //! 1. Each cloud (each batch item) is clustered on a voxel grid of side `cluster_scale`
 //!    (default `diameter / (√D · 2000^{1/D})`, about 2000 cells over the bounding box):
-//!    centroids x̄_I, summed weights ā_I, points sorted cluster by cluster ([`cluster`]).
+//!    centroids x̄_I, summed weights ā_I, points sorted cluster by cluster (`cluster`).
 //! 2. The ε-scaling loop runs on the centroids (the [`super::Online`] softmin over all cluster
 //!    pairs) up to ε_J, the last ε of the schedule not below `cluster_scale^p` (GeomLoss's
 //!    `jumps`: the first ε below it is the first fine iteration).

@@ -580,7 +580,7 @@ const ROOF_ROWS: usize = L;
 /// from its two passes per tile).
 const ROOF_UNROLL: usize = 2;
 
-/// One block of [`ROOF_ROWS`] rows against `reps` sweeps of [`ROOF_COLS`] columns `[y (D), h]`,
+/// One block of `ROOF_ROWS` rows against `reps` sweeps of `ROOF_COLS` columns `[y (D), h]`,
 /// with no intermediate stores: the running max and the sum of `2^z` (the columns are chosen
 /// with z ≤ 0, so the shift is the bound 0). Returns a checksum.
 #[inline(always)]
@@ -656,10 +656,10 @@ fn roofline_dist_body<T: Real, const F: bool>(
 }
 
 /// The roofline micro-benchmark: the per-pair instruction mix of the softmin kernel with its
-/// exponential, on blocks of [`ROOF_ROWS`] rows held in registers against [`ROOF_COLS`]
+/// exponential, on blocks of `ROOF_ROWS` rows held in registers against `ROOF_COLS`
 /// columns held in L1, with none of the kernel's memory traffic (no stored exponents, no
 /// tiles, no rescale). Runs about `n × m` pairs (`n` rounded up to blocks, `m` to
-/// [`ROOF_COLS`]) over the thread pool, on the instruction set of [`simd_level`]. Returns
+/// `ROOF_COLS`) over the thread pool, on the instruction set of [`simd_level`]. Returns
 /// `(pairs run, checksum)`.
 pub fn roofline(
     mix: RooflineMix,
