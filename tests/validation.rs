@@ -470,25 +470,33 @@ fn bad_options(_dev: &Device) -> Result<()> {
     Ok(())
 }
 
-fn multiscale_not_implemented(dev: &Device) -> Result<()> {
-    let (_, x, _, y) = clouds(6, dev)?;
-    for loss_kind in ALL_LOSSES {
-        let r = SamplesLoss::builder(loss_kind)
-            .backend(Backend::Multiscale)
-            .build()
-            .and_then(|l| l.forward(&x, &y));
-        let msg = r.expect_err("multiscale is not available").to_string();
-        assert!(
-            msg.contains("multiscale") && msg.contains("not implemented"),
-            "{msg}"
-        );
+/// The multiscale backend's limits are clear errors: D ≤ 3 (the Sinkhorn loss clusters the
+/// points), and the CPU only.
+fn multiscale_limits(dev: &Device) -> Result<()> {
+    let dt = float(dev);
+    let mut r = rng(6);
+    let x = uniform(&mut r, &[N, 4], 0.0, 1.0, dt, dev)?; // D = 4
+    let y = uniform(&mut r, &[M, 4], 0.0, 1.0, dt, dev)?;
+    let l = SamplesLoss::builder(Loss::Sinkhorn)
+        .backend(Backend::Multiscale)
+        .build()?;
+    let msg = l.forward(&x, &y).expect_err("D = 4 is refused").to_string();
+    assert!(msg.contains("multiscale"), "{msg}");
+    if dev.is_cpu() {
+        assert!(msg.contains("D = 4"), "{msg}");
+    } else {
+        let (_, x, _, y) = clouds(6, dev)?; // D = 3, but not on the CPU
+        let msg = l.forward(&x, &y).expect_err("CPU only").to_string();
+        assert!(msg.contains("multiscale") && msg.contains("CPU"), "{msg}");
     }
     Ok(())
 }
 
-fn online_needs_cpu(dev: &Device) -> Result<()> {
-    if dev.is_cpu() {
-        return Ok(());
+/// Asking for the online backend on a device whose kernels are not compiled in is a clear
+/// error naming the feature.
+fn online_needs_kernels(dev: &Device) -> Result<()> {
+    if candle_ot::softmin::online::supports(dev) {
+        return Ok(()); // nothing to refuse in this build
     }
     let (_, x, _, y) = clouds(7, dev)?;
     let l = SamplesLoss::builder(Loss::Sinkhorn)
@@ -498,7 +506,10 @@ fn online_needs_cpu(dev: &Device) -> Result<()> {
         .forward(&x, &y)
         .expect_err("no online kernels")
         .to_string();
-    assert!(msg.contains("online backend"), "{msg}");
+    assert!(
+        msg.contains("online backend") && msg.contains("feature"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -560,16 +571,16 @@ test_device!(
     bad_options_metal
 );
 test_device!(
-    multiscale_not_implemented,
-    multiscale_not_implemented_cpu,
-    multiscale_not_implemented_cuda,
-    multiscale_not_implemented_metal
+    multiscale_limits,
+    multiscale_limits_cpu,
+    multiscale_limits_cuda,
+    multiscale_limits_metal
 );
 test_device!(
-    online_needs_cpu,
-    online_needs_cpu_cpu,
-    online_needs_cpu_cuda,
-    online_needs_cpu_metal
+    online_needs_kernels,
+    online_needs_kernels_cpu,
+    online_needs_kernels_cuda,
+    online_needs_kernels_metal
 );
 test_device!(
     transfer_errors,
