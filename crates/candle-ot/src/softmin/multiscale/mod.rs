@@ -28,6 +28,7 @@ use crate::sinkhorn::{
     sinkhorn_loop_two_scale, CoarseLevel, CostSet, DualPotentials, FineLevel, LoopParams, Refined,
     SinkhornDiagnostics,
 };
+use crate::softmin::online::dims3;
 use crate::softmin::{online, Online, Softmin};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
@@ -88,13 +89,6 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("candle-ot: multiscale op inputs must be contiguous"),
-    }
-}
-
-fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
-    match l.shape().dims() {
-        &[b, n, d] => Ok((b, n, d)),
-        d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
     }
 }
 

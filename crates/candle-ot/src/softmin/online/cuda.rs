@@ -18,6 +18,7 @@
 //! toolchain (`nvcc`, `ptxas` for sm_80 / sm_90, and NVRTC).
 
 use super::cpu::Weighted;
+use super::{dims3, u32_of};
 use crate::cost::{CostKind, KernelKind};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -143,11 +144,6 @@ fn launch_cfg(rows: usize, batch: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn u32_of(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v)
-        .map_err(|_| candle_core::Error::Msg(format!("candle-ot: {what} = {v} exceeds u32")))
-}
-
 fn contiguous<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
@@ -155,13 +151,6 @@ fn contiguous<'a, T: CudaDType>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
         None => candle_core::bail!("candle-ot: online op inputs must be contiguous"),
-    }
-}
-
-fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
-    match l.shape().dims() {
-        &[b, n, d] => Ok((b, n, d)),
-        d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
     }
 }
 

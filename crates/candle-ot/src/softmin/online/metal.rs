@@ -28,6 +28,7 @@
 //! backend, the kernels run in a CPU emulation) and how to run the tests on Apple hardware.
 
 use super::cpu::Weighted;
+use super::{dims3, u32_of};
 use crate::cost::{CostKind, KernelKind};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
@@ -106,18 +107,6 @@ fn pipeline(dev: &MetalDevice, source: Source, entry: &'static str) -> Result<Co
         .map_err(kernel_err)?;
     cache.pipelines.insert((id, entry), p.clone());
     Ok(p)
-}
-
-fn u32_of(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v)
-        .map_err(|_| candle_core::Error::Msg(format!("candle-ot: {what} = {v} exceeds u32")))
-}
-
-fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
-    match l.shape().dims() {
-        &[b, n, d] => Ok((b, n, d)),
-        d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
-    }
 }
 
 /// An input as a contiguous f32 buffer: the storage itself (f32) or an f32 copy (f16 / bf16),

@@ -68,11 +68,19 @@ fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> R
     }
 }
 
-fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
+/// `(B, N, D)` of a rank-3 layout, or a clear error naming the input.
+pub(crate) fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
     match l.shape().dims() {
         &[b, n, d] => Ok((b, n, d)),
         d => candle_core::bail!("candle-ot: {name} must be (B, N, D), got {d:?}"),
     }
+}
+
+/// A size as the kernels' `u32`, or a clear error (the GPU kernels take 32-bit sizes).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("candle-ot: {what} = {v} exceeds u32")))
 }
 
 // ---------------------------------------------------------------------------------------
