@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import make_case, run_child  # noqa: E402  (same case files, same child runner)
 
