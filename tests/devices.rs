@@ -1,5 +1,5 @@
 //! Cross-device tests: the online backend's CUDA / Metal kernels against its CPU kernels, on the
-//! same data. Every loss, p = 1 and 2, balanced and unbalanced, debiased or not; values,
+//! same data (and the multiscale backend, whose fine level runs the block-sparse kernels). Every loss, p = 1 and 2, balanced and unbalanced, debiased or not; values,
 //! potentials, transferred values (the plan operator) and the gradients with respect to x, y,
 //! a and b; odd sizes (17 × 29, 1000 × 999), batches and masked (zero-weight) points.
 //!
@@ -289,6 +289,80 @@ fn devices_raw_ops(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The multiscale backend on the device (coarse loop on the online kernels, fine loop on the
+/// block-sparse kernels) against the multiscale backend on the CPU, same data: 2 × 1500 × 3
+/// points, p = 1 and 2, balanced and unbalanced, GeomLoss's fixed schedule, a cluster scale at
+/// which the truncation drops blocks. Loss within 1e-4, gradients and potentials within 1e-3
+/// (f32; both sides build their block patterns from their own coarse potentials).
+fn devices_multiscale(dev: &Device) -> Result<()> {
+    if !online::supports(dev) {
+        eprintln!("skipping: the online kernels for {dev:?} are not compiled in");
+        return Ok(());
+    }
+    let mut r = rng(4242);
+    let x = rand_tensor(&mut r, &[2, 1500, 3], 0.0, 1.0)?.to_dtype(DType::F32)?;
+    let y = rand_tensor(&mut r, &[2, 1500, 3], 0.15, 0.95)?.to_dtype(DType::F32)?;
+    let mut failures = vec![];
+    for p in [2u32, 1] {
+        for reach in [None, Some(REACH)] {
+            let loss = SamplesLoss::builder(Loss::Sinkhorn)
+                .p(p)
+                .blur(0.05)
+                .reach(reach)
+                .cluster_scale(Some(0.05))
+                .backend(Backend::Multiscale)
+                .build()?;
+            let run = |dev: &Device| -> Result<(Vec<Tensor>, f64)> {
+                let (vx, vy) = (
+                    Var::from_tensor(&x.to_device(dev)?)?,
+                    Var::from_tensor(&y.to_device(dev)?)?,
+                );
+                let sol = loss.solve(None, &vx, None, &vy)?;
+                assert_eq!(sol.backend, Backend::Multiscale);
+                let kept = sol
+                    .diagnostics
+                    .as_ref()
+                    .and_then(|d| d.multiscale.as_ref())
+                    .expect("multiscale diagnostics")
+                    .kept_fraction;
+                let g = sol.loss.sum_all()?.backward()?;
+                let out = vec![
+                    sol.loss.clone(),
+                    g.get(&vx).expect("grad x").clone(),
+                    g.get(&vy).expect("grad y").clone(),
+                    sol.f.clone(),
+                    sol.g.clone(),
+                ];
+                Ok((out, kept))
+            };
+            let (want, kept_cpu) = run(&Device::Cpu)?;
+            let (got, kept) = run(dev)?;
+            let name = format!("multiscale p={p} reach={reach:?}");
+            assert!(
+                kept < 1.0 && kept_cpu < 1.0,
+                "{name}: kept fraction {kept} (CPU {kept_cpu}): nothing truncated"
+            );
+            for (k, (g, w)) in ["loss", "grad_x", "grad_y", "F", "G"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                let err = rel_err(g, w);
+                let tol = if *k == "loss" { 1e-4 } else { 1e-3 };
+                if !all_finite(g) || err.is_nan() || err > tol {
+                    failures.push(format!("{name} {k}: rel err {err:.3e}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
 gpu_test!(
     devices_sinkhorn,
     devices_sinkhorn_cuda,
@@ -301,3 +375,8 @@ gpu_test!(
 );
 gpu_test!(devices_kernels, devices_kernels_cuda, devices_kernels_metal);
 gpu_test!(devices_raw_ops, devices_raw_ops_cuda, devices_raw_ops_metal);
+gpu_test!(
+    devices_multiscale,
+    devices_multiscale_cuda,
+    devices_multiscale_metal
+);

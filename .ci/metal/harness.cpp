@@ -24,6 +24,12 @@
 // ~20% zero weights, one coincident pair x_i = y_j (gradient of |x - y| at 0), threadgroups
 // (LANES, ROWS) in {(1,32), (4,8), (32,2), (8,2), (16,16)}.
 // Tolerance: |got - ref| <= 1e-5 (|ref| + sum of |terms|) (f32 vs float64).
+//
+// Block-sparse entry points block_softmin_{c} and block_lse_grad_{c} (x-side and y-side layouts)
+// run on random patterns (run_block_case): per batch item, row clusters of 1..9 rows, each with
+// 1..3 column spans (the first cluster: one span; some spans empty; the x-side pattern and the
+// y-side pattern drawn independently), tasks of at most ROWS rows inside one cluster, against a
+// float64 reference restricted to the kept pairs. Batch 1 has every h = -inf (+inf / zeros).
 #include <barrier>
 #include <chrono>
 #include <cstdlib>
@@ -414,6 +420,122 @@ static void run_case(const Case& c, u32 lanes, u32 rows) {
   }
 }
 
+// ------------------------------------------------------------------------------------ block-sparse
+// A task table (5 u32 per task: b, row_start, row_end, span_begin, span_end) and spans (2 u32
+// each), plus the dense keep mask (B, R, Q) of the same pattern for the reference.
+struct Pattern {
+  std::vector<u32> tasks, spans;
+  std::vector<char> keep;
+  u32 ntasks;
+};
+
+static Pattern make_pattern(u32 B, u32 R, u32 Q, u32 rows_per_task, uint64_t seed) {
+  Rng r(seed);
+  Pattern p{{}, {}, std::vector<char>((size_t)B * R * Q, 0), 0};
+  for (u32 b = 0; b < B; ++b) {
+    u32 i = 0, cl = 0;
+    while (i < R) {
+      const u32 size = 1 + (u32)(r.uni() * 9);
+      const u32 e = std::min(R, i + size);
+      const u32 s0 = (u32)(p.spans.size() / 2);
+      const u32 nsp = cl == 0 ? 1u : 1 + (u32)(r.uni() * 3);
+      u32 c = 0;
+      for (u32 k = 0; k < nsp && c < Q; ++k) {
+        u32 c0 = c + (u32)(r.uni() * (Q / 3 + 1));
+        u32 len = r.uni() < 0.15 ? 0u : 1 + (u32)(r.uni() * (Q / 2));
+        c0 = std::min(c0, Q);
+        const u32 c1 = std::min(Q, c0 + len);
+        p.spans.push_back(c0);
+        p.spans.push_back(c1);
+        for (u32 row = i; row < e; ++row)
+          for (u32 j = c0; j < c1; ++j) p.keep[((size_t)b * R + row) * Q + j] = 1;
+        c = c1;
+      }
+      const u32 s1 = (u32)(p.spans.size() / 2);
+      for (u32 t = i; t < e; t += rows_per_task) {
+        const u32 te = std::min(e, t + rows_per_task);
+        for (u32 w : {b, t, te, s0, s1}) p.tasks.push_back(w);
+      }
+      i = e;
+      ++cl;
+    }
+  }
+  p.ntasks = (u32)(p.tasks.size() / 5);
+  return p;
+}
+
+static void run_block_case(const Case& c, u32 lanes, u32 rows, uint64_t seed) {
+  const u32 B = c.B, N = c.N, M = c.M, D = c.D;
+  const float eps = c.eps;
+  auto tag = [&](const std::string& name, const Pattern& pt) {
+    char buf[220];
+    std::snprintf(buf, sizeof buf, "%s B=%u N=%u M=%u D=%u eps=%g lanes=%u rows=%u tasks=%u", name.c_str(), B, N,
+                  M, D, (double)eps, lanes, rows, pt.ntasks);
+    return std::string(buf);
+  };
+  const Pattern pxy = make_pattern(B, N, M, rows, seed);
+  const Pattern pyx = make_pattern(B, M, N, rows, seed + 1000);
+  const Packed x_f = pack(B, N, D, c.x, {&c.f}, {1.0f / eps});
+  const Packed y_h_w = pack(B, M, D, c.y, {&c.h, &c.bw}, {1.0f, 1.0f});
+  const Packed y_h = pack(B, M, D, c.y, {&c.h}, {1.0f});
+  const Packed x_f_g = pack(B, N, D, c.x, {&c.f, &c.g}, {1.0f / eps, 1.0f});
+  for (int p : {2, 1}) {
+    const bool sq = p == 2;
+    // block softmin: the dense reference with the dropped columns masked.
+    {
+      std::vector<float> out((size_t)B * N, -12345.f);
+      std::vector<double> ref(out.size()), mag(out.size());
+      launch(pxy.ntasks, 1, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+        (sq ? block_softmin_sqeuclidean_f32 : block_softmin_euclidean_f32)(
+            c.x.data(), c.y.data(), c.h.data(), out.data(), B, N, M, D, eps, pxy.tasks.data(), pxy.spans.data(),
+            pxy.ntasks, lt, tg, tp);
+      });
+      for (u32 b = 0; b < B; ++b)
+        for (u32 i = 0; i < N; ++i) {
+          Case ci = c;  // (small cases: a copy with the dropped columns masked)
+          for (u32 j = 0; j < M; ++j)
+            if (!pxy.keep[((size_t)b * N + i) * M + j]) ci.h[(size_t)b * M + j] = -INFINITY;
+          const size_t k = (size_t)b * N + i;
+          ref[k] = ref_softmin(ci, p, b, i, &mag[k]);
+        }
+      check(tag(std::string("block_softmin_") + cost_name(p), pxy), out, ref, mag);
+    }
+    // block lse_grad, x-side (pattern pxy) and y-side (pattern pyx).
+    struct Side { const char* name; const Packed* R; const Packed* Q; const Pattern* P; };
+    for (const Side& s : {Side{"x-side", &x_f, &y_h_w, &pxy}, Side{"y-side", &y_h, &x_f_g, &pyx}}) {
+      const u32 R = s.R->n, Qn = s.Q->n, W = D + 1;
+      std::vector<float> out((size_t)B * R * W, -12345.f);
+      launch(s.P->ntasks, 1, lanes, rows, [&](uint2 lt, uint2 tg, uint2 tp) {
+        (sq ? block_lse_grad_sqeuclidean_f32 : block_lse_grad_euclidean_f32)(
+            s.R->a.data(), s.Q->a.data(), out.data(), B, R, Qn, D, eps, s.P->tasks.data(), s.P->spans.data(),
+            s.P->ntasks, lt, tg, tp);
+      });
+      std::vector<double> ref((size_t)B * R * W, 0.0), mag(ref.size(), 0.0);
+      for (u32 b = 0; b < B; ++b)
+        for (u32 i = 0; i < R; ++i) {
+          const double alpha = s.R->at(b, i)[D];
+          const size_t o = ((size_t)b * R + i) * W;
+          for (u32 j = 0; j < Qn; ++j) {
+            if (!s.P->keep[((size_t)b * R + i) * Qn + j]) continue;
+            const float* q = s.Q->at(b, j);
+            const double hq = q[D];
+            if (hq == NINF || alpha == NINF) continue;
+            const double sqd = psq(*s.R, b, i, *s.Q, j);
+            const double pw = std::exp(alpha + hq - cost(p, sqd) / eps) * q[D + 1], gf = gfac(p, sqd);
+            for (u32 d = 0; d < D; ++d) {
+              const double t = pw * gf * ((double)s.R->at(b, i)[d] - (double)q[d]);
+              ref[o + d] += t;
+              mag[o + d] += std::fabs(t);
+            }
+            ref[o + D] += pw;
+            mag[o + D] += std::fabs(pw);
+          }
+        }
+      check(tag(std::string("block_lse_grad_") + cost_name(p) + " " + s.name, *s.P), out, ref, mag);
+    }
+  }
+}
+
 int main() {
   struct Shape { u32 N, M, D, K; };
   std::vector<Shape> shapes = {{17, 29, 1, 3}, {17, 29, 2, 1}, {17, 29, 3, 8}, {17, 29, 4, 11},
@@ -442,6 +564,21 @@ int main() {
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
     }
+  }
+  // Block-sparse entry points: D in {1, 2, 3, 5}, several tiles per span with small tiles.
+  {
+    struct BShape { u32 N, M, D; };
+    std::vector<BShape> bshapes = {{23, 37, 1}, {31, 29, 2}, {40, 300, 3}, {17, 29, 5}};
+    if (quick) bshapes = {{23, 37, 3}};
+    const Cfg bcfgs[] = {{1, 32}, {4, 8}, {32, 2}, {8, 4}};
+    for (const BShape& s : bshapes)
+      for (float eps : {0.1f, 1.0f}) {
+        Case c = make_case(3, s.N, s.M, s.D, 1, eps, eps * 3.0f, seed++);
+        for (const Cfg& cfg : bcfgs) {
+          if (quick && cfg.lanes == 1) continue;
+          run_block_case(c, cfg.lanes, cfg.rows, seed * 7919u + cfg.lanes);
+        }
+      }
   }
   std::printf("metal emulation harness (OT_TILE=%u, OT_TILE_ELEMS=%u): %d checks, %d failed\n", (u32)OT_TILE,
               (u32)OT_TILE_ELEMS, g_checks, g_fail);

@@ -32,6 +32,13 @@
 //           full mask). Recommended: LANES * ROWS = 256.
 //   grid  = (ceil(R / ROWS), B, 1), R = number of output rows (the first point set's N).
 //   shared memory: static only (launch with 0 bytes of dynamic shared memory).
+//   Block-sparse entry points (block_*, template flag BS): grid = (ntasks, 1, 1); the task table
+//   (OtArgs::tasks, 5 u32 per task: b, row_start, row_end, span_begin, span_end) gives each
+//   block its batch item, its rows (row_start + threadIdx.y, active iff < row_end; at most ROWS
+//   rows, all inside one row cluster) and its span list (OtArgs::spans, 2 u32 per span: OTHER
+//   range [start, end) within the batch item); the tile loop streams each span in turn with one
+//   running (max, sum) state. The dense instantiation (BS = false) has the single span [0, Q)
+//   and rows / batch from the block index, as before.
 //   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
 //      A larger D fills the output with NaN.
 //
@@ -114,6 +121,11 @@ template <typename T> struct OtArgs {
   unsigned R, Q, D, K;
   unsigned rps, qps, q1s;
   T par;        // eps (softmin family) or sigma (kernel sums)
+  // Block-sparse task table (null: dense). Task t (= blockIdx.x) is 5 u32 at tasks + 5 t:
+  // batch b, rows [row_start, row_end) (at most blockDim.y rows), spans [span_begin, span_end);
+  // span s is the OTHER range [spans[2 s], spans[2 s + 1]) of batch item b.
+  const unsigned* tasks;
+  const unsigned* spans;
 };
 
 template <int OP> struct OtTraits {
@@ -132,7 +144,7 @@ template <typename T, int OP> struct OtShared {
   T v[OtTraits<OP>::HAS_V ? OT_TILE * OT_CH : 1];
 };
 
-template <typename T, int DS, int OP, int COST>
+template <typename T, int DS, int OP, int COST, bool BS>
 __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh) {
   typedef OtMath<T> MM;
   typedef OtTraits<OP> TR;
@@ -144,11 +156,15 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
   const unsigned lanes = blockDim.x, lane = threadIdx.x;
   const unsigned nthr = blockDim.x * blockDim.y;
   const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const unsigned b = blockIdx.y;
-  const unsigned r = blockIdx.x * blockDim.y + threadIdx.y;
   const unsigned R = a.R, Q = a.Q, K = a.K;
+  // Dense: rows from the block index, batch blockIdx.y, one span [0, Q). Block-sparse (BS):
+  // the task's batch, rows and span list.
+  const unsigned* task = BS ? a.tasks + 5ull * blockIdx.x : 0;
+  const unsigned b = BS ? task[0] : blockIdx.y;
+  const unsigned r = BS ? task[1] + threadIdx.y : blockIdx.x * blockDim.y + threadIdx.y;
+  const unsigned span0 = BS ? task[3] : 0u, span1 = BS ? task[4] : 1u;
   const unsigned D = DS > 0 ? (unsigned)DS : a.D;
-  const bool active = r < R;
+  const bool active = BS ? (r < task[2] && r < R) : r < R;
   const unsigned long long row = (unsigned long long)b * R + (active ? r : 0u);
   const unsigned NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
   const unsigned outw = TR::HAS_V ? K : (TR::GRAD ? D + 1 : 1u);
@@ -179,110 +195,114 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
 #pragma unroll
     for (int c = 0; c < NA; ++c) acc[c] = T(0);
 
-    for (unsigned q0 = 0; q0 < Q; q0 += tp) {
-      const unsigned nq = ot_minu(tp, Q - q0);
-      __syncthreads();  // previous tile fully consumed
-      const T* src = qp + (unsigned long long)q0 * qps;
-      if (qps == D) {  // plain points: one coalesced copy
-        for (unsigned e = tid; e < nq * D; e += nthr) sh.pts[e] = src[e];
-      } else {         // packed rows: strided gather
-        for (unsigned e = tid; e < nq * D; e += nthr) {
-          const unsigned p = e / D, d = e - p * D;
-          sh.pts[e] = src[(unsigned long long)p * qps + d];
+    for (unsigned si = span0; si < span1; ++si) {
+      const unsigned qb = BS ? a.spans[2 * si] : 0u;
+      const unsigned qe = BS ? ot_minu(a.spans[2 * si + 1], Q) : Q;
+      for (unsigned q0 = qb; q0 < qe; q0 += tp) {
+        const unsigned nq = ot_minu(tp, qe - q0);
+        __syncthreads();  // previous tile fully consumed
+        const T* src = qp + (unsigned long long)q0 * qps;
+        if (qps == D) {  // plain points: one coalesced copy
+          for (unsigned e = tid; e < nq * D; e += nthr) sh.pts[e] = src[e];
+        } else {         // packed rows: strided gather
+          for (unsigned e = tid; e < nq * D; e += nthr) {
+            const unsigned p = e / D, d = e - p * D;
+            sh.pts[e] = src[(unsigned long long)p * qps + d];
+          }
         }
-      }
-      for (unsigned e = tid; e < nq; e += nthr) {
-        const unsigned long long qi = ((unsigned long long)b * Q + q0 + e) * q1s;
-        sh.q1[e] = a.q1[qi];
-        if (TR::HAS_Q2) sh.q2[e] = a.q2[qi];
-      }
-      if (TR::HAS_V) {
-        const unsigned ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
-        for (unsigned e = tid; e < nq * nc; e += nthr) {
-          const unsigned p = e / ncd, c = e - p * ncd;
-          sh.v[p * OT_CH + c] = a.q2[((unsigned long long)b * Q + q0 + p) * q1s + c0 + c];
+        for (unsigned e = tid; e < nq; e += nthr) {
+          const unsigned long long qi = ((unsigned long long)b * Q + q0 + e) * q1s;
+          sh.q1[e] = a.q1[qi];
+          if (TR::HAS_Q2) sh.q2[e] = a.q2[qi];
         }
-      }
-      __syncthreads();
-      if (!active) continue;
+        if (TR::HAS_V) {
+          const unsigned ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
+          for (unsigned e = tid; e < nq * nc; e += nthr) {
+            const unsigned p = e / ncd, c = e - p * ncd;
+            sh.v[p * OT_CH + c] = a.q2[((unsigned long long)b * Q + q0 + p) * q1s + c0 + c];
+          }
+        }
+        __syncthreads();
+        if (!active) continue;
 
-      for (unsigned p = lane; p < nq; p += lanes) {
-        // Distance from direct differences.
-        T df[DS > 0 ? DS : 1];
-        T sq = T(0);
-        if (DS > 0) {
+        for (unsigned p = lane; p < nq; p += lanes) {
+          // Distance from direct differences.
+          T df[DS > 0 ? DS : 1];
+          T sq = T(0);
+          if (DS > 0) {
 #pragma unroll
-          for (int d = 0; d < DS; ++d) {
-            df[d] = xr[d] - sh.pts[p * DS + d];
-            sq = fma(df[d], df[d], sq);
-          }
-        } else {
-          const T* yq = sh.pts + p * D;
-          for (unsigned d = 0; d < D; ++d) {
-            const T t = xg[d] - yq[d];
-            sq = fma(t, t, sq);
-          }
-        }
-        // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
-        T z = T(0), wl = T(0), gf = T(0);
-        if (COST == OT_COST_SQE) {
-          z = sh.q1[p] - sq * (T(0.5) * inv);
-          gf = T(1);
-        } else if (COST == OT_COST_EUC) {
-          const T dist = MM::sqrt(sq);
-          z = sh.q1[p] - dist * inv;
-          gf = dist > T(0) ? T(1) / dist : T(0);
-        } else if (COST == OT_KER_GAUSS) {
-          const T k = MM::expn(-sq * (T(0.5) * inv * inv));
-          wl = k;
-          gf = -k * (inv * inv);
-        } else if (COST == OT_KER_LAP) {
-          const T dist = MM::sqrt(sq);
-          const T k = MM::expn(-dist * inv);
-          wl = k;
-          gf = dist > T(0) ? -k * inv / dist : T(0);
-        } else {  // OT_KER_ENERGY
-          const T dist = MM::sqrt(sq);
-          wl = -dist;
-          gf = dist > T(0) ? T(-1) / dist : T(0);
-        }
-        // Contributions u[c].
-        T u[NA];
-        const T wq = TR::LOGD ? (TR::HAS_Q2 ? sh.q2[p] : T(1)) : sh.q1[p];
-        const T gw = wq * gf;
-#pragma unroll
-        for (int c = 0; c < NCH; ++c) {
-          T v = T(0);
-          if (c < (int)nc) {
-            if (TR::HAS_V) {
-              v = sh.v[p * OT_CH + c];
-            } else {
-              const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
-              const T dc = DS > 0 ? df[ci] : xg[c0 + c] - sh.pts[p * D + c0 + c];
-              v = gw * dc;
+            for (int d = 0; d < DS; ++d) {
+              df[d] = xr[d] - sh.pts[p * DS + d];
+              sq = fma(df[d], df[d], sq);
+            }
+          } else {
+            const T* yq = sh.pts + p * D;
+            for (unsigned d = 0; d < D; ++d) {
+              const T t = xg[d] - yq[d];
+              sq = fma(t, t, sq);
             }
           }
-          u[c] = v;
-        }
-        if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
-
-        if (TR::LOGD) {
-          if (z > m) {
-            const T al = m == MM::ninf() ? T(0) : MM::expn(m - z);
-            m = z;
-#pragma unroll
-            for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
-          } else if (z > MM::ninf()) {
-            const T w = MM::expn(z - m);
-#pragma unroll
-            for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+          // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
+          T z = T(0), wl = T(0), gf = T(0);
+          if (COST == OT_COST_SQE) {
+            z = sh.q1[p] - sq * (T(0.5) * inv);
+            gf = T(1);
+          } else if (COST == OT_COST_EUC) {
+            const T dist = MM::sqrt(sq);
+            z = sh.q1[p] - dist * inv;
+            gf = dist > T(0) ? T(1) / dist : T(0);
+          } else if (COST == OT_KER_GAUSS) {
+            const T k = MM::expn(-sq * (T(0.5) * inv * inv));
+            wl = k;
+            gf = -k * (inv * inv);
+          } else if (COST == OT_KER_LAP) {
+            const T dist = MM::sqrt(sq);
+            const T k = MM::expn(-dist * inv);
+            wl = k;
+            gf = dist > T(0) ? -k * inv / dist : T(0);
+          } else {  // OT_KER_ENERGY
+            const T dist = MM::sqrt(sq);
+            wl = -dist;
+            gf = dist > T(0) ? T(-1) / dist : T(0);
           }
-        } else {
+          // Contributions u[c].
+          T u[NA];
+          const T wq = TR::LOGD ? (TR::HAS_Q2 ? sh.q2[p] : T(1)) : sh.q1[p];
+          const T gw = wq * gf;
 #pragma unroll
-          for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+          for (int c = 0; c < NCH; ++c) {
+            T v = T(0);
+            if (c < (int)nc) {
+              if (TR::HAS_V) {
+                v = sh.v[p * OT_CH + c];
+              } else {
+                const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
+                const T dc = DS > 0 ? df[ci] : xg[c0 + c] - sh.pts[p * D + c0 + c];
+                v = gw * dc;
+              }
+            }
+            u[c] = v;
+          }
+          if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
+
+          if (TR::LOGD) {
+            if (z > m) {
+              const T al = m == MM::ninf() ? T(0) : MM::expn(m - z);
+              m = z;
+#pragma unroll
+              for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
+            } else if (z > MM::ninf()) {
+              const T w = MM::expn(z - m);
+#pragma unroll
+              for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+            }
+          } else {
+#pragma unroll
+            for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+          }
         }
       }
-    }
+    }  // spans
 
     // Merge the LANES partial states of a row (lanes of a row are adjacent within a warp).
     for (unsigned off = lanes >> 1; off > 0; off >>= 1) {
@@ -326,16 +346,17 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
 }
 
 // Runtime D -> compile-time specialisation. The shared tile is declared here, once per kernel.
-template <typename T, int OP, int COST>
+// BS: block-sparse (a.tasks non-null, grid (ntasks, 1, 1)); dense otherwise.
+template <typename T, int OP, int COST, bool BS = false>
 __device__ __forceinline__ void ot_dispatch(const OtArgs<T>& a) {
   __shared__ OtShared<T, OP> sh;
   switch (a.D) {
-    case 1: ot_core<T, 1, OP, COST>(a, sh); break;
-    case 2: ot_core<T, 2, OP, COST>(a, sh); break;
-    case 3: ot_core<T, 3, OP, COST>(a, sh); break;
-    case 4: ot_core<T, 4, OP, COST>(a, sh); break;
-    case 8: ot_core<T, 8, OP, COST>(a, sh); break;
-    default: ot_core<T, 0, OP, COST>(a, sh); break;
+    case 1: ot_core<T, 1, OP, COST, BS>(a, sh); break;
+    case 2: ot_core<T, 2, OP, COST, BS>(a, sh); break;
+    case 3: ot_core<T, 3, OP, COST, BS>(a, sh); break;
+    case 4: ot_core<T, 4, OP, COST, BS>(a, sh); break;
+    case 8: ot_core<T, 8, OP, COST, BS>(a, sh); break;
+    default: ot_core<T, 0, OP, COST, BS>(a, sh); break;
   }
 }
 

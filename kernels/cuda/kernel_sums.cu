@@ -18,20 +18,20 @@
 #endif
 
 #define OT_KPROD_ENTRY(NAME, T, KER)                                                             \
-  extern "C" __global__ void NAME(const T* __restrict__ x, const T* __restrict__ y,             \
-                                  const T* __restrict__ b, T* __restrict__ out, unsigned int B, \
-                                  unsigned int N, unsigned int M, unsigned int D, T sigma) {    \
+  extern "C" __global__ void NAME(const T* __restrict__ x, const T* __restrict__ y,              \
+                                  const T* __restrict__ b, T* __restrict__ out, unsigned int B,  \
+                                  unsigned int N, unsigned int M, unsigned int D, T sigma) {     \
     (void)B;                                                                                     \
-    OtArgs<T> a = {x, 0, y, b, 0, out, N, M, D, 0u, D, D, 1u, sigma};                            \
+    OtArgs<T> a = {x, 0, y, b, 0, out, N, M, D, 0u, D, D, 1u, sigma, 0, 0};                      \
     ot_dispatch<T, OT_OP_KPROD, KER>(a);                                                         \
   }
 
 #define OT_KSUMS_GRAD_ENTRY(NAME, T, KER)                                                        \
-  extern "C" __global__ void NAME(const T* __restrict__ rows, const T* __restrict__ cols,       \
-                                  T* __restrict__ out, unsigned int B, unsigned int N,          \
-                                  unsigned int M, unsigned int D, T sigma) {                    \
+  extern "C" __global__ void NAME(const T* __restrict__ rows, const T* __restrict__ cols,        \
+                                  T* __restrict__ out, unsigned int B, unsigned int N,           \
+                                  unsigned int M, unsigned int D, T sigma) {                     \
     (void)B;                                                                                     \
-    OtArgs<T> a = {rows, 0, cols, cols + D, 0, out, N, M, D, 0u, D, D + 1, D + 1, sigma};        \
+    OtArgs<T> a = {rows, 0, cols, cols + D, 0, out, N, M, D, 0u, D, D + 1, D + 1, sigma, 0, 0};  \
     ot_dispatch<T, OT_OP_KSUMS_GRAD, KER>(a);                                                    \
   }
 

@@ -31,6 +31,11 @@
 //       row, ROWS rows per threadgroup, LANES * ROWS <= OT_MAX_BLOCK (256).
 //   threadgroups = (ceil(R / ROWS), B, 1) (dispatchThreadgroups), R = number of output rows
 //       (the first point set's N).
+//   Block-sparse entry points (block_*, template flag BS): threadgroups = (ntasks, 1, 1); the
+//   task table (OtArgs::tasks, 5 uint per task: b, row_start, row_end, span_begin, span_end)
+//   gives each threadgroup its batch item, its rows (row_start + ltid.y, active iff < row_end)
+//   and its span list (OtArgs::spans, 2 uint per span: OTHER range [start, end) within the batch
+//   item), streamed in turn with one running (max, sum) state (the CUDA core's twin).
 //   threadgroup memory: static only (no setThreadgroupMemoryLength), <= 27.0 KiB (lse_values).
 //   D: 1 <= D <= OT_TILE_ELEMS (2048); specialised for D = 1, 2, 3, 4, 8, generic loop otherwise.
 //      A larger D fills the output with NaN.
@@ -92,6 +97,11 @@ struct OtArgs {
   uint R, Q, D, K;
   uint rps, qps, q1s;
   float par;               // eps (softmin family) or sigma (kernel sums)
+  // Block-sparse task table (null: dense). Task t (= tgid.x) is 5 uint at tasks + 5 t: batch b,
+  // rows [row_start, row_end) (at most tptg.y rows), spans [span_begin, span_end); span s is
+  // the OTHER range [spans[2 s], spans[2 s + 1]) of batch item b.
+  device const uint* tasks;
+  device const uint* spans;
 };
 
 template <int OP> struct OtTraits {
@@ -111,7 +121,7 @@ template <int OP> struct OtShared {
   float scr[OT_MAX_BLOCK * (OT_CH + 2)];  // lane merge: (m, acc[0..NACC)) per thread
 };
 
-template <int DS, int OP, int COST, typename TGP>
+template <int DS, int OP, int COST, bool BS, typename TGP>
 inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
   typedef OtTraits<OP> TR;
   constexpr int NCH = TR::HAS_V ? OT_CH : (TR::GRAD ? (DS > 0 ? DS : OT_CH) : 0);
@@ -123,11 +133,15 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
   const uint lanes = tptg.x, lane = ltid.x;
   const uint nthr = tptg.x * tptg.y;
   const uint tid = ltid.y * tptg.x + ltid.x;
-  const uint b = tgid.y;
-  const uint r = tgid.x * tptg.y + ltid.y;
   const uint R = a.R, Q = a.Q, K = a.K;
+  // Dense: rows from the threadgroup index, batch tgid.y, one span [0, Q). Block-sparse (BS):
+  // the task's batch, rows and span list.
+  device const uint* task = BS ? a.tasks + 5ul * tgid.x : a.tasks;
+  const uint b = BS ? task[0] : tgid.y;
+  const uint r = BS ? task[1] + ltid.y : tgid.x * tptg.y + ltid.y;
+  const uint span0 = BS ? task[3] : 0u, span1 = BS ? task[4] : 1u;
   const uint D = DS > 0 ? (uint)DS : a.D;
-  const bool active = r < R;
+  const bool active = BS ? (r < task[2] && r < R) : r < R;
   const ulong row = (ulong)b * R + (active ? r : 0u);
   const uint NV = TR::HAS_V ? K : (TR::GRAD ? D : 0u);  // vector output columns
   const uint outw = TR::HAS_V ? K : (TR::GRAD ? D + 1 : 1u);
@@ -156,104 +170,108 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
     float acc[NA];
     for (int c = 0; c < NA; ++c) acc[c] = 0.0f;
 
-    for (uint q0 = 0; q0 < Q; q0 += tp) {
-      const uint nq = ot_minu(tp, Q - q0);
-      threadgroup_barrier(mem_flags::mem_threadgroup);  // previous tile fully consumed
-      device const float* src = qp + (ulong)q0 * qps;
-      if (qps == D) {  // plain points: one contiguous copy
-        for (uint e = tid; e < nq * D; e += nthr) sh->pts[e] = src[e];
-      } else {         // packed rows: strided gather
-        for (uint e = tid; e < nq * D; e += nthr) {
-          const uint p = e / D, d = e - p * D;
-          sh->pts[e] = src[(ulong)p * qps + d];
+    for (uint si = span0; si < span1; ++si) {
+      const uint qb = BS ? a.spans[2 * si] : 0u;
+      const uint qe = BS ? ot_minu(a.spans[2 * si + 1], Q) : Q;
+      for (uint q0 = qb; q0 < qe; q0 += tp) {
+        const uint nq = ot_minu(tp, qe - q0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // previous tile fully consumed
+        device const float* src = qp + (ulong)q0 * qps;
+        if (qps == D) {  // plain points: one contiguous copy
+          for (uint e = tid; e < nq * D; e += nthr) sh->pts[e] = src[e];
+        } else {         // packed rows: strided gather
+          for (uint e = tid; e < nq * D; e += nthr) {
+            const uint p = e / D, d = e - p * D;
+            sh->pts[e] = src[(ulong)p * qps + d];
+          }
         }
-      }
-      for (uint e = tid; e < nq; e += nthr) {
-        const ulong qi = ((ulong)b * Q + q0 + e) * q1s;
-        sh->q1[e] = a.q1[qi];
-        if (TR::HAS_Q2) sh->q2[e] = a.q2[qi];
-      }
-      if (TR::HAS_V) {
-        const uint ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
-        for (uint e = tid; e < nq * nc; e += nthr) {
-          const uint p = e / ncd, c = e - p * ncd;
-          sh->v[p * OT_CH + c] = a.q2[((ulong)b * Q + q0 + p) * q1s + c0 + c];
+        for (uint e = tid; e < nq; e += nthr) {
+          const ulong qi = ((ulong)b * Q + q0 + e) * q1s;
+          sh->q1[e] = a.q1[qi];
+          if (TR::HAS_Q2) sh->q2[e] = a.q2[qi];
         }
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      if (!active) continue;
+        if (TR::HAS_V) {
+          const uint ncd = nc > 0u ? nc : 1u;  // (nc = 0: loop below is empty)
+          for (uint e = tid; e < nq * nc; e += nthr) {
+            const uint p = e / ncd, c = e - p * ncd;
+            sh->v[p * OT_CH + c] = a.q2[((ulong)b * Q + q0 + p) * q1s + c0 + c];
+          }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (!active) continue;
 
-      for (uint p = lane; p < nq; p += lanes) {
-        // Distance from direct differences.
-        float df[DS > 0 ? DS : 1];
-        float sq = 0.0f;
-        if (DS > 0) {
-          for (int d = 0; d < DS; ++d) {
-            df[d] = xr[d] - sh->pts[p * DS + d];
-            sq = fma(df[d], df[d], sq);
-          }
-        } else {
-          for (uint d = 0; d < D; ++d) {
-            const float t = xg[d] - sh->pts[p * D + d];
-            sq = fma(t, t, sq);
-          }
-        }
-        // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
-        float z = 0.0f, wl = 0.0f, gf = 0.0f;
-        if (COST == OT_COST_SQE) {
-          z = sh->q1[p] - sq * (0.5f * inv);
-          gf = 1.0f;
-        } else if (COST == OT_COST_EUC) {
-          const float dist = sqrt(sq);
-          z = sh->q1[p] - dist * inv;
-          gf = dist > 0.0f ? 1.0f / dist : 0.0f;
-        } else if (COST == OT_KER_GAUSS) {
-          const float k = ot_expn(-sq * (0.5f * inv * inv));
-          wl = k;
-          gf = -k * (inv * inv);
-        } else if (COST == OT_KER_LAP) {
-          const float dist = sqrt(sq);
-          const float k = ot_expn(-dist * inv);
-          wl = k;
-          gf = dist > 0.0f ? -k * inv / dist : 0.0f;
-        } else {  // OT_KER_ENERGY
-          const float dist = sqrt(sq);
-          wl = -dist;
-          gf = dist > 0.0f ? -1.0f / dist : 0.0f;
-        }
-        // Contributions u[c].
-        float u[NA];
-        const float wq = TR::LOGD ? (TR::HAS_Q2 ? sh->q2[p] : 1.0f) : sh->q1[p];
-        const float gw = wq * gf;
-        for (int c = 0; c < NCH; ++c) {
-          float v = 0.0f;
-          if (c < (int)nc) {
-            if (TR::HAS_V) {
-              v = sh->v[p * OT_CH + c];
-            } else {
-              const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
-              const float dc = DS > 0 ? df[ci] : xg[c0 + c] - sh->pts[p * D + c0 + c];
-              v = gw * dc;
+        for (uint p = lane; p < nq; p += lanes) {
+          // Distance from direct differences.
+          float df[DS > 0 ? DS : 1];
+          float sq = 0.0f;
+          if (DS > 0) {
+            for (int d = 0; d < DS; ++d) {
+              df[d] = xr[d] - sh->pts[p * DS + d];
+              sq = fma(df[d], df[d], sq);
+            }
+          } else {
+            for (uint d = 0; d < D; ++d) {
+              const float t = xg[d] - sh->pts[p * D + d];
+              sq = fma(t, t, sq);
             }
           }
-          u[c] = v;
-        }
-        if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
-
-        if (TR::LOGD) {
-          if (z > m) {
-            const float al = m == OT_NINF ? 0.0f : ot_expn(m - z);
-            m = z;
-            for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
-          } else if (z > OT_NINF) {
-            const float w = ot_expn(z - m);
-            for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+          // Weight (log or linear) and the gradient factor gf: grad = gf * (p_row - p_other).
+          float z = 0.0f, wl = 0.0f, gf = 0.0f;
+          if (COST == OT_COST_SQE) {
+            z = sh->q1[p] - sq * (0.5f * inv);
+            gf = 1.0f;
+          } else if (COST == OT_COST_EUC) {
+            const float dist = sqrt(sq);
+            z = sh->q1[p] - dist * inv;
+            gf = dist > 0.0f ? 1.0f / dist : 0.0f;
+          } else if (COST == OT_KER_GAUSS) {
+            const float k = ot_expn(-sq * (0.5f * inv * inv));
+            wl = k;
+            gf = -k * (inv * inv);
+          } else if (COST == OT_KER_LAP) {
+            const float dist = sqrt(sq);
+            const float k = ot_expn(-dist * inv);
+            wl = k;
+            gf = dist > 0.0f ? -k * inv / dist : 0.0f;
+          } else {  // OT_KER_ENERGY
+            const float dist = sqrt(sq);
+            wl = -dist;
+            gf = dist > 0.0f ? -1.0f / dist : 0.0f;
           }
-        } else {
-          for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+          // Contributions u[c].
+          float u[NA];
+          const float wq = TR::LOGD ? (TR::HAS_Q2 ? sh->q2[p] : 1.0f) : sh->q1[p];
+          const float gw = wq * gf;
+          for (int c = 0; c < NCH; ++c) {
+            float v = 0.0f;
+            if (c < (int)nc) {
+              if (TR::HAS_V) {
+                v = sh->v[p * OT_CH + c];
+              } else {
+                const int ci = (DS > 0 && c < DS) ? c : 0;  // compile-time index
+                const float dc = DS > 0 ? df[ci] : xg[c0 + c] - sh->pts[p * D + c0 + c];
+                v = gw * dc;
+              }
+            }
+            u[c] = v;
+          }
+          if (TR::EXTRA) u[EX] = TR::LOGD ? wq : wq * wl;
+
+          if (TR::LOGD) {
+            if (z > m) {
+              const float al = m == OT_NINF ? 0.0f : ot_expn(m - z);
+              m = z;
+              for (int c = 0; c < NACC; ++c) acc[c] = fma(acc[c], al, u[c]);
+            } else if (z > OT_NINF) {
+              const float w = ot_expn(z - m);
+              for (int c = 0; c < NACC; ++c) acc[c] = fma(w, u[c], acc[c]);
+            }
+          } else {
+            for (int c = 0; c < NACC; ++c) acc[c] += u[c];
+          }
         }
       }
-    }
+    }  // spans
 
     // Merge the LANES partial states of a row through threadgroup memory (tree).
     for (uint off = lanes >> 1; off > 0; off >>= 1) {
@@ -297,15 +315,16 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
 }
 
 // Runtime D -> compile-time specialisation.
-template <int OP, int COST, typename TGP>
+// BS: block-sparse (a.tasks non-null, threadgroups (ntasks, 1, 1)); dense otherwise.
+template <int OP, int COST, bool BS = false, typename TGP>
 inline void ot_dispatch(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
   switch (a.D) {
-    case 1: ot_core<1, OP, COST>(a, sh, ltid, tgid, tptg); break;
-    case 2: ot_core<2, OP, COST>(a, sh, ltid, tgid, tptg); break;
-    case 3: ot_core<3, OP, COST>(a, sh, ltid, tgid, tptg); break;
-    case 4: ot_core<4, OP, COST>(a, sh, ltid, tgid, tptg); break;
-    case 8: ot_core<8, OP, COST>(a, sh, ltid, tgid, tptg); break;
-    default: ot_core<0, OP, COST>(a, sh, ltid, tgid, tptg); break;
+    case 1: ot_core<1, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
+    case 2: ot_core<2, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
+    case 3: ot_core<3, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
+    case 4: ot_core<4, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
+    case 8: ot_core<8, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
+    default: ot_core<0, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
   }
 }
 

@@ -29,7 +29,7 @@
                    constant float& sigma [[buffer(8)]], OT_TG_PARAMS) {                      \
     (void)B;                                                                                 \
     threadgroup OtShared<OT_OP_KPROD> sh;                                                    \
-    const OtArgs a = {x, 0, y, b, 0, out, N, M, D, 0u, D, D, 1u, sigma};                     \
+    const OtArgs a = {x, 0, y, b, 0, out, N, M, D, 0u, D, D, 1u, sigma, 0, 0};               \
     ot_dispatch<OT_OP_KPROD, KER>(a, &sh, ltid, tgid, tptg);                                 \
   }
 
@@ -41,7 +41,7 @@
                    OT_TG_PARAMS) {                                                                 \
     (void)B;                                                                                       \
     threadgroup OtShared<OT_OP_KSUMS_GRAD> sh;                                                     \
-    const OtArgs a = {rows, 0, cols, cols + D, 0, out, N, M, D, 0u, D, D + 1, D + 1, sigma};       \
+    const OtArgs a = {rows, 0, cols, cols + D, 0, out, N, M, D, 0u, D, D + 1, D + 1, sigma, 0, 0}; \
     ot_dispatch<OT_OP_KSUMS_GRAD, KER>(a, &sh, ltid, tgid, tptg);                                  \
   }
 

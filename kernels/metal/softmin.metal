@@ -23,6 +23,13 @@
 // buffers, sizes `constant uint&`, eps `constant float&` (setBytes). E.g. softmin: x 0, y 1, h 2,
 // out 3, B 4, N 5, M 6, D 7, eps 8; lse_grad: rows 0, cols 1, out 2, B 3, N 4, M 5, D 6, eps 7;
 // lse_values: rows 0, cols 1, out 2, B 3, N 4, M 5, D 6, K 7, eps 8.
+//
+// Block-sparse variants (the multiscale backend's fine level), the same arguments plus the task
+// table, bound after them: block_softmin: x 0, y 1, h 2, out 3, B 4, N 5, M 6, D 7, eps 8,
+// tasks 9, spans 10, ntasks 11; block_lse_grad: rows 0, cols 1, out 2, B 3, N 4, M 5, D 6,
+// eps 7, tasks 8, spans 9, ntasks 10. tasks (ntasks x 5 uint): b, row_start, row_end
+// (<= row_start + ROWS), span_begin, span_end; spans (2 uint each): [start, end) within batch
+// item b. threadgroups (ntasks, 1, 1). Rows not covered by a task are not written.
 // Dispatch (see common.metal): threadsPerThreadgroup (LANES, ROWS, 1), LANES*ROWS <= 256;
 // threadgroups (ceil(N/ROWS), B, 1). Static threadgroup memory only.
 #ifndef CANDLE_OT_COMMON_METAL
@@ -37,7 +44,7 @@
                    constant float& eps [[buffer(8)]], OT_TG_PARAMS) {                        \
     (void)B;                                                                                 \
     threadgroup OtShared<OT_OP_SOFTMIN> sh;                                                  \
-    const OtArgs a = {x, 0, y, h, 0, out, N, M, D, 0u, D, D, 1u, eps};                       \
+    const OtArgs a = {x, 0, y, h, 0, out, N, M, D, 0u, D, D, 1u, eps, 0, 0};                 \
     ot_dispatch<OT_OP_SOFTMIN, COST>(a, &sh, ltid, tgid, tptg);                              \
   }
 
@@ -50,7 +57,7 @@
     (void)B;                                                                                       \
     threadgroup OtShared<OT_OP_LSE_GRAD> sh;                                                       \
     const OtArgs a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, 0u,              \
-                      D + 1, D + 2, D + 2, eps};                                                   \
+                      D + 1, D + 2, D + 2, eps, 0, 0};                                             \
     ot_dispatch<OT_OP_LSE_GRAD, COST>(a, &sh, ltid, tgid, tptg);                                   \
   }
 
@@ -63,7 +70,7 @@
     (void)B;                                                                                       \
     threadgroup OtShared<OT_OP_LSE_VALUES> sh;                                                     \
     const OtArgs a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, K,               \
-                      D + 1, D + 1 + K, D + 1 + K, eps};                                           \
+                      D + 1, D + 1 + K, D + 1 + K, eps, 0, 0};                                     \
     ot_dispatch<OT_OP_LSE_VALUES, COST>(a, &sh, ltid, tgid, tptg);                                 \
   }
 
@@ -75,3 +82,39 @@ OT_LSE_GRAD_ENTRY(lse_grad_euclidean_f32, OT_COST_EUC)
 
 OT_LSE_VALUES_ENTRY(lse_values_sqeuclidean_f32, OT_COST_SQE)
 OT_LSE_VALUES_ENTRY(lse_values_euclidean_f32, OT_COST_EUC)
+
+#define OT_BLOCK_SOFTMIN_ENTRY(NAME, COST)                                                    \
+  kernel void NAME(device const float* x [[buffer(0)]], device const float* y [[buffer(1)]],  \
+                   device const float* h [[buffer(2)]], device float* out [[buffer(3)]],      \
+                   constant uint& B [[buffer(4)]], constant uint& N [[buffer(5)]],            \
+                   constant uint& M [[buffer(6)]], constant uint& D [[buffer(7)]],            \
+                   constant float& eps [[buffer(8)]], device const uint* tasks [[buffer(9)]], \
+                   device const uint* spans [[buffer(10)]],                                   \
+                   constant uint& ntasks [[buffer(11)]], OT_TG_PARAMS) {                      \
+    (void)B;                                                                                  \
+    threadgroup OtShared<OT_OP_SOFTMIN> sh;                                                   \
+    if (tgid.x >= ntasks) return;                                                             \
+    const OtArgs a = {x, 0, y, h, 0, out, N, M, D, 0u, D, D, 1u, eps, tasks, spans};          \
+    ot_dispatch<OT_OP_SOFTMIN, COST, true>(a, &sh, ltid, tgid, tptg);                         \
+  }
+
+#define OT_BLOCK_LSE_GRAD_ENTRY(NAME, COST)                                                        \
+  kernel void NAME(device const float* rows [[buffer(0)]], device const float* cols [[buffer(1)]], \
+                   device float* out [[buffer(2)]], constant uint& B [[buffer(3)]],                \
+                   constant uint& N [[buffer(4)]], constant uint& M [[buffer(5)]],                 \
+                   constant uint& D [[buffer(6)]], constant float& eps [[buffer(7)]],              \
+                   device const uint* tasks [[buffer(8)]], device const uint* spans [[buffer(9)]], \
+                   constant uint& ntasks [[buffer(10)]], OT_TG_PARAMS) {                           \
+    (void)B;                                                                                       \
+    threadgroup OtShared<OT_OP_LSE_GRAD> sh;                                                       \
+    if (tgid.x >= ntasks) return;                                                                  \
+    const OtArgs a = {rows, rows + D, cols, cols + D, cols + D + 1, out, N, M, D, 0u,              \
+                      D + 1, D + 2, D + 2, eps, tasks, spans};                                     \
+    ot_dispatch<OT_OP_LSE_GRAD, COST, true>(a, &sh, ltid, tgid, tptg);                             \
+  }
+
+OT_BLOCK_SOFTMIN_ENTRY(block_softmin_sqeuclidean_f32, OT_COST_SQE)
+OT_BLOCK_SOFTMIN_ENTRY(block_softmin_euclidean_f32, OT_COST_EUC)
+
+OT_BLOCK_LSE_GRAD_ENTRY(block_lse_grad_sqeuclidean_f32, OT_COST_SQE)
+OT_BLOCK_LSE_GRAD_ENTRY(block_lse_grad_euclidean_f32, OT_COST_EUC)

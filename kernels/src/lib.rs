@@ -40,6 +40,16 @@
 //!
 //! A row whose `h` is entirely `-inf` gives `softmin = +inf` and zero gradient / plan sums.
 //!
+//! **Block-sparse variants** (the multiscale backend's fine level): `block_softmin_{c}_{t}` and
+//! `block_lse_grad_{c}_{t}` take the arguments of `softmin` / `lse_grad` followed by
+//! `tasks, spans, ntasks` ([`abi::BLOCK_SOFTMIN_ARGS`], [`abi::BLOCK_LSE_GRAD_ARGS`]) and reduce
+//! each row only over its kept column ranges. `tasks` holds `ntasks` ×
+//! [`TASK_WORDS`] `u32`: batch item `b`, rows `[row_start, row_end)` (at most `ROWS` rows, all
+//! in one row cluster), spans `[span_begin, span_end)`; `spans` holds 2 `u32` per span, a column
+//! range `[start, end)` within batch item `b`. One block per task: grid `(ntasks, 1, 1)`, block
+//! `(LANES, ROWS, 1)` from [`block_sparse_block`]. Rows that no task covers are not written. A
+//! row whose spans hold no unmasked column gives `+inf` / zeros, as above.
+//!
 //! **CUDA**: pointers are device pointers, scalars are passed by value, in the order above
 //! ([`abi`] lists them).
 //! **Metal**: the `i`-th argument above is bound at `[[buffer(i)]]`: device buffers for the
@@ -104,6 +114,24 @@ pub const CHUNK_COLUMNS: u32 = 8;
 /// Dimensions with a compile-time specialisation (others use the generic loop).
 pub const SPECIALISED_D: [u32; 5] = [1, 2, 3, 4, 8];
 
+/// `u32` words per task of the block-sparse task table: `b, row_start, row_end, span_begin,
+/// span_end`.
+pub const TASK_WORDS: usize = 5;
+
+/// Block `(LANES, ROWS, 1)` of a block-sparse launch over `rows` output rows per batch entry in
+/// `batch` entries, whose row clusters hold `mean_cluster_rows` rows on average.
+///
+/// [`launch_config`]'s lanes, raised (up to [`MAX_LANES`]) while `ROWS` is more than twice the
+/// mean cluster size, so that blocks of small clusters are not mostly idle. The host cuts each
+/// row cluster into tasks of at most `ROWS` rows.
+pub fn block_sparse_block(rows: u32, batch: u32, mean_cluster_rows: u32) -> (u32, u32, u32) {
+    let mut lanes = launch_config(rows, batch).block.0;
+    while lanes < MAX_LANES && BLOCK_THREADS / lanes > 2 * mean_cluster_rows.max(1) {
+        lanes *= 2;
+    }
+    (lanes, BLOCK_THREADS / lanes, 1)
+}
+
 /// Block and grid of a launch, in CUDA terms (Metal: threads per threadgroup and threadgroups).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchConfig {
@@ -147,6 +175,14 @@ pub mod abi {
     /// `kernel_sums_grad_{kernel}_{dtype}`.
     pub const KERNEL_SUMS_GRAD_ARGS: &[&str] =
         &["rows", "cols", "out", "B", "N", "M", "D", "sigma"];
+    /// `block_softmin_{cost}_{dtype}`: [`SOFTMIN_ARGS`] and the task table.
+    pub const BLOCK_SOFTMIN_ARGS: &[&str] = &[
+        "x", "y", "h", "out", "B", "N", "M", "D", "eps", "tasks", "spans", "ntasks",
+    ];
+    /// `block_lse_grad_{cost}_{dtype}`: [`LSE_GRAD_ARGS`] and the task table.
+    pub const BLOCK_LSE_GRAD_ARGS: &[&str] = &[
+        "rows", "cols", "out", "B", "N", "M", "D", "eps", "tasks", "spans", "ntasks",
+    ];
 }
 
 macro_rules! entry_points {
@@ -165,7 +201,7 @@ pub mod cuda {
     /// The shared core (`cuda/common.cuh`), already prepended to [`SOFTMIN`] and [`KERNEL_SUMS`].
     pub const COMMON: &str = include_str!("../cuda/common.cuh");
     /// Softmin family (`common.cuh` + `cuda/softmin.cu`): `softmin_*`, `lse_grad_*`,
-    /// `lse_values_*`.
+    /// `lse_values_*` and the block-sparse `block_softmin_*`, `block_lse_grad_*`.
     pub const SOFTMIN: &str = concat!(
         include_str!("../cuda/common.cuh"),
         "\n",
@@ -194,6 +230,14 @@ pub mod cuda {
             LSE_VALUES_EUCLIDEAN_F32 = "lse_values_euclidean_f32",
             LSE_VALUES_SQEUCLIDEAN_F64 = "lse_values_sqeuclidean_f64",
             LSE_VALUES_EUCLIDEAN_F64 = "lse_values_euclidean_f64",
+            BLOCK_SOFTMIN_SQEUCLIDEAN_F32 = "block_softmin_sqeuclidean_f32",
+            BLOCK_SOFTMIN_EUCLIDEAN_F32 = "block_softmin_euclidean_f32",
+            BLOCK_SOFTMIN_SQEUCLIDEAN_F64 = "block_softmin_sqeuclidean_f64",
+            BLOCK_SOFTMIN_EUCLIDEAN_F64 = "block_softmin_euclidean_f64",
+            BLOCK_LSE_GRAD_SQEUCLIDEAN_F32 = "block_lse_grad_sqeuclidean_f32",
+            BLOCK_LSE_GRAD_EUCLIDEAN_F32 = "block_lse_grad_euclidean_f32",
+            BLOCK_LSE_GRAD_SQEUCLIDEAN_F64 = "block_lse_grad_sqeuclidean_f64",
+            BLOCK_LSE_GRAD_EUCLIDEAN_F64 = "block_lse_grad_euclidean_f64",
         }
     }
 
@@ -243,6 +287,10 @@ pub mod metal {
             LSE_GRAD_EUCLIDEAN_F32 = "lse_grad_euclidean_f32",
             LSE_VALUES_SQEUCLIDEAN_F32 = "lse_values_sqeuclidean_f32",
             LSE_VALUES_EUCLIDEAN_F32 = "lse_values_euclidean_f32",
+            BLOCK_SOFTMIN_SQEUCLIDEAN_F32 = "block_softmin_sqeuclidean_f32",
+            BLOCK_SOFTMIN_EUCLIDEAN_F32 = "block_softmin_euclidean_f32",
+            BLOCK_LSE_GRAD_SQEUCLIDEAN_F32 = "block_lse_grad_sqeuclidean_f32",
+            BLOCK_LSE_GRAD_EUCLIDEAN_F32 = "block_lse_grad_euclidean_f32",
         }
     }
 
@@ -300,8 +348,9 @@ mod tests {
 
     #[test]
     fn entry_point_counts_and_names() {
-        // (op, cost, dtype): 3 x 2 x 2 and 2 x 3 x 2 on CUDA; f32 only on Metal.
-        assert_eq!(cuda::SOFTMIN_KERNELS.len(), 12);
+        // (op, cost, dtype): (3 + 2 block-sparse) x 2 x 2 and 2 x 3 x 2 on CUDA; f32 only on
+        // Metal.
+        assert_eq!(cuda::SOFTMIN_KERNELS.len(), 20);
         assert_eq!(cuda::KERNEL_SUM_KERNELS.len(), 12);
         let f32_names = |l: &[&'static str]| -> Vec<&'static str> {
             l.iter().copied().filter(|n| n.ends_with("_f32")).collect()
@@ -343,8 +392,8 @@ mod tests {
         assert!(metal::COMMON.contains(&format!("#define OT_CH {CHUNK_COLUMNS}")));
         assert!(metal::COMMON.contains(&format!("#define OT_MAX_BLOCK {MAX_BLOCK_THREADS}")));
         for d in SPECIALISED_D {
-            assert!(cuda::COMMON.contains(&format!("case {d}: ot_core<T, {d}, OP, COST>")));
-            assert!(metal::COMMON.contains(&format!("case {d}: ot_core<{d}, OP, COST>")));
+            assert!(cuda::COMMON.contains(&format!("case {d}: ot_core<T, {d}, OP, COST, BS>")));
+            assert!(metal::COMMON.contains(&format!("case {d}: ot_core<{d}, OP, COST, BS>")));
         }
     }
 
@@ -360,6 +409,8 @@ mod tests {
         check(metal::SOFTMIN, abi::SOFTMIN_ARGS);
         check(metal::SOFTMIN, abi::LSE_GRAD_ARGS);
         check(metal::SOFTMIN, abi::LSE_VALUES_ARGS);
+        check(metal::SOFTMIN, abi::BLOCK_SOFTMIN_ARGS);
+        check(metal::SOFTMIN, abi::BLOCK_LSE_GRAD_ARGS);
         check(metal::KERNEL_SUMS, abi::KERNEL_PRODUCT_ARGS);
         check(metal::KERNEL_SUMS, abi::KERNEL_SUMS_GRAD_ARGS);
     }
@@ -383,5 +434,20 @@ mod tests {
         }
         assert_eq!(launch_config(1, 1).block.0, MAX_LANES);
         assert_eq!(launch_config(1 << 20, 1).block.0, 1);
+    }
+
+    #[test]
+    fn block_sparse_block_rules() {
+        for (rows, batch, mean) in [(1, 1, 1), (1 << 20, 1, 1000), (1 << 20, 1, 40), (1000, 2, 0)] {
+            let (lanes, per_block, one) = block_sparse_block(rows, batch, mean);
+            assert_eq!(one, 1);
+            assert!(lanes.is_power_of_two() && lanes <= MAX_LANES);
+            assert_eq!(lanes * per_block, BLOCK_THREADS);
+            assert!(lanes >= launch_config(rows, batch).block.0);
+        }
+        // Large clusters keep launch_config's one lane per row; clusters of 40 rows get blocks
+        // of 64 rows.
+        assert_eq!(block_sparse_block(1 << 20, 1, 1000), (1, 256, 1));
+        assert_eq!(block_sparse_block(1 << 20, 1, 40), (4, 64, 1));
     }
 }

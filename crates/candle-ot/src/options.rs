@@ -73,8 +73,9 @@ pub enum Backend {
     /// Streaming custom ops; O((N + M)·D) memory.
     Online,
     /// Coarse-to-fine: ε-scaling on voxel-grid cluster centroids, then kernel truncation and
-    /// block-sparse streaming softmins on the points (GeomLoss's `multiscale`). CPU only,
-    /// D ≤ 3; the kernel and Hausdorff losses run on `Online` instead.
+    /// block-sparse streaming softmins on the points (GeomLoss's `multiscale`). D ≤ 3; on the
+    /// CPU, and on CUDA / Metal where the online kernels are compiled in (the clustering runs
+    /// on the host); the kernel and Hausdorff losses run on `Online` instead.
     Multiscale,
 }
 

@@ -177,15 +177,15 @@ impl SamplesLoss {
             } else {
                 Backend::Tensorized
             }),
-            Backend::Multiscale if !device.is_cpu() => Err(OtError::Unsupported(format!(
-                "the multiscale backend has no kernels for {:?} yet (CPU only); use Backend::Tensorized",
-                device.location()
-            ))
-            .into()),
-            Backend::Online if !crate::softmin::online::supports(device) => {
+            Backend::Online | Backend::Multiscale if !crate::softmin::online::supports(device) => {
                 Err(OtError::Unsupported(format!(
-                    "the online backend's kernels for {:?} are not compiled in: enable candle-ot's \
+                    "the {} backend's kernels for {:?} are not compiled in: enable candle-ot's \
                      `cuda` / `metal` feature, or use Backend::Tensorized",
+                    if self.opts.backend == Backend::Online {
+                        "online"
+                    } else {
+                        "multiscale"
+                    },
                     device.location()
                 ))
                 .into())

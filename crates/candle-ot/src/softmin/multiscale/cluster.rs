@@ -163,6 +163,43 @@ impl Blocks {
     }
 }
 
+/// The GPU task table of a batch of patterns (one per batch item) for the block-sparse kernels
+/// (`candle_ot_kernels`' `block_*` entry points): 5 `u32` per task (`b, row_start, row_end,
+/// span_begin, span_end`), each task at most `rows_per_task` rows of one row cluster, and the
+/// spans of every batch item concatenated (2 `u32` each, column ranges within the batch item).
+#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+pub(crate) fn task_table(patterns: &[Blocks], rows_per_task: u32) -> (Vec<u32>, Vec<u32>) {
+    let step = rows_per_task.max(1);
+    let (mut tasks, mut spans) = (Vec::new(), Vec::new());
+    for (b, p) in patterns.iter().enumerate() {
+        let base = (spans.len() / 2) as u32;
+        for &(c0, c1) in &p.spans {
+            spans.extend_from_slice(&[c0, c1]);
+        }
+        for (r, &(s, e)) in p.rows.iter().enumerate() {
+            let (s0, s1) = (base + p.offsets[r], base + p.offsets[r + 1]);
+            let mut i = s;
+            while i < e {
+                let j = e.min(i.saturating_add(step));
+                tasks.extend_from_slice(&[b as u32, i, j, s0, s1]);
+                i = j;
+            }
+        }
+    }
+    (tasks, spans)
+}
+
+/// The mean number of rows per row cluster over a batch of patterns (at least 1).
+#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+pub(crate) fn mean_cluster_rows(patterns: &[Blocks]) -> u32 {
+    let clusters: usize = patterns.iter().map(|p| p.rows.len()).sum();
+    let rows: u64 = patterns
+        .iter()
+        .flat_map(|p| p.rows.iter().map(|r| (r.1 - r.0) as u64))
+        .sum();
+    (rows / clusters.max(1) as u64).clamp(1, u32::MAX as u64) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +233,28 @@ mod tests {
         assert_eq!(b.spans_of(1), &[(0, 1), (4, 6)]);
         assert_eq!(b.pairs, 2 * 4 + 3 * 3);
         assert_eq!(b.cluster_pairs, 4);
+    }
+
+    #[test]
+    fn task_table_cuts_clusters_and_offsets_spans() {
+        let rows = [(0, 2), (2, 7)];
+        let cols = [(0, 1), (1, 4), (4, 6)];
+        let a = Blocks::from_lists(&rows, &cols, &[vec![0, 1], vec![0, 2]]);
+        let b = Blocks::from_lists(&rows, &cols, &[vec![2], vec![1]]);
+        let (tasks, spans) = task_table(&[a, b], 3);
+        assert_eq!(spans, vec![0, 4, 0, 1, 4, 6, 4, 6, 1, 4]);
+        #[rustfmt::skip]
+        assert_eq!(tasks, vec![
+            0, 0, 2, 0, 1,
+            0, 2, 5, 1, 3,
+            0, 5, 7, 1, 3,
+            1, 0, 2, 3, 4,
+            1, 2, 5, 4, 5,
+            1, 5, 7, 4, 5,
+        ]);
+        assert_eq!(
+            mean_cluster_rows(&[Blocks::dense(10, 3), Blocks::dense(4, 3)]),
+            7
+        );
     }
 }

@@ -17,10 +17,22 @@
 //!    whose `bwd` streams over the same kept blocks, transposed for ∂y and ∂h).
 //!
 //! The loop itself is [`crate::sinkhorn::sinkhorn_loop_two_scale`] (no device code). Results
-//! are returned in the input order. CPU only: other devices get an `Unsupported` error.
+//! are returned in the input order.
+//!
+//! Devices: the clustering and the truncation run on the host (the points and the coarse
+//! potentials are copied there once per solve), the coarse loop on the online kernels and the
+//! fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` ([`cpu`]) and, with
+//! the `cuda` / `metal` features, `cuda_fwd` / `metal_fwd` (`cuda.rs`, `metal.rs`), which launch
+//! `candle-ot-kernels`' `block_softmin_*` / `block_lse_grad_*` with a task table built from the
+//! pattern (row blocks inside one row cluster, each with its column spans). On a device whose
+//! online kernels are not compiled in, the backend is an `Unsupported` error.
 
 pub(crate) mod cluster;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 
 use crate::cost::{CostKind, KernelKind};
 use crate::error::OtError;
@@ -118,6 +130,26 @@ struct BlockSoftminOp {
     tr: Arc<Vec<Blocks>>,
 }
 
+impl BlockSoftminOp {
+    /// `(B, N, D, M)` of the inputs, checked against each other and the pattern.
+    fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, n, d) = dims3(l1, "x")?;
+        let (by, m, dy) = dims3(l2, "y")?;
+        if (by, dy) != (b, d) {
+            candle_core::bail!(
+                "candle-ot block softmin: x is {:?} but y is {:?}",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        if l3.shape().dims() != [b, m] {
+            candle_core::bail!("candle-ot block softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
+        }
+        check_pattern(&self.fwd, b, n, m, "candle-ot-block-softmin")?;
+        Ok((b, n, d, m))
+    }
+}
+
 impl CustomOp3 for BlockSoftminOp {
     fn name(&self) -> &'static str {
         "candle-ot-block-softmin"
@@ -132,12 +164,7 @@ impl CustomOp3 for BlockSoftminOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, n, d) = dims3(l1, "x")?;
-        let (_, m, _) = dims3(l2, "y")?;
-        if l3.shape().dims() != [b, m] {
-            candle_core::bail!("candle-ot block softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
-        }
-        check_pattern(&self.fwd, b, n, m, self.name())?;
+        let (b, n, d, m) = self.check(l1, l2, l3)?;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let mut out = vec![<T as WithDType>::from_f64(0.0); b * n];
             let (x, y, h) = (
@@ -160,6 +187,34 @@ impl CustomOp3 for BlockSoftminOp {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        cuda::block_softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), &self.fwd)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        metal::block_softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), &self.fwd)
     }
 
     fn bwd(
@@ -206,6 +261,24 @@ struct BlockGradOp {
     pattern: Arc<Vec<Blocks>>,
 }
 
+impl BlockGradOp {
+    /// `(B, N, D, M)` of packed rows (B, N, D+1) and cols (B, M, D+2), checked against each
+    /// other and the pattern.
+    fn check(&self, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, n, d1) = dims3(l1, "rows")?;
+        let (bc, m, cd) = dims3(l2, "cols")?;
+        if d1 == 0 || bc != b || cd != d1 + 1 {
+            candle_core::bail!(
+                "candle-ot block grad: rows (B, N, D+1) and cols (B, M, D+2) expected, got {:?} and {:?}",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        check_pattern(&self.pattern, b, n, m, "candle-ot-block-grad")?;
+        Ok((b, n, d1 - 1, m))
+    }
+}
+
 impl CustomOp2 for BlockGradOp {
     fn name(&self) -> &'static str {
         "candle-ot-block-grad"
@@ -218,10 +291,7 @@ impl CustomOp2 for BlockGradOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, n, d1) = dims3(l1, "rows")?;
-        let (_, m, _) = dims3(l2, "cols")?;
-        let d = d1 - 1;
-        check_pattern(&self.pattern, b, n, m, self.name())?;
+        let (b, n, d, m) = self.check(l1, l2)?;
         let od = d + 1;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let mut out = vec![<T as WithDType>::from_f64(0.0); b * n * od];
@@ -242,6 +312,30 @@ impl CustomOp2 for BlockGradOp {
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n, od))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check(l1, l2)?;
+        cuda::block_grad_fwd(self.cost, self.eps, (s1, l1), (s2, l2), &self.pattern)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.check(l1, l2)?;
+        metal::block_grad_fwd(self.cost, self.eps, (s1, l1), (s2, l2), &self.pattern)
     }
 }
 
@@ -403,8 +497,18 @@ struct Clouds {
 fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
     let (b, n, d) = x.dims3()?;
     let dev = x.device();
-    let xs = x.detach().to_dtype(DType::F64)?.to_vec3::<f64>()?;
-    let ws = w.detach().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    // Host copies (to the CPU first: Metal has no f64).
+    let cpu = candle_core::Device::Cpu;
+    let xs = x
+        .detach()
+        .to_device(&cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec3::<f64>()?;
+    let ws = w
+        .detach()
+        .to_device(&cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
     let clusters: Vec<Clustering> = xs
         .iter()
         .zip(&ws)
@@ -434,8 +538,12 @@ fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
         }
     }
     let dtype = x.dtype();
-    let coarse = Tensor::from_vec(cen, (b, nc, d), dev)?.to_dtype(dtype)?;
-    let log_coarse = Tensor::from_vec(logw, (b, nc), dev)?.to_dtype(dtype)?;
+    let coarse = Tensor::from_vec(cen, (b, nc, d), &cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)?;
+    let log_coarse = Tensor::from_vec(logw, (b, nc), &cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)?;
     let fwd = Tensor::from_vec(fwd, b * n, dev)?;
     let inverse = Tensor::from_vec(inv, b * n, dev)?;
     let sorted = x
@@ -583,9 +691,10 @@ pub(crate) fn solve(
 ) -> Result<(DualPotentials, SinkhornDiagnostics)> {
     let (bsz, n, d) = x.dims3()?;
     let m = y.dim(1)?;
-    if !x.device().is_cpu() {
+    if !online::supports(x.device()) {
         return Err(OtError::Unsupported(format!(
-            "the multiscale backend runs on the CPU only (got {:?}); use Backend::Online or Backend::Tensorized",
+            "the multiscale backend's kernels for {:?} are not compiled in: enable candle-ot's \
+             `cuda` / `metal` feature, or use Backend::Tensorized",
             x.device().location()
         ))
         .into());
@@ -602,7 +711,11 @@ pub(crate) fn solve(
     let patterns = std::cell::RefCell::new((0u64, 0u64, 0u64));
     let (sx, sy) = (&cx.sorted.detach(), &cy.sorted.detach());
     let refine = |pot: &DualPotentials, eps: f64| -> Result<Refined<BlockCost>> {
-        let host = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec2::<f64>();
+        let host = |t: &Tensor| {
+            t.to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .to_vec2::<f64>()
+        };
         let thresh = -ms.truncate * eps;
         // One cost's pattern, its transpose, and the extrapolation patterns of both (fine rows
         // against the coarse columns, one column per cluster).

@@ -106,7 +106,7 @@ fn compile_cubin(source: &str, name: &str, (major, minor): (i32, i32)) -> Result
 }
 
 /// The kernel `entry` of `source` (named `module`) on `dev`, compiled and loaded on first use.
-fn function(
+pub(crate) fn function(
     dev: &CudaDevice,
     module: &'static str,
     source: &'static str,
@@ -144,7 +144,7 @@ fn launch_cfg(rows: usize, batch: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn contiguous<'a, T: CudaDType>(
+pub(crate) fn contiguous<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
@@ -154,7 +154,7 @@ fn contiguous<'a, T: CudaDType>(
     }
 }
 
-fn cost_name(c: CostKind) -> &'static str {
+pub(crate) fn cost_name(c: CostKind) -> &'static str {
     match c {
         CostKind::SqEuclidean => "sqeuclidean",
         CostKind::Euclidean => "euclidean",
@@ -170,7 +170,9 @@ fn kernel_name(k: KernelKind) -> &'static str {
 }
 
 /// Float types the CUDA kernels exist for.
-trait Float: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType {
+pub(crate) trait Float:
+    CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType
+{
     const SUFFIX: &'static str;
     fn of(v: f64) -> Self;
 }

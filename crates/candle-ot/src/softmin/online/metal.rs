@@ -42,7 +42,7 @@ use std::sync::{Mutex, OnceLock};
 
 /// The two Metal sources (each with the shared core prepended).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Source {
+pub(crate) enum Source {
     Softmin,
     KernelSums,
 }
@@ -72,7 +72,11 @@ fn kernel_err(e: candle_metal_kernels::MetalKernelError) -> candle_core::Error {
 }
 
 /// The compute pipeline of `entry` (defined in `source`) on `dev`, compiled on first use.
-fn pipeline(dev: &MetalDevice, source: Source, entry: &'static str) -> Result<ComputePipeline> {
+pub(crate) fn pipeline(
+    dev: &MetalDevice,
+    source: Source,
+    entry: &'static str,
+) -> Result<ComputePipeline> {
     let id = dev.id();
     // The lock is held while compiling, so that concurrent first calls compile once.
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -111,13 +115,13 @@ fn pipeline(dev: &MetalDevice, source: Source, entry: &'static str) -> Result<Co
 
 /// An input as a contiguous f32 buffer: the storage itself (f32) or an f32 copy (f16 / bf16),
 /// with the byte offset of its first element.
-struct F32Input<'a> {
-    storage: Cow<'a, MetalStorage>,
-    offset_bytes: usize,
+pub(crate) struct F32Input<'a> {
+    pub(crate) storage: Cow<'a, MetalStorage>,
+    pub(crate) offset_bytes: usize,
 }
 
 impl<'a> F32Input<'a> {
-    fn new(s: &'a MetalStorage, l: &Layout, name: &str) -> Result<Self> {
+    pub(crate) fn new(s: &'a MetalStorage, l: &Layout, name: &str) -> Result<Self> {
         let Some((start, _)) = l.contiguous_offsets() else {
             candle_core::bail!("candle-ot: online op input {name} must be contiguous on Metal")
         };
@@ -147,13 +151,13 @@ impl<'a> F32Input<'a> {
 }
 
 /// A storage of 0 elements of `dtype` (over a 1-element buffer: Metal has no empty buffers).
-fn empty(dev: &MetalDevice, dtype: DType) -> Result<MetalStorage> {
+pub(crate) fn empty(dev: &MetalDevice, dtype: DType) -> Result<MetalStorage> {
     let buffer = dev.new_buffer_builder().with_size_for(1, dtype).build()?;
     Ok(MetalStorage::new(buffer, dev.clone(), 0, dtype))
 }
 
 /// The common input dtype of an op (all inputs must agree).
-fn common_dtype(inputs: &[(&MetalStorage, &str)]) -> Result<DType> {
+pub(crate) fn common_dtype(inputs: &[(&MetalStorage, &str)]) -> Result<DType> {
     let dt = inputs[0].0.dtype();
     for (s, name) in inputs {
         if s.dtype() != dt {
@@ -261,6 +265,18 @@ fn launch(
         // Release Candle's command-queue lock before any other op (the cast below) runs.
         drop(guard);
     }
+    finish(dev, out, out_len, out_shape, dtype)
+}
+
+/// The f32 output buffer `out` (`out_len` elements) as a storage of `dtype` (converted back from
+/// f32 when the inputs were f16 / bf16). Call after the command-encoder guard is dropped.
+pub(crate) fn finish(
+    dev: &MetalDevice,
+    out: std::sync::Arc<candle_metal_kernels::metal::Buffer>,
+    out_len: usize,
+    out_shape: Shape,
+    dtype: DType,
+) -> Result<(MetalStorage, Shape)> {
     let storage = MetalStorage::new(out, dev.clone(), out_len, DType::F32);
     let storage = if dtype == DType::F32 {
         storage

@@ -18,9 +18,9 @@
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "metal")]
-mod metal;
+pub(crate) mod metal;
 pub(crate) mod real;
 
 pub use cpu::{roofline, simd_level, RooflineMix, SimdLevel};
@@ -78,7 +78,7 @@ pub(crate) fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
 
 /// A size as the kernels' `u32`, or a clear error (the GPU kernels take 32-bit sizes).
 #[cfg(any(feature = "cuda", feature = "metal"))]
-fn u32_of(v: usize, what: &str) -> Result<u32> {
+pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| candle_core::Error::Msg(format!("candle-ot: {what} = {v} exceeds u32")))
 }
