@@ -137,7 +137,7 @@ template <int OP> struct OtTraits {
 };
 
 // Shared-memory tile, declared once per kernel (not per D specialisation).
-template <typename T, int OP> struct OtShared {
+template <typename T, int OP> struct __align__(16) OtShared {
   T pts[OT_TILE_ELEMS];
   T q1[OT_TILE];
   T q2[OtTraits<OP>::HAS_Q2 ? OT_TILE : 1];
@@ -345,11 +345,190 @@ __device__ __forceinline__ void ot_core(const OtArgs<T>& a, OtShared<T, OP>& sh)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fast path of the softmin for D <= 3 (point clouds, the multiscale fine level), dense or
+// block-sparse. Same result as ot_core<OT_OP_SOFTMIN>, organised for throughput:
+//   * each OTHER point is staged as ONE 4-vector (q_0, q_1, q_2, kappa h_q), zero-padded, so a
+//     pair costs a single 16-byte shared load, shared by RB rows;
+//   * register blocking: a thread keeps RB rows (RB = 4 when LANES <= 8), and the LANES * RB
+//     threads of a row group split the points (a group is LANES * RB adjacent lanes of a warp);
+//   * base 2: z = kappa h_q - kappa C(p_r, q) / eps (kappa = log2 e) and ex2 of the shifted
+//     value (ex2.approx.ftz in f32: relative error ~2 ulp, no range reduction needed);
+//   * the running (max, sum) is updated per chunk of OT_FU points: the chunk's max first (at most
+//     one rescale of the sum), then one ex2 per pair; a chunk whose max is -inf adds nothing.
+// f = -eps ln2 (m + log2 s), +inf when every term is masked. The lanes of a group merge with the
+// associative combine (base 2), as in ot_core.
+// ---------------------------------------------------------------------------------------------
+#ifndef OT_FU
+#define OT_FU 4      // points per chunk of the fast softmin
+#endif
+#ifndef OT_RB_MAX
+#define OT_RB_MAX 4  // rows per thread of the fast softmin (register blocking), when LANES allows
+#endif
+
+template <typename T> struct __align__(16) OtP4 { T v[4]; };
+
+template <typename T> struct OtFast;
+template <> struct OtFast<float> {
+  static __device__ __forceinline__ float ex2(float t) {  // t <= 0 (or -inf: +0)
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+    return r;
+  }
+  static __device__ __forceinline__ float log2(float t) { return log2f(t); }
+};
+template <> struct OtFast<double> {
+  static __device__ __forceinline__ double ex2(double t) { return ::exp2(t); }
+  static __device__ __forceinline__ double log2(double t) { return ::log2(t); }
+};
+
+template <typename T, int DS, int COST, bool BS, int RB>
+__device__ __forceinline__ void ot_softmin_fast(const OtArgs<T>& a, OtP4<T>* tile) {
+  typedef OtMath<T> MM;
+  typedef OtFast<T> FF;
+  const T kappa = T(1.4426950408889634074);  // log2 e
+  const unsigned nthr = blockDim.x * blockDim.y;
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const unsigned gl = blockDim.x * (unsigned)RB;  // lanes of a row group (power of two, <= 32)
+  const unsigned lane = tid & (gl - 1u), grp = tid / gl;
+  const unsigned R = a.R, Q = a.Q, qps = a.qps, q1s = a.q1s;
+  const unsigned* task = BS ? a.tasks + 5ull * blockIdx.x : 0;
+  const unsigned b = BS ? task[0] : blockIdx.y;
+  const unsigned rbase = BS ? task[1] : blockIdx.x * blockDim.y;
+  const unsigned rend = BS ? ot_minu(task[2], R) : R;
+  const unsigned span0 = BS ? task[3] : 0u, span1 = BS ? task[4] : 1u;
+  const T eps = a.par;
+  const T sc = COST == OT_COST_SQE ? T(0.5) * kappa / eps : kappa / eps;
+
+  T xr[RB][3];
+  T m[RB], s[RB];
+#pragma unroll
+  for (int k = 0; k < RB; ++k) {
+    const unsigned r = rbase + grp * (unsigned)RB + (unsigned)k;
+    const T* xg = a.rp + ((unsigned long long)b * R + (r < rend ? r : 0u)) * a.rps;
+#pragma unroll
+    for (int d = 0; d < 3; ++d) xr[k][d] = d < DS ? xg[d] : T(0);
+    m[k] = MM::ninf();
+    s[k] = T(0);
+  }
+  const T* qp = a.qp + (unsigned long long)b * Q * qps;
+  const T* q1 = a.q1 + (unsigned long long)b * Q * q1s;
+
+  for (unsigned si = span0; si < span1; ++si) {
+    const unsigned qb = BS ? a.spans[2 * si] : 0u;
+    const unsigned qe = BS ? ot_minu(a.spans[2 * si + 1], Q) : Q;
+    for (unsigned q0 = qb; q0 < qe; q0 += OT_TILE) {
+      const unsigned nq = ot_minu(OT_TILE, qe - q0);
+      __syncthreads();  // previous tile fully consumed
+      for (unsigned e = tid; e < nq; e += nthr) {
+        const T* src = qp + (unsigned long long)(q0 + e) * qps;
+        OtP4<T> p;
+#pragma unroll
+        for (int d = 0; d < 3; ++d) p.v[d] = d < DS ? src[d] : T(0);
+        p.v[3] = kappa * q1[(unsigned long long)(q0 + e) * q1s];
+        tile[e] = p;
+      }
+      __syncthreads();
+      for (unsigned p0 = lane; p0 < nq; p0 += gl * OT_FU) {
+        T z[RB][OT_FU];
+#pragma unroll
+        for (int u = 0; u < OT_FU; ++u) {
+          const unsigned p = p0 + (unsigned)u * gl;
+          const OtP4<T> q = tile[p < nq ? p : 0u];
+#pragma unroll
+          for (int k = 0; k < RB; ++k) {
+            T sq = T(0);
+#pragma unroll
+            for (int d = 0; d < DS; ++d) {
+              const T t = xr[k][d] - q.v[d];
+              sq = fma(t, t, sq);
+            }
+            const T c = COST == OT_COST_SQE ? sq : MM::sqrt(sq);
+            z[k][u] = p < nq ? fma(-sc, c, q.v[3]) : MM::ninf();
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+          T mc = z[k][0];
+#pragma unroll
+          for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
+          if (mc > m[k]) {
+            s[k] = m[k] == MM::ninf() ? T(0) : s[k] * FF::ex2(m[k] - mc);
+            m[k] = mc;
+          }
+          if (m[k] != MM::ninf()) {
+            T add = T(0);
+#pragma unroll
+            for (int u = 0; u < OT_FU; ++u) add += FF::ex2(z[k][u] - m[k]);
+            s[k] += add;
+          }
+        }
+      }
+    }
+  }
+
+  // Merge the gl partial states of each row (adjacent lanes of one warp).
+  for (unsigned off = gl >> 1; off > 0; off >>= 1) {
+#pragma unroll
+    for (int k = 0; k < RB; ++k) {
+      const T m2 = MM::shfl_xor(m[k], off);
+      const T s2 = MM::shfl_xor(s[k], off);
+      const T mx = m[k] > m2 ? m[k] : m2;
+      const T a1 = m[k] == MM::ninf() ? T(0) : FF::ex2(m[k] - mx);
+      const T a2 = m2 == MM::ninf() ? T(0) : FF::ex2(m2 - mx);
+      s[k] = s[k] * a1 + s2 * a2;
+      m[k] = mx;
+    }
+  }
+  if (lane != 0) return;
+  const T ln2 = T(0.69314718055994530942);
+#pragma unroll
+  for (int k = 0; k < RB; ++k) {
+    const unsigned r = rbase + grp * (unsigned)RB + (unsigned)k;
+    if (r < rend)
+      a.out[(unsigned long long)b * R + r] =
+          m[k] == MM::ninf() ? MM::pinf() : -eps * ln2 * (m[k] + FF::log2(s[k]));
+  }
+}
+
+// D in {1, 2, 3} and the register blocking RB from LANES (RB * LANES <= 32).
+template <typename T, int COST, bool BS, int RB>
+__device__ __forceinline__ void ot_softmin_fast_d(const OtArgs<T>& a, OtP4<T>* tile) {
+  switch (a.D) {
+    case 1: ot_softmin_fast<T, 1, COST, BS, RB>(a, tile); break;
+    case 2: ot_softmin_fast<T, 2, COST, BS, RB>(a, tile); break;
+    default: ot_softmin_fast<T, 3, COST, BS, RB>(a, tile); break;
+  }
+}
+
 // Runtime D -> compile-time specialisation. The shared tile is declared here, once per kernel.
 // BS: block-sparse (a.tasks non-null, grid (ntasks, 1, 1)); dense otherwise.
 template <typename T, int OP, int COST, bool BS = false>
 __device__ __forceinline__ void ot_dispatch(const OtArgs<T>& a) {
   __shared__ OtShared<T, OP> sh;
+  // The fast path: f32 softmin with D <= 3 (measured slower than ot_core in f64, whose exp2 is
+  // not a hardware instruction).
+  if constexpr (OP == OT_OP_SOFTMIN && sizeof(T) == 4) {
+    if (a.D <= 3u) {  // uniform across the grid
+      static_assert(4u * OT_TILE <= OT_TILE_ELEMS, "the 4-vector tile must fit in sh.pts");
+      OtP4<T>* tile = reinterpret_cast<OtP4<T>*>(sh.pts);
+      if constexpr (OT_RB_MAX >= 8) {  // measured slower on an H100 (see softmin_bench.cu)
+        if (blockDim.x <= 4u) {
+          ot_softmin_fast_d<T, COST, BS, 8>(a, tile);
+          return;
+        }
+      }
+      // RB rows per thread, where the row group (LANES * RB threads) fits in a warp and RB
+      // divides ROWS.
+      if (blockDim.x <= 8u && blockDim.y % 4u == 0u)
+        ot_softmin_fast_d<T, COST, BS, 4>(a, tile);
+      else if (blockDim.x <= 16u && blockDim.y % 2u == 0u)
+        ot_softmin_fast_d<T, COST, BS, 2>(a, tile);
+      else
+        ot_softmin_fast_d<T, COST, BS, 1>(a, tile);
+      return;
+    }
+  }
   switch (a.D) {
     case 1: ot_core<T, 1, OP, COST, BS>(a, sh); break;
     case 2: ot_core<T, 2, OP, COST, BS>(a, sh); break;

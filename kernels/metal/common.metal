@@ -119,6 +119,7 @@ template <int OP> struct OtShared {
   float q2[OtTraits<OP>::HAS_Q2 ? OT_TILE : 1];
   float v[OtTraits<OP>::HAS_V ? OT_TILE * OT_CH : 1];
   float scr[OT_MAX_BLOCK * (OT_CH + 2)];  // lane merge: (m, acc[0..NACC)) per thread
+  float4 tile4[OP == OT_OP_SOFTMIN ? OT_TILE : 1];  // the fast softmin's tile
 };
 
 template <int DS, int OP, int COST, bool BS, typename TGP>
@@ -314,10 +315,149 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fast path of the softmin for D <= 3, dense or block-sparse: twin of common.cuh's
+// ot_softmin_fast (same tile of 4-vectors (q_0, q_1, q_2, kappa h_q), register blocking of RB
+// rows per thread, base-2 exponent, per-chunk max of OT_FU points). The lanes of a row group
+// merge through threadgroup memory, as in ot_core.
+// ---------------------------------------------------------------------------------------------
+#ifndef OT_FU
+#define OT_FU 4  // points per chunk of the fast softmin
+#endif
+
+inline float ot_ex2(float t) { return metal::fast::exp2(t); }  // t <= 0 (or -inf: 0)
+
+template <int DS, int COST, bool BS, int RB, typename TGP>
+inline void ot_softmin_fast(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
+  const float kappa = 1.4426950408889634074f;  // log2 e
+  const uint nthr = tptg.x * tptg.y;
+  const uint tid = ltid.y * tptg.x + ltid.x;
+  const uint gl = tptg.x * (uint)RB;  // lanes of a row group (power of two)
+  const uint lane = tid & (gl - 1u), grp = tid / gl;
+  const uint R = a.R, Q = a.Q, qps = a.qps, q1s = a.q1s;
+  device const uint* task = BS ? a.tasks + 5ul * tgid.x : a.tasks;
+  const uint b = BS ? task[0] : tgid.y;
+  const uint rbase = BS ? task[1] : tgid.x * tptg.y;
+  const uint rend = BS ? ot_minu(task[2], R) : R;
+  const uint span0 = BS ? task[3] : 0u, span1 = BS ? task[4] : 1u;
+  const float eps = a.par;
+  const float sc = COST == OT_COST_SQE ? 0.5f * kappa / eps : kappa / eps;
+
+  float xr[RB][3];
+  float m[RB], s[RB];
+  for (int k = 0; k < RB; ++k) {
+    const uint r = rbase + grp * (uint)RB + (uint)k;
+    device const float* xg = a.rp + ((ulong)b * R + (r < rend ? r : 0u)) * a.rps;
+    for (int d = 0; d < 3; ++d) xr[k][d] = d < DS ? xg[d] : 0.0f;
+    m[k] = OT_NINF;
+    s[k] = 0.0f;
+  }
+  device const float* qp = a.qp + (ulong)b * Q * qps;
+  device const float* q1 = a.q1 + (ulong)b * Q * q1s;
+
+  for (uint si = span0; si < span1; ++si) {
+    const uint qb = BS ? a.spans[2 * si] : 0u;
+    const uint qe = BS ? ot_minu(a.spans[2 * si + 1], Q) : Q;
+    for (uint q0 = qb; q0 < qe; q0 += OT_TILE) {
+      const uint nq = ot_minu(OT_TILE, qe - q0);
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // previous tile fully consumed
+      for (uint e = tid; e < nq; e += nthr) {
+        device const float* src = qp + (ulong)(q0 + e) * qps;
+        float4 p = float4(0.0f);
+        for (int d = 0; d < DS; ++d) p[d] = src[d];
+        p[3] = kappa * q1[(ulong)(q0 + e) * q1s];
+        sh->tile4[e] = p;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (uint p0 = lane; p0 < nq; p0 += gl * OT_FU) {
+        float z[RB][OT_FU];
+        for (int u = 0; u < OT_FU; ++u) {
+          const uint p = p0 + (uint)u * gl;
+          const float4 q = sh->tile4[p < nq ? p : 0u];
+          for (int k = 0; k < RB; ++k) {
+            float sq = 0.0f;
+            for (int d = 0; d < DS; ++d) {
+              const float t = xr[k][d] - q[d];
+              sq = fma(t, t, sq);
+            }
+            const float c = COST == OT_COST_SQE ? sq : sqrt(sq);
+            z[k][u] = p < nq ? fma(-sc, c, q[3]) : OT_NINF;
+          }
+        }
+        for (int k = 0; k < RB; ++k) {
+          float mc = z[k][0];
+          for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
+          if (mc > m[k]) {
+            s[k] = m[k] == OT_NINF ? 0.0f : s[k] * ot_ex2(m[k] - mc);
+            m[k] = mc;
+          }
+          if (m[k] != OT_NINF) {
+            float add = 0.0f;
+            for (int u = 0; u < OT_FU; ++u) add += ot_ex2(z[k][u] - m[k]);
+            s[k] += add;
+          }
+        }
+      }
+    }
+  }
+
+  // Merge the gl partial states of each row through threadgroup memory (tree; sh->scr holds
+  // (m, s) per row for every thread: 2 RB <= OT_CH + 2 floats per thread).
+  for (uint off = gl >> 1; off > 0; off >>= 1) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int k = 0; k < RB; ++k) {
+      sh->scr[tid * (2u * RB) + 2u * k] = m[k];
+      sh->scr[tid * (2u * RB) + 2u * k + 1u] = s[k];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (lane < off) {
+      for (int k = 0; k < RB; ++k) {
+        const uint pt = (tid + off) * (2u * RB) + 2u * k;
+        const float m2 = sh->scr[pt], s2 = sh->scr[pt + 1u];
+        const float mx = m[k] > m2 ? m[k] : m2;
+        const float a1 = m[k] == OT_NINF ? 0.0f : ot_ex2(m[k] - mx);
+        const float a2 = m2 == OT_NINF ? 0.0f : ot_ex2(m2 - mx);
+        s[k] = s[k] * a1 + s2 * a2;
+        m[k] = mx;
+      }
+    }
+  }
+  if (lane != 0) return;
+  const float ln2 = 0.69314718055994530942f;
+  for (int k = 0; k < RB; ++k) {
+    const uint r = rbase + grp * (uint)RB + (uint)k;
+    if (r < rend)
+      a.out[(ulong)b * R + r] =
+          m[k] == OT_NINF ? INFINITY : -eps * ln2 * (m[k] + metal::precise::log2(s[k]));
+  }
+}
+
+// D in {1, 2, 3} for a register blocking RB.
+template <int COST, bool BS, int RB, typename TGP>
+inline void ot_softmin_fast_d(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
+  switch (a.D) {
+    case 1: ot_softmin_fast<1, COST, BS, RB>(a, sh, ltid, tgid, tptg); break;
+    case 2: ot_softmin_fast<2, COST, BS, RB>(a, sh, ltid, tgid, tptg); break;
+    default: ot_softmin_fast<3, COST, BS, RB>(a, sh, ltid, tgid, tptg); break;
+  }
+}
+
 // Runtime D -> compile-time specialisation.
 // BS: block-sparse (a.tasks non-null, threadgroups (ntasks, 1, 1)); dense otherwise.
 template <int OP, int COST, bool BS = false, typename TGP>
 inline void ot_dispatch(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
+  // The fast path: softmin with D <= 3 (uniform across the grid). RB rows per thread, where
+  // the row group (LANES * RB threads) fits in a SIMD group and RB divides ROWS.
+  if (OP == OT_OP_SOFTMIN && a.D <= 3u) {
+    const uint lanes = tptg.x, rows = tptg.y;
+    if (lanes <= 8u && rows % 4u == 0u)
+      ot_softmin_fast_d<COST, BS, 4>(a, sh, ltid, tgid, tptg);
+    else if (lanes <= 16u && rows % 2u == 0u)
+      ot_softmin_fast_d<COST, BS, 2>(a, sh, ltid, tgid, tptg);
+    else
+      ot_softmin_fast_d<COST, BS, 1>(a, sh, ltid, tgid, tptg);
+    return;
+  }
   switch (a.D) {
     case 1: ot_core<1, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
     case 2: ot_core<2, OP, COST, BS>(a, sh, ltid, tgid, tptg); break;
