@@ -282,5 +282,9 @@ fn auto_picks_multiscale_only_where_it_wins() -> Result<()> {
     let (x, y) = clouds(12, &[400, 3], &[400, 3])?;
     let sol = SamplesLoss::new(Loss::Sinkhorn).solve(None, &x, None, &y)?;
     assert_eq!(sol.backend, Backend::Online);
+    // The measured crossovers: the CPU's, then a later one on CUDA (cheaper online kernels).
+    use candle_ot::samples_loss::{auto_multiscale_pairs, AUTO_MULTISCALE_PAIRS_CUDA};
+    let cpu = auto_multiscale_pairs(&Device::Cpu).expect("a CPU crossover");
+    assert!((1e8..AUTO_MULTISCALE_PAIRS_CUDA).contains(&cpu), "{cpu}");
     Ok(())
 }

@@ -62,10 +62,10 @@ impl std::str::FromStr for Loss {
 /// How the reductions over all pairs (x_i, y_j) are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// Picks `Online` where its kernels are compiled in, else `Tensorized`; on the CPU,
-    /// `Multiscale` for the Sinkhorn loss in f32 with no `tol`, D ≤ 3 and
-    /// `B·N·M ≥` [`crate::samples_loss::AUTO_MULTISCALE_PAIRS`] (measured crossover), with
-    /// `cluster_scale = blur` unless set.
+    /// Picks `Online` where its kernels are compiled in, else `Tensorized`; on the CPU and on
+    /// CUDA, `Multiscale` for the Sinkhorn loss in f32 with no `tol`, D ≤ 3 and `B·N·M` at
+    /// least the measured crossover ([`crate::samples_loss::auto_multiscale_pairs`]: 10⁹ on
+    /// the CPU, 4·10¹⁰ on CUDA), with `cluster_scale = blur` unless set.
     #[default]
     Auto,
     /// Dense N×M matrices with Candle tensor ops; any device; O(N·M·D) memory.

@@ -67,6 +67,24 @@ pub struct Solution {
 /// N = M = 32k with a loss within 1e-3 of it, and only 1.2× faster (1 % off) at 16k.
 pub const AUTO_MULTISCALE_PAIRS: f64 = 1.0e9;
 
+/// The size `B·N·M` from which `Backend::Auto` takes the multiscale backend on a CUDA device:
+/// measured on an H100 (docs/performance.md, loss + gradient, f32, D = 3), multiscale at
+/// `cluster_scale = blur` is 1.4× faster than online at N = M = 200k (4·10¹⁰ pairs), 2.4× at
+/// 300k, 4.8× at 500k and 10.5× at 1M, and 2.3× slower at 100k (its host-side clustering and
+/// truncation do not pay there).
+pub const AUTO_MULTISCALE_PAIRS_CUDA: f64 = 4.0e10;
+
+/// Where `Backend::Auto` may take the multiscale backend, the size `B·N·M` from which it does:
+/// [`AUTO_MULTISCALE_PAIRS`] on the CPU, [`AUTO_MULTISCALE_PAIRS_CUDA`] on CUDA, and `None`
+/// on Metal (no crossover measured: `Auto` stays online there).
+pub fn auto_multiscale_pairs(device: &Device) -> Option<f64> {
+    match device {
+        Device::Cpu => Some(AUTO_MULTISCALE_PAIRS),
+        Device::Cuda(_) => Some(AUTO_MULTISCALE_PAIRS_CUDA),
+        Device::Metal(_) => None,
+    }
+}
+
 /// Inputs after validation: batched, in the compute dtype.
 struct Prepared {
     a: Tensor, // (B, N)
@@ -195,19 +213,22 @@ impl SamplesLoss {
     }
 
     /// Whether `Auto` takes the multiscale backend: only where it was measured to win and its
-    /// accuracy suits the request, i.e. the Sinkhorn loss on the CPU in f32 (f16/bf16) with
-    /// GeomLoss's fixed schedule (no `tol`), D ≤ 3, and `B·N·M ≥` [`AUTO_MULTISCALE_PAIRS`]
-    /// (see docs/performance.md). `Auto` then clusters at `cluster_scale = blur` unless one
-    /// is set.
+    /// accuracy suits the request, i.e. the Sinkhorn loss in f32 (f16/bf16) with GeomLoss's
+    /// fixed schedule (no `tol`), D ≤ 3, and `B·N·M` at least the device's measured crossover
+    /// ([`auto_multiscale_pairs`]; see docs/performance.md). `Auto` then clusters at
+    /// `cluster_scale = blur` unless one is set.
     fn auto_multiscale(&self, p: &Prepared) -> Result<bool> {
         let (bsz, n, d) = p.x.dims3()?;
         let m = p.y.dim(1)?;
-        Ok(p.x.device().is_cpu()
+        let Some(threshold) = auto_multiscale_pairs(p.x.device()) else {
+            return Ok(false);
+        };
+        Ok(crate::softmin::online::supports(p.x.device())
             && self.opts.loss == Loss::Sinkhorn
             && self.opts.tol.is_none()
             && p.x.dtype() == DType::F32
             && d <= multiscale::MAX_DIM
-            && (bsz * n) as f64 * m as f64 >= AUTO_MULTISCALE_PAIRS)
+            && (bsz * n) as f64 * m as f64 >= threshold)
     }
 
     fn prepare(
