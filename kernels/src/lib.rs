@@ -438,7 +438,12 @@ mod tests {
 
     #[test]
     fn block_sparse_block_rules() {
-        for (rows, batch, mean) in [(1, 1, 1), (1 << 20, 1, 1000), (1 << 20, 1, 40), (1000, 2, 0)] {
+        for (rows, batch, mean) in [
+            (1, 1, 1),
+            (1 << 20, 1, 1000),
+            (1 << 20, 1, 40),
+            (1000, 2, 0),
+        ] {
             let (lanes, per_block, one) = block_sparse_block(rows, batch, mean);
             assert_eq!(one, 1);
             assert!(lanes.is_power_of_two() && lanes <= MAX_LANES);
