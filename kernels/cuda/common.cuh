@@ -382,6 +382,52 @@ template <> struct OtFast<double> {
   static __device__ __forceinline__ double log2(double t) { return ::log2(t); }
 };
 
+// The pairs of one staged tile (nq points) for the RB rows of a thread: chunks of OT_FU points
+// lane, lane + gl, ... (FULL: every point of every chunk exists, no bounds checks).
+template <typename T, int DS, int COST, int RB, bool FULL>
+__device__ __forceinline__ void ot_fast_chunks(const OtP4<T>* tile, unsigned nq, unsigned lane,
+                                               unsigned gl, T sc, const T (&xr)[RB][3],
+                                               T (&m)[RB], T (&s)[RB]) {
+  typedef OtMath<T> MM;
+  typedef OtFast<T> FF;
+  for (unsigned p0 = lane; p0 < nq; p0 += gl * OT_FU) {
+    T z[RB][OT_FU];
+#pragma unroll
+    for (int u = 0; u < OT_FU; ++u) {
+      const unsigned p = p0 + (unsigned)u * gl;
+      const bool in = FULL || p < nq;
+      const OtP4<T> q = tile[in ? p : 0u];
+#pragma unroll
+      for (int k = 0; k < RB; ++k) {
+        T sq = T(0);
+#pragma unroll
+        for (int d = 0; d < DS; ++d) {
+          const T t = xr[k][d] - q.v[d];
+          sq = fma(t, t, sq);
+        }
+        const T c = COST == OT_COST_SQE ? sq : MM::sqrt(sq);
+        z[k][u] = in ? fma(-sc, c, q.v[3]) : MM::ninf();
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < RB; ++k) {
+      T mc = z[k][0];
+#pragma unroll
+      for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
+      if (mc > m[k]) {
+        s[k] = m[k] == MM::ninf() ? T(0) : s[k] * FF::ex2(m[k] - mc);
+        m[k] = mc;
+      }
+      if (m[k] != MM::ninf()) {
+        T add = T(0);
+#pragma unroll
+        for (int u = 0; u < OT_FU; ++u) add += FF::ex2(z[k][u] - m[k]);
+        s[k] += add;
+      }
+    }
+  }
+}
+
 template <typename T, int DS, int COST, bool BS, int RB>
 __device__ __forceinline__ void ot_softmin_fast(const OtArgs<T>& a, OtP4<T>* tile) {
   typedef OtMath<T> MM;
@@ -429,41 +475,11 @@ __device__ __forceinline__ void ot_softmin_fast(const OtArgs<T>& a, OtP4<T>* til
         tile[e] = p;
       }
       __syncthreads();
-      for (unsigned p0 = lane; p0 < nq; p0 += gl * OT_FU) {
-        T z[RB][OT_FU];
-#pragma unroll
-        for (int u = 0; u < OT_FU; ++u) {
-          const unsigned p = p0 + (unsigned)u * gl;
-          const OtP4<T> q = tile[p < nq ? p : 0u];
-#pragma unroll
-          for (int k = 0; k < RB; ++k) {
-            T sq = T(0);
-#pragma unroll
-            for (int d = 0; d < DS; ++d) {
-              const T t = xr[k][d] - q.v[d];
-              sq = fma(t, t, sq);
-            }
-            const T c = COST == OT_COST_SQE ? sq : MM::sqrt(sq);
-            z[k][u] = p < nq ? fma(-sc, c, q.v[3]) : MM::ninf();
-          }
-        }
-#pragma unroll
-        for (int k = 0; k < RB; ++k) {
-          T mc = z[k][0];
-#pragma unroll
-          for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
-          if (mc > m[k]) {
-            s[k] = m[k] == MM::ninf() ? T(0) : s[k] * FF::ex2(m[k] - mc);
-            m[k] = mc;
-          }
-          if (m[k] != MM::ninf()) {
-            T add = T(0);
-#pragma unroll
-            for (int u = 0; u < OT_FU; ++u) add += FF::ex2(z[k][u] - m[k]);
-            s[k] += add;
-          }
-        }
-      }
+      // A full tile that the row group's chunks divide needs no bounds checks.
+      if (nq == OT_TILE && OT_TILE % (gl * (unsigned)OT_FU) == 0u)
+        ot_fast_chunks<T, DS, COST, RB, true>(tile, OT_TILE, lane, gl, sc, xr, m, s);
+      else
+        ot_fast_chunks<T, DS, COST, RB, false>(tile, nq, lane, gl, sc, xr, m, s);
     }
   }
 

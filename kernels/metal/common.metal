@@ -327,6 +327,43 @@ inline void ot_core(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint
 
 inline float ot_ex2(float t) { return metal::fast::exp2(t); }  // t <= 0 (or -inf: 0)
 
+// The pairs of one staged tile (nq points) for the RB rows of a thread: chunks of OT_FU points
+// lane, lane + gl, ... (FULL: every point of every chunk exists, no bounds checks).
+template <int DS, int COST, int RB, bool FULL, typename TGP>
+inline void ot_fast_chunks(TGP sh, uint nq, uint lane, uint gl, float sc, thread const float (*xr)[3],
+                           thread float* m, thread float* s) {
+  for (uint p0 = lane; p0 < nq; p0 += gl * OT_FU) {
+    float z[RB][OT_FU];
+    for (int u = 0; u < OT_FU; ++u) {
+      const uint p = p0 + (uint)u * gl;
+      const bool in = FULL || p < nq;
+      const float4 q = sh->tile4[in ? p : 0u];
+      for (int k = 0; k < RB; ++k) {
+        float sq = 0.0f;
+        for (int d = 0; d < DS; ++d) {
+          const float t = xr[k][d] - q[d];
+          sq = fma(t, t, sq);
+        }
+        const float c = COST == OT_COST_SQE ? sq : sqrt(sq);
+        z[k][u] = in ? fma(-sc, c, q[3]) : OT_NINF;
+      }
+    }
+    for (int k = 0; k < RB; ++k) {
+      float mc = z[k][0];
+      for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
+      if (mc > m[k]) {
+        s[k] = m[k] == OT_NINF ? 0.0f : s[k] * ot_ex2(m[k] - mc);
+        m[k] = mc;
+      }
+      if (m[k] != OT_NINF) {
+        float add = 0.0f;
+        for (int u = 0; u < OT_FU; ++u) add += ot_ex2(z[k][u] - m[k]);
+        s[k] += add;
+      }
+    }
+  }
+}
+
 template <int DS, int COST, bool BS, int RB, typename TGP>
 inline void ot_softmin_fast(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tgid, uint2 tptg) {
   const float kappa = 1.4426950408889634074f;  // log2 e
@@ -369,35 +406,11 @@ inline void ot_softmin_fast(thread const OtArgs& a, TGP sh, uint2 ltid, uint2 tg
         sh->tile4[e] = p;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (uint p0 = lane; p0 < nq; p0 += gl * OT_FU) {
-        float z[RB][OT_FU];
-        for (int u = 0; u < OT_FU; ++u) {
-          const uint p = p0 + (uint)u * gl;
-          const float4 q = sh->tile4[p < nq ? p : 0u];
-          for (int k = 0; k < RB; ++k) {
-            float sq = 0.0f;
-            for (int d = 0; d < DS; ++d) {
-              const float t = xr[k][d] - q[d];
-              sq = fma(t, t, sq);
-            }
-            const float c = COST == OT_COST_SQE ? sq : sqrt(sq);
-            z[k][u] = p < nq ? fma(-sc, c, q[3]) : OT_NINF;
-          }
-        }
-        for (int k = 0; k < RB; ++k) {
-          float mc = z[k][0];
-          for (int u = 1; u < OT_FU; ++u) mc = z[k][u] > mc ? z[k][u] : mc;
-          if (mc > m[k]) {
-            s[k] = m[k] == OT_NINF ? 0.0f : s[k] * ot_ex2(m[k] - mc);
-            m[k] = mc;
-          }
-          if (m[k] != OT_NINF) {
-            float add = 0.0f;
-            for (int u = 0; u < OT_FU; ++u) add += ot_ex2(z[k][u] - m[k]);
-            s[k] += add;
-          }
-        }
-      }
+      // A full tile that the row group's chunks divide needs no bounds checks.
+      if (nq == OT_TILE && OT_TILE % (gl * (uint)OT_FU) == 0u)
+        ot_fast_chunks<DS, COST, RB, true>(sh, OT_TILE, lane, gl, sc, xr, m, s);
+      else
+        ot_fast_chunks<DS, COST, RB, false>(sh, nq, lane, gl, sc, xr, m, s);
     }
   }
 
