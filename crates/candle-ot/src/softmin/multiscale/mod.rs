@@ -21,7 +21,7 @@
 //!
 //! Devices: the clustering and the truncation run on the host (the points and the coarse
 //! potentials are copied there once per solve), the coarse loop on the online kernels and the
-//! fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` ([`cpu`]) and, with
+//! fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` (`cpu.rs`) and, with
 //! the `cuda` / `metal` features, `cuda_fwd` / `metal_fwd` (`cuda.rs`, `metal.rs`), which launch
 //! `candle-ot-kernels`' `block_softmin_*` / `block_lse_grad_*` with a task table built from the
 //! pattern (row blocks inside one row cluster, each with its column spans). On a device whose
