@@ -13,6 +13,28 @@
 //! Backends are algorithms; devices live inside each backend's ops (`cpu_fwd` / `cuda_fwd` /
 //! `metal_fwd` of the online custom ops, Candle's own kernels for the tensorized one).
 
+/// Evaluates `$body` with `$T` bound to the float type of `$dtype` (f32 or f64); any other
+/// dtype is an error naming `$op` (and `$on`, the device, where given). Shared by the online and
+/// multiscale ops on every device.
+macro_rules! with_float {
+    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
+        with_float!($dtype, $op, "", |$T| $body)
+    };
+    ($dtype:expr, $op:expr, $on:literal, |$T:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}{} (f32 or f64)", $op, $on),
+        }
+    };
+}
+
 pub mod multiscale;
 pub mod online;
 pub mod tensorized;

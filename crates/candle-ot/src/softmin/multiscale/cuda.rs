@@ -9,7 +9,7 @@ use crate::softmin::online::cuda::{contiguous, cost_name, function, Float};
 use crate::softmin::online::{dims3, u32_of};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
 use candle_ot_kernels::{block_sparse_block, cuda as src, TASK_WORDS};
 
 /// Launches `entry(inputs..., out, B, N, M, D, eps, tasks, spans, ntasks)` over `pattern` and
@@ -74,22 +74,6 @@ fn launch<T: Float>(
     Ok(out)
 }
 
-macro_rules! with_float {
-    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            dt => candle_core::bail!("{}: unsupported dtype {dt:?} on CUDA (f32 or f64)", $op),
-        }
-    };
-}
-
 /// `block_softmin_{cost}_{t}`: x (B, N, D), y (B, M, D), h (B, M) → (B, N).
 pub(super) fn block_softmin_fwd(
     cost: CostKind,
@@ -102,7 +86,7 @@ pub(super) fn block_softmin_fwd(
     let (b, n, d) = dims3(lx, "x")?;
     let (_, m, _) = dims3(ly, "y")?;
     let dev = sx.device();
-    let storage = with_float!(sx.dtype(), "candle-ot block softmin", |T| {
+    let storage = with_float!(sx.dtype(), "candle-ot block softmin", " on CUDA", |T| {
         let entry = format!("block_softmin_{}_{}", cost_name(cost), T::SUFFIX);
         let ins = [
             contiguous::<T>(sx, lx)?,
@@ -135,7 +119,7 @@ pub(super) fn block_grad_fwd(
     }
     let d = d1 - 1;
     let dev = sr.device();
-    let storage = with_float!(sr.dtype(), "candle-ot block grad", |T| {
+    let storage = with_float!(sr.dtype(), "candle-ot block grad", " on CUDA", |T| {
         let entry = format!("block_lse_grad_{}_{}", cost_name(cost), T::SUFFIX);
         let ins = [contiguous::<T>(sr, lr)?, contiguous::<T>(sc, lc)?];
         let out = launch::<T>(dev, &entry, &ins, b * n * d1, (b, n, m, d), eps, pattern)?;

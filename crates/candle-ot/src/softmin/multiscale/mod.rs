@@ -80,22 +80,6 @@ pub struct MultiscaleDiagnostics {
     pub kept_fraction_sym: f64,
 }
 
-macro_rules! with_float {
-    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64)", $op),
-        }
-    };
-}
-
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {

@@ -25,7 +25,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{sys as nvrtc_sys, Ptx};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
 use candle_ot_kernels::{cuda as src, launch_config};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -189,22 +189,6 @@ impl Float for f64 {
     }
 }
 
-macro_rules! with_float {
-    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            dt => candle_core::bail!("{}: unsupported dtype {dt:?} on CUDA (f32 or f64)", $op),
-        }
-    };
-}
-
 /// Launches `entry` of the softmin family or the kernel sums with arguments
 /// `(p1, p2, [p3,] out, B, N, M, D, [K,] par)` and returns `out` (`out_len` elements).
 #[allow(clippy::too_many_arguments)]
@@ -270,7 +254,7 @@ pub(super) fn softmin_fwd(
         candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {lh:?}")
     }
     let dev = sx.device();
-    let storage = with_float!(sx.dtype(), "candle-ot softmin", |T| {
+    let storage = with_float!(sx.dtype(), "candle-ot softmin", " on CUDA", |T| {
         let entry = format!("softmin_{}_{}", cost_name(cost), T::SUFFIX);
         let ins = [
             contiguous::<T>(sx, lx)?,
@@ -310,7 +294,7 @@ pub(super) fn lse_weighted_fwd(
     };
     let od = mode.out_dim(d);
     let dev = sr.device();
-    let storage = with_float!(sr.dtype(), "candle-ot lse-weighted", |T| {
+    let storage = with_float!(sr.dtype(), "candle-ot lse-weighted", " on CUDA", |T| {
         let entry = format!("{family}_{}_{}", cost_name(cost), T::SUFFIX);
         let ins = [contiguous::<T>(sr, lr)?, contiguous::<T>(sc, lc)?];
         let out = launch::<T>(dev, false, &entry, &ins, b * n * od, (b, n, m, d), k, eps)?;
@@ -333,7 +317,7 @@ pub(super) fn kernel_product_fwd(
         candle_core::bail!("candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {lb:?}")
     }
     let dev = sx.device();
-    let storage = with_float!(sx.dtype(), "candle-ot kernel product", |T| {
+    let storage = with_float!(sx.dtype(), "candle-ot kernel product", " on CUDA", |T| {
         let entry = format!("kernel_product_{}_{}", kernel_name(kind), T::SUFFIX);
         let ins = [
             contiguous::<T>(sx, lx)?,
@@ -367,7 +351,7 @@ pub(super) fn kernel_sums_fwd(
         )
     }
     let dev = sr.device();
-    let storage = with_float!(sr.dtype(), "candle-ot kernel sums", |T| {
+    let storage = with_float!(sr.dtype(), "candle-ot kernel sums", " on CUDA", |T| {
         let entry = format!("kernel_sums_grad_{}_{}", kernel_name(kind), T::SUFFIX);
         let ins = [contiguous::<T>(sr, lr)?, contiguous::<T>(sc, lc)?];
         let out = launch::<T>(

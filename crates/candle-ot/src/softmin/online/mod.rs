@@ -27,28 +27,11 @@ pub use cpu::{roofline, simd_level, RooflineMix, SimdLevel};
 
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
-    Tensor, WithDType,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 use cpu::Weighted;
 use real::Real;
-
-/// Evaluates `$body` with `$T` bound to the float type of `$dtype` (f32 or f64).
-macro_rules! with_float {
-    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64)", $op),
-        }
-    };
-}
 
 /// Whether the online ops have kernels for `device` in this build: always on the CPU, on CUDA
 /// with the `cuda` feature, on Metal with the `metal` feature.
