@@ -209,31 +209,11 @@ impl CustomOp3 for BlockSoftminOp {
         f: &Tensor,
         grad_f: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // As the online op's bwd, over the kept blocks: π_ij = exp(h_j + f_i/ε − C_ij/ε).
-        let eps = self.eps;
-        let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
-        let d = x.dim(2)?;
-        let grad_x = {
-            let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
-            let ones = h.ones_like()?.unsqueeze(2)?; // (B, M, 1)
-            let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
-            let s = block_grad(self.cost, eps, &rows, &cols, &self.fwd)?; // (B, N, D+1)
-            let mass = s.narrow(2, d, 1)?; // (B, N, 1)
-            s.narrow(2, 0, d)?
-                .broadcast_div(&mass)?
-                .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
-        };
-        let (grad_y, grad_h) = if y.track_op() || h.track_op() {
-            let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
-            let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
-            let s = block_grad(self.cost, eps, &rows, &cols, &self.tr)?; // (B, M, D+1)
-            let gy = s.narrow(2, 0, d)?; // (B, M, D)
-            let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
-            (Some(gy), Some(gh))
-        } else {
-            (None, None)
-        };
-        Ok((Some(grad_x), grad_y, grad_h))
+        // The online op's bwd, over the kept blocks (the transposed pattern for the y-side).
+        online::softmin_bwd(self.eps, (x, y, h, f, grad_f), |rows, cols, transposed| {
+            let pattern = if transposed { &self.tr } else { &self.fwd };
+            block_grad(self.cost, self.eps, rows, cols, pattern)
+        })
     }
 }
 

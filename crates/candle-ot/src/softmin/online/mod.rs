@@ -142,48 +142,56 @@ impl CustomOp3 for SoftminOp {
         f: &Tensor,
         grad_f: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // π_ij = exp(h_j + f_i/ε − C_ij/ε): the softmax weights of row i (rows sum to 1).
-        let eps = self.eps;
-        let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
-        let d = x.dim(2)?;
-        let grad_x = {
-            // Σ_j π_ij ∇₁C(x_i, y_j), times grad_f_i. The weights are normalised by their own
-            // streamed sum Σ_j π_ij (= 1 up to rounding) rather than trusted through α = f/ε:
-            // at small ε, f/ε rounded in f32 would shift every weight of the row by ~1e-7·|f|/ε.
-            let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
-            let ones = h.ones_like()?.unsqueeze(2)?;
-            let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
-            let s = lse_weighted(
+        softmin_bwd(self.eps, (x, y, h, f, grad_f), |rows, cols, _| {
+            lse_weighted(
                 self.cost,
-                eps,
-                &rows,
-                &cols,
+                self.eps,
+                rows,
+                cols,
                 Weighted::Grad { with_mass: true },
-            )?; // (B, N, D+1)
-            let mass = s.narrow(2, d, 1)?; // (B, N, 1)
-            s.narrow(2, 0, d)?
-                .broadcast_div(&mass)?
-                .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
-        };
-        let (grad_y, grad_h) = if y.track_op() || h.track_op() {
-            // Σ_i g_i π_ij [∇₁C(y_j, x_i), 1]: ∂f_i/∂y_j = π_ij ∇₁C(y_j, x_i), ∂f_i/∂h_j = −ε π_ij.
-            let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
-            let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
-            let s = lse_weighted(
-                self.cost,
-                eps,
-                &rows,
-                &cols,
-                Weighted::Grad { with_mass: true },
-            )?;
-            let gy = s.narrow(2, 0, d)?; // (B, M, D)
-            let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
-            (Some(gy), Some(gh))
-        } else {
-            (None, None)
-        };
-        Ok((Some(grad_x), grad_y, grad_h))
+            )
+        })
     }
+}
+
+/// The backward of a softmin `f = softmin_ε(x, y, h)` from its output: `(∂x, ∂y, ∂h)` of
+/// `Σ_i grad_f_i f_i`, with `π_ij = exp(h_j + f_i/ε − C_ij/ε)`. `grad(rows, cols, transposed)`
+/// is the gradient reduction `[Σ_c π_rc w_c ∇₁C(p_r, q_c), Σ_c π_rc w_c]` over the pairs the
+/// forward reduced (all of them for the online op, the kept blocks for the multiscale one;
+/// `transposed` for the y-side, rows y against columns x).
+pub(crate) fn softmin_bwd(
+    eps: f64,
+    (x, y, h, f, grad_f): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+    grad: impl Fn(&Tensor, &Tensor, bool) -> Result<Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    // π_ij = exp(h_j + f_i/ε − C_ij/ε): the softmax weights of row i (rows sum to 1).
+    let alpha = (f / eps)?.unsqueeze(2)?; // (B, N, 1)
+    let d = x.dim(2)?;
+    let grad_x = {
+        // Σ_j π_ij ∇₁C(x_i, y_j), times grad_f_i. The weights are normalised by their own
+        // streamed sum Σ_j π_ij (= 1 up to rounding) rather than trusted through α = f/ε:
+        // at small ε, f/ε rounded in f32 would shift every weight of the row by ~1e-7·|f|/ε.
+        let rows = Tensor::cat(&[x, &alpha], 2)?; // (B, N, D+1)
+        let ones = h.ones_like()?.unsqueeze(2)?;
+        let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
+        let s = grad(&rows, &cols, false)?; // (B, N, D+1)
+        let mass = s.narrow(2, d, 1)?; // (B, N, 1)
+        s.narrow(2, 0, d)?
+            .broadcast_div(&mass)?
+            .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
+    };
+    let (grad_y, grad_h) = if y.track_op() || h.track_op() {
+        // Σ_i g_i π_ij [∇₁C(y_j, x_i), 1]: ∂f_i/∂y_j = π_ij ∇₁C(y_j, x_i), ∂f_i/∂h_j = −ε π_ij.
+        let rows = Tensor::cat(&[y, &h.unsqueeze(2)?], 2)?; // (B, M, D+1)
+        let cols = Tensor::cat(&[x, &alpha, &grad_f.unsqueeze(2)?], 2)?; // (B, N, D+2)
+        let s = grad(&rows, &cols, true)?; // (B, M, D+1)
+        let gy = s.narrow(2, 0, d)?; // (B, M, D)
+        let gh = (s.narrow(2, d, 1)?.squeeze(2)? * (-eps))?; // (B, M)
+        (Some(gy), Some(gh))
+    } else {
+        (None, None)
+    };
+    Ok((Some(grad_x), grad_y, grad_h))
 }
 
 /// Streaming softmin, differentiable with respect to `x`, `y` and `h`:
