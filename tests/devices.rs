@@ -320,9 +320,8 @@ fn devices_multiscale(dev: &Device) -> Result<()> {
                 let sol = loss.solve(None, &vx, None, &vy)?;
                 assert_eq!(sol.backend, Backend::Multiscale);
                 let kept = sol
-                    .diagnostics
+                    .multiscale
                     .as_ref()
-                    .and_then(|d| d.multiscale.as_ref())
                     .expect("multiscale diagnostics")
                     .kept_fraction;
                 let g = sol.loss.sum_all()?.backward()?;

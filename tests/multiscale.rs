@@ -11,7 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_ot::softmin::multiscale::BlockSparse;
-use candle_ot::softmin::{Online, Softmin};
+use candle_ot::softmin::{Online, PointSoftmin, Softmin};
 use candle_ot::{Backend, CostKind, Loss, SamplesLoss, SamplesLossBuilder, Solution};
 use common::{rel_err, rng, scalar, uniform};
 
@@ -64,9 +64,8 @@ fn errors(ms: &Run, on: &Run) -> [f64; 5] {
 
 fn kept_fraction(r: &Run) -> f64 {
     r.sol
-        .diagnostics
+        .multiscale
         .as_ref()
-        .and_then(|d| d.multiscale.as_ref())
         .expect("multiscale diagnostics")
         .kept_fraction
 }

@@ -12,7 +12,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_ot::softmin::{online, Softmin, Tensorized};
+use candle_ot::softmin::{online, PointSoftmin, Softmin, Tensorized};
 use candle_ot::{Backend, CostKind, KernelKind, Loss, SamplesLoss, Solution};
 use common::*;
 

@@ -181,11 +181,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
                 value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if let Some(d) = &sol.diagnostics {
                     k_passes = d.eps_list.len() + d.extra_iterations;
-                    kept = d
-                        .multiscale
-                        .as_ref()
-                        .map(|ms| (ms.kept_pairs, ms.kept_fraction));
                 }
+                kept = sol
+                    .multiscale
+                    .as_ref()
+                    .map(|ms| (ms.kept_pairs, ms.kept_fraction));
             }
         }
         if rep < cfg.warmup {

@@ -26,11 +26,11 @@
 use crate::cost::KernelKind;
 use crate::divergence::scal;
 use crate::schedule::dampening;
-use crate::softmin::Softmin;
+use crate::softmin::PointSoftmin;
 use candle_core::{Result, Tensor};
 
 /// Kernel-norm loss (B,) and its potentials F (B, N), G (B, M).
-pub fn kernel_loss<S: Softmin>(
+pub fn kernel_loss<S: PointSoftmin>(
     backend: &S,
     kind: KernelKind,
     sigma: f64,
@@ -53,7 +53,7 @@ pub fn kernel_loss<S: Softmin>(
 
 /// Hausdorff divergence (B,) and its potentials F (B, N), G (B, M).
 #[allow(clippy::too_many_arguments)]
-pub fn hausdorff_loss<S: Softmin>(
+pub fn hausdorff_loss<S: PointSoftmin>(
     backend: &S,
     eps: f64,
     rho: Option<f64>,

@@ -76,7 +76,9 @@
 pub mod cost;
 pub mod divergence;
 pub mod error;
+pub mod images;
 pub mod kernel_loss;
+mod multiscale;
 pub mod options;
 pub mod plan;
 pub mod samples_loss;
@@ -87,6 +89,7 @@ mod threads;
 
 pub use cost::{CostKind, KernelKind};
 pub use error::OtError;
+pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
 pub use samples_loss::{SamplesLoss, Solution};

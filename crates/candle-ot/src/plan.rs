@@ -15,7 +15,7 @@
 use crate::cost::{dense_cost, CostKind};
 use crate::error::OtError;
 use crate::options::Backend;
-use crate::softmin::{Online, Softmin, Tensorized};
+use crate::softmin::{Online, PointSoftmin, Tensorized};
 use candle_core::{Result, Tensor};
 
 /// The most entries [`TransportPlan::dense`] materialises (B·N·M).

@@ -8,8 +8,10 @@ use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 use crate::plan::TransportPlan;
 use crate::schedule::{epsilon_schedule, estimate_diameter, schedule_len, MAX_SCHEDULE_LEN};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
-use crate::softmin::multiscale::{self, cluster::default_cluster_scale, MultiscaleParams};
-use crate::softmin::{Online, Softmin, Tensorized};
+use crate::softmin::multiscale::{
+    self, cluster::default_cluster_scale, MultiscaleDiagnostics, MultiscaleParams,
+};
+use crate::softmin::{Online, PointSoftmin, Tensorized};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Losses between weighted point clouds `α = Σ_i a_i δ_{x_i}` and `β = Σ_j b_j δ_{y_j}`,
@@ -58,6 +60,9 @@ pub struct Solution {
     pub backend: Backend,
     /// What the Sinkhorn loop did (Sinkhorn only).
     pub diagnostics: Option<SinkhornDiagnostics>,
+    /// What the multiscale backend did (clusters, the jump, the kept blocks); `None` on the
+    /// other backends.
+    pub multiscale: Option<MultiscaleDiagnostics>,
     plan: Option<TransportPlan>,
 }
 
@@ -107,7 +112,7 @@ fn shape_err(name: &'static str, expected: impl Into<String>, t: &Tensor) -> can
 }
 
 /// Sum of `t * 0`: NaN when `t` holds a NaN or an infinity. One reduction, one scalar read.
-fn all_finite(t: &Tensor) -> Result<bool> {
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
     let s = (t.detach() * 0.0)?
         .sum_all()?
         .to_dtype(DType::F64)?
@@ -462,7 +467,7 @@ impl SamplesLoss {
         Ok(sol)
     }
 
-    fn run_with<S: Softmin>(
+    fn run_with<S: PointSoftmin>(
         &self,
         backend: &S,
         resolved: Backend,
@@ -484,6 +489,7 @@ impl SamplesLoss {
             eps,
             backend: resolved,
             diagnostics,
+            multiscale: None,
             plan: None,
         };
         match o.loss {
@@ -508,6 +514,7 @@ impl SamplesLoss {
                     max_iter: o.max_iter,
                 };
                 let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
+                let mut ms_diag = None;
                 let (pot, diag) = if resolved == Backend::Multiscale {
                     let ms = MultiscaleParams {
                         cost: CostKind::from_p(o.p).expect("validated p"),
@@ -522,13 +529,17 @@ impl SamplesLoss {
                             }
                         }),
                     };
-                    multiscale::solve(ms, &p.x, &p.a, &p.y, &p.b, &params)?
+                    let (pot, diag, msd) =
+                        crate::multiscale::solve(ms, &p.x, &p.a, &p.y, &p.b, &params)?;
+                    ms_diag = Some(msd);
+                    (pot, diag)
                 } else {
                     sinkhorn_loop(backend, &p.x, &p.y, &log_a, &log_b, &params)?
                 };
                 let loss = sinkhorn_cost(&p.a, &p.b, &pot, eps, rho)?;
                 let (f, g) = sinkhorn_potentials(&pot)?;
                 let mut sol = solution(loss, f.detach(), g.detach(), Some(eps), Some(diag));
+                sol.multiscale = ms_diag;
                 sol.f_ba = Some(pot.f_ba.detach());
                 sol.g_ab = Some(pot.g_ab.detach());
                 sol.f_aa = pot.f_aa.map(|t| t.detach());

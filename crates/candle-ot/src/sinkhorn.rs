@@ -1,8 +1,12 @@
-//! The symmetric, ε-scaling Sinkhorn loop of GeomLoss, generic over a [`Softmin`].
+//! The symmetric, ε-scaling Sinkhorn loop of GeomLoss over a list of levels (GeomLoss's
+//! `sinkhorn_loop`, Algorithms 3.5 and 3.6 of J. Feydy's thesis).
 //!
-//! This file contains no device code: it only calls [`Softmin::cost`] and
-//! [`Softmin::softmin`]. With `λ(ε) = 1/(1 + ε/ρ)` (1 when balanced) and ε₀ the first value
-//! of the schedule:
+//! This file contains no device code and names no backend: a [`Level`] supplies the softmins
+//! of one resolution (its four costs) and its log-weights, and a [`Multilevel`] supplies the
+//! levels, the iterations after which the loop jumps to the next finer one, and the jump itself
+//! (kernel truncation, extrapolation of the potentials). Point clouds run on one level
+//! ([`sinkhorn_loop`]), the multiscale backend on two (clusters, points), images on a pyramid.
+//! With `λ(ε) = 1/(1 + ε/ρ)` (1 when balanced) and ε₀ the first value of the schedule:
 //!
 //! 1. init: `f_ba = λ softmin(ε₀, C_xy, log b)`, `g_ab = λ softmin(ε₀, C_yx, log a)` and,
 //!    debiased, `f_aa = λ softmin(ε₀, C_xx, log a)`, `g_bb = λ softmin(ε₀, C_yy, log b)`;
@@ -17,10 +21,16 @@
 //!    `C(x, y.detach())`, `C(y, x.detach())`, `C(x, x.detach())`, `C(y, y.detach())` and its
 //!    right-hand sides `log b + g_ab/ε` etc. are detached, as in GeomLoss.
 //!
+//! After the update at ε_i, for every jump at `i`, the [`Multilevel`] builds the next level
+//! from the current potentials and extrapolates them there; steps 3 and 4 run on the finest
+//! level. When the last iteration is a jump and [`Multilevel::extrapolation_ends_loop`] says
+//! so, the loop returns the extrapolated potentials without step 4 (GeomLoss's
+//! `last_extrapolation = False`; not with `tol`).
+//!
 //! Zero weights enter as `log a = −∞` and are masked out of every softmin.
 
 use crate::schedule::dampening;
-use crate::softmin::Softmin;
+use crate::softmin::{PointSoftmin, Softmin};
 use candle_core::{Result, Tensor};
 
 /// Parameters of one run of the loop.
@@ -38,7 +48,8 @@ pub struct LoopParams {
     pub max_iter: usize,
 }
 
-/// The dual potentials of the last (differentiable) update. All (B, N) or (B, M).
+/// The dual potentials of the last (differentiable) update. All (B, N) or (B, M) (grids:
+/// `(B, n_1, …, n_D)`).
 #[derive(Clone, Debug)]
 pub struct DualPotentials {
     /// f_ba, the potential on x of OT_ε(α, β).
@@ -51,25 +62,166 @@ pub struct DualPotentials {
     pub g_bb: Option<Tensor>,
 }
 
+impl DualPotentials {
+    /// The same potentials, detached from the graph.
+    pub fn detached(&self) -> DualPotentials {
+        DualPotentials {
+            f_ba: self.f_ba.detach(),
+            g_ab: self.g_ab.detach(),
+            f_aa: self.f_aa.as_ref().map(|t| t.detach()),
+            g_bb: self.g_bb.as_ref().map(|t| t.detach()),
+        }
+    }
+}
+
 /// What the loop did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SinkhornDiagnostics {
     /// The ε schedule that was run (GeomLoss's list; the last value is used again by the extra
     /// `tol` iterations and by the final update).
     pub eps_list: Vec<f64>,
-    /// Softmin passes over all pairs (one per potential per update).
+    /// Softmin passes over all pairs (one per potential per update, extrapolations included).
     pub softmin_passes: usize,
     /// Iterations at the last ε beyond the schedule (only with `tol`).
     pub extra_iterations: usize,
     /// `max_i |f̃_i − f_i| / ε` of the final update against the values it started from, over
     /// every potential: for balanced problems the log marginal error of the returned plan.
+    /// NaN when the loop ended on an extrapolation (no update ran on the finest level).
     pub update_error: f64,
     /// With `tol`: whether `update_error < tol` was reached before `max_iter`.
     /// Without `tol`: `None` (GeomLoss's fixed schedule makes no claim).
     pub converged: Option<bool>,
-    /// What the multiscale backend did (clusters, the jump, the kept blocks); `None` on the
-    /// other backends.
-    pub multiscale: Option<crate::softmin::multiscale::MultiscaleDiagnostics>,
+    /// The levels the loop ran on (1 for a single-scale solve).
+    pub levels: usize,
+    /// The iterations (indices into `eps_list`) after which the loop jumped to the next level.
+    pub jumps: Vec<usize>,
+}
+
+/// Which of a level's four costs a softmin runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pair {
+    /// C(x_i, y_j): gives f_ba.
+    Xy,
+    /// C(y_j, x_i): gives g_ab.
+    Yx,
+    /// C(x_i, x_k): gives f_aa (debiased only).
+    Xx,
+    /// C(y_j, y_l): gives g_bb (debiased only).
+    Yy,
+}
+
+/// One resolution of the loop: the softmins of its costs and its log-weights.
+pub trait Level {
+    /// log a, detached, −∞ for zero weights: (B, N) (grids: `(B, n_1, …, n_D)`).
+    fn log_a(&self) -> &Tensor;
+    /// log b, detached, −∞ for zero weights.
+    fn log_b(&self) -> &Tensor;
+    /// Whether the symmetric costs C_xx, C_yy exist (debiased).
+    fn debiased(&self) -> bool;
+    /// softmin_ε(C_pair, h) of the loop's iterations (no gradient).
+    fn softmin(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor>;
+    /// softmin_ε(C_pair, h) of the last, differentiable update (see the module docs).
+    fn softmin_last(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor>;
+}
+
+/// The four costs of one level: `C_xy`, `C_yx` and, debiased, `C_xx`, `C_yy`.
+#[derive(Clone, Debug)]
+pub struct CostSet<C> {
+    /// C(x_i, y_j).
+    pub xy: C,
+    /// C(y_j, x_i).
+    pub yx: C,
+    /// C(x_i, x_k) (debiased only).
+    pub xx: Option<C>,
+    /// C(y_j, y_l) (debiased only).
+    pub yy: Option<C>,
+}
+
+impl<C> CostSet<C> {
+    /// The cost of `pair` (panics on a symmetric pair of a set without one: the loop asks for
+    /// those only when [`Level::debiased`]).
+    pub fn get(&self, pair: Pair) -> &C {
+        match pair {
+            Pair::Xy => &self.xy,
+            Pair::Yx => &self.yx,
+            Pair::Xx => self.xx.as_ref().expect("C_xx of a debiased level"),
+            Pair::Yy => self.yy.as_ref().expect("C_yy of a debiased level"),
+        }
+    }
+}
+
+/// The costs of the last update whose first argument is tracked by autograd: given the pair
+/// and the loop's (detached) cost, `Some(tracked cost)`, or `None` to use the loop's own.
+pub type TrackFn<'a, C> = Box<dyn Fn(Pair, &C) -> Result<Option<C>> + 'a>;
+
+/// A [`Level`] from any [`Softmin`]: its costs, log-weights and, for the last update, the
+/// tracked costs.
+pub struct SoftminLevel<'a, S: Softmin> {
+    /// The softmin.
+    pub softmin: &'a S,
+    /// The costs of this level.
+    pub costs: CostSet<S::Cost>,
+    /// log a, detached.
+    pub log_a: Tensor,
+    /// log b, detached.
+    pub log_b: Tensor,
+    /// The tracked costs of the last update.
+    pub track: TrackFn<'a, S::Cost>,
+}
+
+impl<S: Softmin> Level for SoftminLevel<'_, S> {
+    fn log_a(&self) -> &Tensor {
+        &self.log_a
+    }
+    fn log_b(&self) -> &Tensor {
+        &self.log_b
+    }
+    fn debiased(&self) -> bool {
+        self.costs.xx.is_some() && self.costs.yy.is_some()
+    }
+    fn softmin(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor> {
+        self.softmin.softmin_no_grad(eps, self.costs.get(pair), h)
+    }
+    fn softmin_last(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor> {
+        let c = self.costs.get(pair);
+        let tracked = (self.track)(pair, c)?;
+        self.softmin.softmin(eps, tracked.as_ref().unwrap_or(c), h)
+    }
+}
+
+/// The result of a jump: the next finer level, the potentials extrapolated to it, and the
+/// softmin passes the extrapolation took.
+pub struct Refined<'a> {
+    /// The finer level.
+    pub level: Box<dyn Level + 'a>,
+    /// The potentials on it.
+    pub potentials: DualPotentials,
+    /// Softmin passes spent (kernel truncation and extrapolation).
+    pub passes: usize,
+}
+
+/// The levels of a multi-level solve (GeomLoss's `a_logs`, `C_xys`, …, `jumps`,
+/// `kernel_truncation` and `extrapolate` arguments).
+pub trait Multilevel<'a> {
+    /// Indices `i` into `eps_list` after whose update the loop jumps to the next finer level,
+    /// non-decreasing (an index may repeat: several jumps after one update); one per level
+    /// below the coarsest.
+    fn jumps(&self, eps_list: &[f64]) -> Vec<usize>;
+    /// The coarsest level.
+    fn first(&mut self) -> Result<Box<dyn Level + 'a>>;
+    /// The jump from level `k` (`coarse`, its detached potentials `pot`) to level `k + 1`, at ε.
+    fn refine(
+        &mut self,
+        k: usize,
+        coarse: &dyn Level,
+        pot: &DualPotentials,
+        eps: f64,
+    ) -> Result<Refined<'a>>;
+    /// Whether a jump after the last ε ends the loop with the extrapolated potentials, without
+    /// the last update (GeomLoss's grid code). The default runs the last update.
+    fn extrapolation_ends_loop(&self) -> bool {
+        false
+    }
 }
 
 struct State {
@@ -88,27 +240,6 @@ impl State {
             g_bb: self.g_bb.as_ref().map(|t| t.detach()),
         }
     }
-}
-
-/// The four costs of one level: `C_xy`, `C_yx` and, debiased, `C_xx`, `C_yy`.
-#[derive(Clone, Debug)]
-pub struct CostSet<C> {
-    /// C(x_i, y_j).
-    pub xy: C,
-    /// C(y_j, x_i).
-    pub yx: C,
-    /// C(x_i, x_k) (debiased only).
-    pub xx: Option<C>,
-    /// C(y_j, y_l) (debiased only).
-    pub yy: Option<C>,
-}
-
-/// The costs of the last update whose first argument is tracked (`None`: the loop's own).
-struct Tracked<C> {
-    xy: Option<C>,
-    yx: Option<C>,
-    xx: Option<C>,
-    yy: Option<C>,
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -131,36 +262,36 @@ fn average_opt(a: &Option<Tensor>, b: &Option<Tensor>) -> Result<Option<Tensor>>
     }
 }
 
-/// One level of the loop: a softmin, its costs and the log-weights, counting passes.
-struct Level<'a, S: Softmin> {
-    softmin: &'a S,
-    costs: &'a CostSet<S::Cost>,
-    log_a: &'a Tensor, // (B, N), detached
-    log_b: &'a Tensor, // (B, M), detached
+/// The updates on one level, counting passes.
+struct Updates<'l> {
+    level: &'l dyn Level,
     rho: Option<f64>,
-    passes: &'a std::cell::Cell<usize>,
+    passes: &'l std::cell::Cell<usize>,
 }
 
-impl<S: Softmin> Level<'_, S> {
-    fn sm(&self, eps: f64, c: &S::Cost, h: &Tensor) -> Result<Tensor> {
+impl Updates<'_> {
+    fn sm(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor> {
         self.passes.set(self.passes.get() + 1);
-        self.softmin.softmin_no_grad(eps, c, h)
+        self.level.softmin(eps, pair, h)
     }
 
     /// Step 1: the initialisation at ε₀.
     fn init(&self, eps0: f64) -> Result<State> {
         let lam = dampening(eps0, self.rho);
-        let c = self.costs;
+        let (log_a, log_b) = (self.level.log_a(), self.level.log_b());
+        let deb = self.level.debiased();
         Ok(State {
-            f_ba: (self.sm(eps0, &c.xy, self.log_b)? * lam)?,
-            g_ab: (self.sm(eps0, &c.yx, self.log_a)? * lam)?,
-            f_aa: match &c.xx {
-                Some(c) => Some((self.sm(eps0, c, self.log_a)? * lam)?),
-                None => None,
+            f_ba: (self.sm(eps0, Pair::Xy, log_b)? * lam)?,
+            g_ab: (self.sm(eps0, Pair::Yx, log_a)? * lam)?,
+            f_aa: if deb {
+                Some((self.sm(eps0, Pair::Xx, log_a)? * lam)?)
+            } else {
+                None
             },
-            g_bb: match &c.yy {
-                Some(c) => Some((self.sm(eps0, c, self.log_b)? * lam)?),
-                None => None,
+            g_bb: if deb {
+                Some((self.sm(eps0, Pair::Yy, log_b)? * lam)?)
+            } else {
+                None
             },
         })
     }
@@ -168,35 +299,32 @@ impl<S: Softmin> Level<'_, S> {
     /// One symmetric update from the current values: the four f̃ of the module docs.
     fn update(&self, st: &State, eps: f64) -> Result<State> {
         let lam = dampening(eps, self.rho);
-        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let (log_a, log_b) = (self.level.log_a(), self.level.log_b());
         let h_b = (log_b + (&st.g_ab / eps)?)?;
         let h_a = (log_a + (&st.f_ba / eps)?)?;
         Ok(State {
-            f_ba: (self.sm(eps, &c.xy, &h_b)? * lam)?,
-            g_ab: (self.sm(eps, &c.yx, &h_a)? * lam)?,
-            f_aa: match (&c.xx, &st.f_aa) {
-                (Some(c), Some(f)) => Some((self.sm(eps, c, &(log_a + (f / eps)?)?)? * lam)?),
-                _ => None,
+            f_ba: (self.sm(eps, Pair::Xy, &h_b)? * lam)?,
+            g_ab: (self.sm(eps, Pair::Yx, &h_a)? * lam)?,
+            f_aa: match &st.f_aa {
+                Some(f) => Some((self.sm(eps, Pair::Xx, &(log_a + (f / eps)?)?)? * lam)?),
+                None => None,
             },
-            g_bb: match (&c.yy, &st.g_bb) {
-                (Some(c), Some(g)) => Some((self.sm(eps, c, &(log_b + (g / eps)?)?)? * lam)?),
-                _ => None,
+            g_bb: match &st.g_bb {
+                Some(g) => Some((self.sm(eps, Pair::Yy, &(log_b + (g / eps)?)?)? * lam)?),
+                None => None,
             },
         })
     }
 
-    /// Step 2: averaged updates for each ε of `eps_list`, exactly as GeomLoss.
-    fn anneal(&self, mut st: State, eps_list: &[f64]) -> Result<State> {
-        for &eps in eps_list {
-            let new = self.update(&st, eps)?;
-            st = State {
-                f_ba: average(&st.f_ba, &new.f_ba)?,
-                g_ab: average(&st.g_ab, &new.g_ab)?,
-                f_aa: average_opt(&st.f_aa, &new.f_aa)?,
-                g_bb: average_opt(&st.g_bb, &new.g_bb)?,
-            };
-        }
-        Ok(st)
+    /// Step 2, one ε: the averaged update, exactly as GeomLoss.
+    fn anneal_step(&self, st: State, eps: f64) -> Result<State> {
+        let new = self.update(&st, eps)?;
+        Ok(State {
+            f_ba: average(&st.f_ba, &new.f_ba)?,
+            g_ab: average(&st.g_ab, &new.g_ab)?,
+            f_aa: average_opt(&st.f_aa, &new.f_aa)?,
+            g_bb: average_opt(&st.g_bb, &new.g_bb)?,
+        })
     }
 
     /// Step 3: extra iterations at `eps` until the update is below `tol`. The cross potentials
@@ -213,23 +341,23 @@ impl<S: Softmin> Level<'_, S> {
         let Some(tol) = tol else {
             return Ok((st, 0, None));
         };
-        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let (log_a, log_b) = (self.level.log_a(), self.level.log_b());
         let lam = dampening(eps, self.rho);
         let mut extra = 0usize;
         while extra < max_iter {
             extra += 1;
-            let f_ba = (self.sm(eps, &c.xy, &(log_b + (&st.g_ab / eps)?)?)? * lam)?;
-            let g_ab = (self.sm(eps, &c.yx, &(log_a + (&f_ba / eps)?)?)? * lam)?;
+            let f_ba = (self.sm(eps, Pair::Xy, &(log_b + (&st.g_ab / eps)?)?)? * lam)?;
+            let g_ab = (self.sm(eps, Pair::Yx, &(log_a + (&f_ba / eps)?)?)? * lam)?;
             let mut err = max_abs_diff(&f_ba, &st.f_ba)?.max(max_abs_diff(&g_ab, &st.g_ab)?);
             st.f_ba = f_ba;
             st.g_ab = g_ab;
-            if let (Some(c), Some(f)) = (&c.xx, &st.f_aa) {
-                let ft = (self.sm(eps, c, &(log_a + (f / eps)?)?)? * lam)?;
+            if let Some(f) = &st.f_aa {
+                let ft = (self.sm(eps, Pair::Xx, &(log_a + (f / eps)?)?)? * lam)?;
                 err = err.max(max_abs_diff(&ft, f)?);
                 st.f_aa = Some(average(f, &ft)?);
             }
-            if let (Some(c), Some(g)) = (&c.yy, &st.g_bb) {
-                let gt = (self.sm(eps, c, &(log_b + (g / eps)?)?)? * lam)?;
+            if let Some(g) = &st.g_bb {
+                let gt = (self.sm(eps, Pair::Yy, &(log_b + (g / eps)?)?)? * lam)?;
                 err = err.max(max_abs_diff(&gt, g)?);
                 st.g_bb = Some(average(g, &gt)?);
             }
@@ -240,32 +368,27 @@ impl<S: Softmin> Level<'_, S> {
         Ok((st, extra, Some(false)))
     }
 
-    /// Step 4: the last, non-averaged and differentiable update at `eps`, on the costs
-    /// `tracked` where given (their first argument tracked by autograd), else on the loop's.
-    /// Returns the potentials and the update error `max_i |f̃_i − f_i| / ε`.
-    fn last(
-        &self,
-        st: &State,
-        eps: f64,
-        tracked: Tracked<S::Cost>,
-    ) -> Result<(DualPotentials, f64)> {
+    /// Step 4: the last, non-averaged and differentiable update at `eps`
+    /// ([`Level::softmin_last`]). Returns the potentials and the update error
+    /// `max_i |f̃_i − f_i| / ε`.
+    fn last(&self, st: &State, eps: f64) -> Result<(DualPotentials, f64)> {
         let lam = dampening(eps, self.rho);
-        let (log_a, log_b, c) = (self.log_a, self.log_b, self.costs);
+        let (log_a, log_b) = (self.level.log_a(), self.level.log_b());
         let h_b = (log_b + (&st.g_ab / eps)?)?.detach();
         let h_a = (log_a + (&st.f_ba / eps)?)?.detach();
-        let final_sm = |c_t: &Option<S::Cost>, c: &S::Cost, h: &Tensor| -> Result<Tensor> {
+        let final_sm = |pair: Pair, h: &Tensor| -> Result<Tensor> {
             self.passes.set(self.passes.get() + 1);
-            self.softmin.softmin(eps, c_t.as_ref().unwrap_or(c), h)? * lam
+            self.level.softmin_last(eps, pair, h)? * lam
         };
-        let f_ba = final_sm(&tracked.xy, &c.xy, &h_b)?;
-        let g_ab = final_sm(&tracked.yx, &c.yx, &h_a)?;
-        let (f_aa, g_bb) = match (&c.xx, &c.yy, &st.f_aa, &st.g_bb) {
-            (Some(cxx), Some(cyy), Some(f_aa), Some(g_bb)) => {
+        let f_ba = final_sm(Pair::Xy, &h_b)?;
+        let g_ab = final_sm(Pair::Yx, &h_a)?;
+        let (f_aa, g_bb) = match (&st.f_aa, &st.g_bb) {
+            (Some(f_aa), Some(g_bb)) => {
                 let h_aa = (log_a + (f_aa / eps)?)?.detach();
                 let h_bb = (log_b + (g_bb / eps)?)?.detach();
                 (
-                    Some(final_sm(&tracked.xx, cxx, &h_aa)?),
-                    Some(final_sm(&tracked.yy, cyy, &h_bb)?),
+                    Some(final_sm(Pair::Xx, &h_aa)?),
+                    Some(final_sm(Pair::Yy, &h_bb)?),
                 )
             }
             _ => (None, None),
@@ -289,10 +412,97 @@ impl<S: Softmin> Level<'_, S> {
     }
 }
 
-/// Runs the loop. x (B, N, D), y (B, M, D), log_a (B, N), log_b (B, M), detached log-weights
-/// (−∞ for zero weights). The returned potentials depend on `x` and `y` through the last update
-/// only (see the module docs), and are detached from `log_a`, `log_b`.
-pub fn sinkhorn_loop<S: Softmin>(
+/// Runs the multi-level loop of the module docs over `levels`.
+pub fn sinkhorn_multilevel<'a>(
+    levels: &mut dyn Multilevel<'a>,
+    params: &LoopParams,
+) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    let eps_list = &params.eps_list;
+    let jumps = levels.jumps(eps_list);
+    let passes = std::cell::Cell::new(0);
+    let mut level = levels.first()?;
+    let mut st = Updates {
+        level: &*level,
+        rho: params.rho,
+        passes: &passes,
+    }
+    .init(eps_list[0])?;
+    let (mut k, mut ended_on_jump) = (0usize, false);
+    for (i, &eps) in eps_list.iter().enumerate() {
+        st = Updates {
+            level: &*level,
+            rho: params.rho,
+            passes: &passes,
+        }
+        .anneal_step(st, eps)?;
+        for _ in jumps.iter().filter(|&&j| j == i) {
+            let r = levels.refine(k, &*level, &st.detached(), eps)?;
+            passes.set(passes.get() + r.passes);
+            st = State {
+                f_ba: r.potentials.f_ba,
+                g_ab: r.potentials.g_ab,
+                f_aa: r.potentials.f_aa,
+                g_bb: r.potentials.g_bb,
+            };
+            level = r.level;
+            k += 1;
+            ended_on_jump = i + 1 == eps_list.len();
+        }
+    }
+    let eps = *eps_list.last().expect("non-empty schedule");
+    let diagnostics = |passes: usize, extra, update_error, converged| SinkhornDiagnostics {
+        eps_list: eps_list.clone(),
+        softmin_passes: passes,
+        extra_iterations: extra,
+        update_error,
+        converged,
+        levels: k + 1,
+        jumps: jumps.clone(),
+    };
+    if ended_on_jump && params.tol.is_none() && levels.extrapolation_ends_loop() {
+        return Ok((st.detached(), diagnostics(passes.get(), 0, f64::NAN, None)));
+    }
+    let up = Updates {
+        level: &*level,
+        rho: params.rho,
+        passes: &passes,
+    };
+    let (st, extra, converged) = up.converge(st, eps, params.tol, params.max_iter)?;
+    let (pot, update_error) = up.last(&st, eps)?;
+    Ok((
+        pot,
+        diagnostics(passes.get(), extra, update_error, converged),
+    ))
+}
+
+/// One level, no jump.
+struct SingleLevel<'a> {
+    level: Option<Box<dyn Level + 'a>>,
+}
+
+impl<'a> Multilevel<'a> for SingleLevel<'a> {
+    fn jumps(&self, _: &[f64]) -> Vec<usize> {
+        Vec::new()
+    }
+    fn first(&mut self) -> Result<Box<dyn Level + 'a>> {
+        Ok(self.level.take().expect("one level"))
+    }
+    fn refine(
+        &mut self,
+        _: usize,
+        _: &dyn Level,
+        _: &DualPotentials,
+        _: f64,
+    ) -> Result<Refined<'a>> {
+        candle_core::bail!("candle-ot: a single-level solve has no jump")
+    }
+}
+
+/// Runs the loop on one level of point clouds. x (B, N, D), y (B, M, D), log_a (B, N),
+/// log_b (B, M), detached log-weights (−∞ for zero weights). The returned potentials depend
+/// on `x` and `y` through the last update only (its costs `C(x, y.detach())` etc., see the
+/// module docs), and are detached from `log_a`, `log_b`.
+pub fn sinkhorn_loop<S: PointSoftmin>(
     softmin: &S,
     x: &Tensor,
     y: &Tensor,
@@ -300,205 +510,40 @@ pub fn sinkhorn_loop<S: Softmin>(
     log_b: &Tensor,
     params: &LoopParams,
 ) -> Result<(DualPotentials, SinkhornDiagnostics)> {
-    let eps_list = &params.eps_list;
     let (xd, yd) = (x.detach(), y.detach());
-    let (log_a, log_b) = (log_a.detach(), log_b.detach());
     let costs = CostSet {
         xy: softmin.cost(&xd, &yd)?,
         yx: softmin.cost(&yd, &xd)?,
         xx: params.debias.then(|| softmin.cost(&xd, &xd)).transpose()?,
         yy: params.debias.then(|| softmin.cost(&yd, &yd)).transpose()?,
     };
-    let passes = std::cell::Cell::new(0);
-    let level = Level {
-        softmin,
-        costs: &costs,
-        log_a: &log_a,
-        log_b: &log_b,
-        rho: params.rho,
-        passes: &passes,
-    };
-    let st = level.init(eps_list[0])?;
-    let st = level.anneal(st, eps_list)?;
-    let eps = *eps_list.last().expect("non-empty schedule");
-    let (st, extra, converged) = level.converge(st, eps, params.tol, params.max_iter)?;
     // The last update's costs C(x, y.detach()) etc. differ from the loop's only when their
     // first argument is tracked by autograd; otherwise the loop's detached costs serve.
-    let cost_t = |a: &Tensor, b: &Tensor| -> Result<Option<S::Cost>> {
+    let (xt, yt) = (x.clone(), y.clone());
+    let track = move |pair: Pair, _: &S::Cost| -> Result<Option<S::Cost>> {
+        let (a, b) = match pair {
+            Pair::Xy => (&xt, &yd),
+            Pair::Yx => (&yt, &xd),
+            Pair::Xx => (&xt, &xd),
+            Pair::Yy => (&yt, &yd),
+        };
         if a.track_op() {
             Ok(Some(softmin.cost(a, b)?))
         } else {
             Ok(None)
         }
     };
-    let tracked = Tracked {
-        xy: cost_t(x, &yd)?,
-        yx: cost_t(y, &xd)?,
-        xx: if params.debias { cost_t(x, &xd)? } else { None },
-        yy: if params.debias { cost_t(y, &yd)? } else { None },
+    let level = SoftminLevel {
+        softmin,
+        costs,
+        log_a: log_a.detach(),
+        log_b: log_b.detach(),
+        track: Box::new(track),
     };
-    let (pot, update_error) = level.last(&st, eps, tracked)?;
-    let diagnostics = SinkhornDiagnostics {
-        eps_list: eps_list.clone(),
-        softmin_passes: passes.get(),
-        extra_iterations: extra,
-        update_error,
-        converged,
-        multiscale: None,
-    };
-    Ok((pot, diagnostics))
-}
-
-/// The coarse level of [`sinkhorn_loop_two_scale`]: cluster centroids x̄ (B, Ncx, D),
-/// ȳ (B, Ncy, D) and their detached log-weights (B, Ncx), (B, Ncy) (−∞ for padding).
-pub struct CoarseLevel<'a> {
-    /// Centroids of x.
-    pub x: &'a Tensor,
-    /// Centroids of y.
-    pub y: &'a Tensor,
-    /// log ā.
-    pub log_a: &'a Tensor,
-    /// log b̄.
-    pub log_b: &'a Tensor,
-}
-
-/// The fine level of [`sinkhorn_loop_two_scale`]: the points x (B, N, D), y (B, M, D) (tracked
-/// or not; the last update differentiates through them) and detached log-weights.
-pub struct FineLevel<'a> {
-    /// Points x.
-    pub x: &'a Tensor,
-    /// Points y.
-    pub y: &'a Tensor,
-    /// log a.
-    pub log_a: &'a Tensor,
-    /// log b.
-    pub log_b: &'a Tensor,
-}
-
-/// What the jump of [`sinkhorn_loop_two_scale`] builds: the fine costs, and the costs of the
-/// extrapolation, between the fine points and the coarse other cloud
-/// (`extrapolate.xy = C(x_i, ȳ_J)`, `.yx = C(y_j, x̄_I)`, `.xx = C(x_i, x̄_K)`, `.yy = C(y_j, ȳ_L)`).
-#[derive(Clone, Debug)]
-pub struct Refined<C> {
-    /// The costs of the fine level.
-    pub costs: CostSet<C>,
-    /// The costs of the extrapolation step.
-    pub extrapolate: CostSet<C>,
-}
-
-/// GeomLoss's two-scale loop (`sinkhorn_loop` with one `jump`, Algorithm 3.6 of J. Feydy's
-/// thesis), still free of device code:
-///
-/// 1. the init and the averaged ε-scaling updates of [`sinkhorn_loop`] on the coarse level
-///    (`coarse` softmin, centroids), for `eps_list[..=jump]`;
-/// 2. at ε_J = `eps_list[jump]`, `refine(coarse potentials, ε_J)` builds the fine costs and
-///    the extrapolation costs (the multiscale backend prunes blocks there: kernel truncation);
-/// 3. extrapolation of the four potentials to the fine points, each a softmin (of the `fine`
-///    backend) of fine points against the coarse other cloud:
-///    `f_ba(x_i) = λ softmin_{ε_J}(C(x_i, ȳ), log b̄ + ḡ_ab/ε_J)` and alike for `g_ab`
-///    (from f̄_ba), `f_aa`, `g_bb` (the cross updates in parallel);
-/// 4. the averaged updates for `eps_list[jump+1..]`, the `tol` iterations and the last,
-///    differentiable update of [`sinkhorn_loop`] on the fine costs; its tracked costs are
-///    `track(detached cost, tracked first argument)`.
-///
-/// With `jump = len − 1` the fine level runs no annealing step: only the `tol` iterations and
-/// the last update (GeomLoss would instead return the extrapolated potentials there).
-#[allow(clippy::too_many_arguments)]
-pub fn sinkhorn_loop_two_scale<C: Softmin, F: Softmin>(
-    coarse: &C,
-    fine: &F,
-    cl: &CoarseLevel<'_>,
-    fl: &FineLevel<'_>,
-    params: &LoopParams,
-    jump: usize,
-    refine: impl FnOnce(&DualPotentials, f64) -> Result<Refined<F::Cost>>,
-    track: impl Fn(&F::Cost, &Tensor) -> Result<F::Cost>,
-) -> Result<(DualPotentials, SinkhornDiagnostics)> {
-    let eps_list = &params.eps_list;
-    let jump = jump.min(eps_list.len() - 1);
-    let (xc, yc) = (cl.x.detach(), cl.y.detach());
-    let (log_ac, log_bc) = (cl.log_a.detach(), cl.log_b.detach());
-    let (log_a, log_b) = (fl.log_a.detach(), fl.log_b.detach());
-    let passes = std::cell::Cell::new(0);
-    let coarse_costs = CostSet {
-        xy: coarse.cost(&xc, &yc)?,
-        yx: coarse.cost(&yc, &xc)?,
-        xx: params.debias.then(|| coarse.cost(&xc, &xc)).transpose()?,
-        yy: params.debias.then(|| coarse.cost(&yc, &yc)).transpose()?,
-    };
-    let cl_level = Level {
-        softmin: coarse,
-        costs: &coarse_costs,
-        log_a: &log_ac,
-        log_b: &log_bc,
-        rho: params.rho,
-        passes: &passes,
-    };
-    let st = cl_level.init(eps_list[0])?;
-    let st = cl_level.anneal(st, &eps_list[..=jump])?;
-
-    // The jump, at ε_J.
-    let eps_j = eps_list[jump];
-    let Refined {
-        costs: fine_costs,
-        extrapolate: ext,
-    } = refine(&st.detached(), eps_j)?;
-    let lam = dampening(eps_j, params.rho);
-    let extrapolate = |c: &F::Cost, log_w: &Tensor, pot: &Tensor| -> Result<Tensor> {
-        passes.set(passes.get() + 1);
-        fine.softmin_no_grad(eps_j, c, &(log_w + (pot / eps_j)?)?)? * lam
-    };
-    let st = State {
-        f_ba: extrapolate(&ext.xy, &log_bc, &st.g_ab)?,
-        g_ab: extrapolate(&ext.yx, &log_ac, &st.f_ba)?,
-        f_aa: match (&ext.xx, &st.f_aa) {
-            (Some(c), Some(f)) => Some(extrapolate(c, &log_ac, f)?),
-            _ => None,
+    sinkhorn_multilevel(
+        &mut SingleLevel {
+            level: Some(Box::new(level)),
         },
-        g_bb: match (&ext.yy, &st.g_bb) {
-            (Some(c), Some(g)) => Some(extrapolate(c, &log_bc, g)?),
-            _ => None,
-        },
-    };
-
-    let fl_level = Level {
-        softmin: fine,
-        costs: &fine_costs,
-        log_a: &log_a,
-        log_b: &log_b,
-        rho: params.rho,
-        passes: &passes,
-    };
-    let st = fl_level.anneal(st, &eps_list[jump + 1..])?;
-    let eps = *eps_list.last().expect("non-empty schedule");
-    let (st, extra, converged) = fl_level.converge(st, eps, params.tol, params.max_iter)?;
-    let cost_t = |a: &Tensor, c: &F::Cost| -> Result<Option<F::Cost>> {
-        if a.track_op() {
-            Ok(Some(track(c, a)?))
-        } else {
-            Ok(None)
-        }
-    };
-    let tracked = Tracked {
-        xy: cost_t(fl.x, &fine_costs.xy)?,
-        yx: cost_t(fl.y, &fine_costs.yx)?,
-        xx: match &fine_costs.xx {
-            Some(c) => cost_t(fl.x, c)?,
-            None => None,
-        },
-        yy: match &fine_costs.yy {
-            Some(c) => cost_t(fl.y, c)?,
-            None => None,
-        },
-    };
-    let (pot, update_error) = fl_level.last(&st, eps, tracked)?;
-    let diagnostics = SinkhornDiagnostics {
-        eps_list: eps_list.clone(),
-        softmin_passes: passes.get(),
-        extra_iterations: extra,
-        update_error,
-        converged,
-        multiscale: None,
-    };
-    Ok((pot, diagnostics))
+        params,
+    )
 }

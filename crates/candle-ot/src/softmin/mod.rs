@@ -35,6 +35,7 @@ macro_rules! with_float {
     };
 }
 
+pub mod grid;
 pub mod multiscale;
 pub mod online;
 pub mod tensorized;
@@ -42,18 +43,17 @@ pub mod tensorized;
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{Result, Tensor};
 
+pub use grid::Grid;
 pub use tensorized::Tensorized;
 
-/// A softmin implementation (one per backend).
+/// A softmin implementation (one per backend): the only thing the Sinkhorn loop needs.
 pub trait Softmin {
-    /// The backend's representation of a cost `C(x_i, y_j)` between two clouds.
+    /// The backend's representation of a cost `C(x_i, y_j)` (a dense matrix, two point
+    /// clouds, a block pattern, a grid).
     type Cost;
 
-    /// The ground cost between `x` (B, N, D) and `y` (B, M, D). Gradients of later softmins
-    /// flow into whichever of `x`, `y` is tracked by autograd (the loop detaches `y`).
-    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Self::Cost>;
-
-    /// $f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij} / \varepsilon)$ for h (B, M); returns (B, N).
+    /// $f_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij} / \varepsilon)$ for h (B, M); returns (B, N)
+    /// (grids: `(B, n_1, …, n_D)` both).
     /// `h` may hold −∞ (masked points); a row whose `h` is all −∞ gives +∞.
     fn softmin(&self, eps: f64, cost: &Self::Cost, h: &Tensor) -> Result<Tensor>;
 
@@ -62,6 +62,14 @@ pub trait Softmin {
     fn softmin_no_grad(&self, eps: f64, cost: &Self::Cost, h: &Tensor) -> Result<Tensor> {
         Ok(self.softmin(eps, cost, h)?.detach())
     }
+}
+
+/// A softmin over point clouds: it also builds its cost from two clouds and supplies the
+/// kernel product and the plan operator of the point-cloud losses.
+pub trait PointSoftmin: Softmin {
+    /// The ground cost between `x` (B, N, D) and `y` (B, M, D). Gradients of later softmins
+    /// flow into whichever of `x`, `y` is tracked by autograd (the loop detaches `y`).
+    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Self::Cost>;
 
     /// The kernel product $u_i = \sum_j k(x_i, y_j) b_j$, differentiable in x, y and b.
     /// x (B, N, D), y (B, M, D), b (B, M) → (B, N).
@@ -111,19 +119,21 @@ pub struct PointPair {
 impl Softmin for Online {
     type Cost = PointPair;
 
-    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<PointPair> {
-        Ok(PointPair {
-            x: x.contiguous()?,
-            y: y.contiguous()?,
-        })
-    }
-
     fn softmin(&self, eps: f64, c: &PointPair, h: &Tensor) -> Result<Tensor> {
         online::softmin(self.cost, eps, &c.x, &c.y, h)
     }
 
     fn softmin_no_grad(&self, eps: f64, c: &PointPair, h: &Tensor) -> Result<Tensor> {
         online::softmin_no_bwd(self.cost, eps, &c.x, &c.y, h)
+    }
+}
+
+impl PointSoftmin for Online {
+    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<PointPair> {
+        Ok(PointPair {
+            x: x.contiguous()?,
+            y: y.contiguous()?,
+        })
     }
 
     fn kernel_product(

@@ -4,7 +4,7 @@
 //! with it, values and gradients. Memory is O(N·M·D) (the differences `x_i − y_j` are formed
 //! explicitly, so that costs never go through `|x|² + |y|² − 2⟨x, y⟩`).
 
-use super::Softmin;
+use super::{PointSoftmin, Softmin};
 use crate::cost::{dense_cost, dense_kernel, CostKind, KernelKind};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -34,13 +34,15 @@ pub(crate) fn logsumexp_last(z: &Tensor) -> Result<Tensor> {
 impl Softmin for Tensorized {
     type Cost = Tensor;
 
-    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        dense_cost(self.cost, x, y) // (B, N, M)
-    }
-
     fn softmin(&self, eps: f64, c: &Tensor, h: &Tensor) -> Result<Tensor> {
         let z = h.unsqueeze(1)?.broadcast_sub(&(c / eps)?)?; // (B, N, M)
         logsumexp_last(&z)? * (-eps) // (B, N)
+    }
+}
+
+impl PointSoftmin for Tensorized {
+    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        dense_cost(self.cost, x, y) // (B, N, M)
     }
 
     fn kernel_product(

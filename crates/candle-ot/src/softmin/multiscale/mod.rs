@@ -16,8 +16,9 @@
 //!    [`BlockSparse`], whose last update is differentiable ([`block_softmin`], a `CustomOp3`
 //!    whose `bwd` streams over the same kept blocks, transposed for ∂y and ∂h).
 //!
-//! The loop itself is [`crate::sinkhorn::sinkhorn_loop_two_scale`] (no device code). Results
-//! are returned in the input order.
+//! This module imports nothing from the loop: the two-level solve that drives it through
+//! [`crate::sinkhorn::sinkhorn_multilevel`] lives in `crate::multiscale`. Results are
+//! returned in the input order.
 //!
 //! Devices: the clustering and the truncation run on the host (the points and the coarse
 //! potentials are copied there once per solve), the coarse loop on the online kernels and the
@@ -35,13 +36,8 @@ mod cuda;
 mod metal;
 
 use crate::cost::{CostKind, KernelKind};
-use crate::error::OtError;
-use crate::sinkhorn::{
-    sinkhorn_loop_two_scale, CoarseLevel, CostSet, DualPotentials, FineLevel, LoopParams, Refined,
-    SinkhornDiagnostics,
-};
 use crate::softmin::online::dims3;
-use crate::softmin::{online, Online, Softmin};
+use crate::softmin::{online, Online, PointSoftmin, Softmin};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
     Tensor, WithDType,
@@ -53,7 +49,7 @@ use std::sync::Arc;
 /// cells for a useful coarse level).
 pub const MAX_DIM: usize = 3;
 
-/// What the multiscale backend did (in [`SinkhornDiagnostics::multiscale`]).
+/// What the multiscale backend did (in [`crate::Solution::multiscale`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MultiscaleDiagnostics {
     /// The cluster (voxel) side.
@@ -365,7 +361,7 @@ impl BlockCost {
     }
 
     /// The same pattern with other rows (a tracked copy of `x`).
-    fn with_rows(&self, x: &Tensor) -> BlockCost {
+    pub(crate) fn with_rows(&self, x: &Tensor) -> BlockCost {
         BlockCost {
             x: x.clone(),
             ..self.clone()
@@ -375,17 +371,6 @@ impl BlockCost {
 
 impl Softmin for BlockSparse {
     type Cost = BlockCost;
-
-    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<BlockCost> {
-        let (b, n, _) = x.dims3()?;
-        let m = y.dim(1)?;
-        Ok(BlockCost {
-            x: x.contiguous()?,
-            y: y.contiguous()?,
-            fwd: Arc::new(vec![Blocks::dense(n, m); b]),
-            tr: Arc::new(vec![Blocks::dense(m, n); b]),
-        })
-    }
 
     fn softmin(&self, eps: f64, c: &BlockCost, h: &Tensor) -> Result<Tensor> {
         block_softmin(self.cost, eps, c, h)
@@ -402,6 +387,19 @@ impl Softmin for BlockSparse {
                 tr: c.tr.clone(),
             },
         )
+    }
+}
+
+impl PointSoftmin for BlockSparse {
+    fn cost(&self, x: &Tensor, y: &Tensor) -> Result<BlockCost> {
+        let (b, n, _) = x.dims3()?;
+        let m = y.dim(1)?;
+        Ok(BlockCost {
+            x: x.contiguous()?,
+            y: y.contiguous()?,
+            fwd: Arc::new(vec![Blocks::dense(n, m); b]),
+            tr: Arc::new(vec![Blocks::dense(m, n); b]),
+        })
     }
 
     fn kernel_product(
@@ -444,21 +442,21 @@ pub fn jump_index(eps_list: &[f64], cluster_scale: f64, p: u32) -> usize {
 }
 
 /// One clustered cloud set: per batch item clusterings, and the tensors of both levels.
-struct Clouds {
-    clusters: Vec<Clustering>,
+pub(crate) struct Clouds {
+    pub clusters: Vec<Clustering>,
     /// Centroids (B, Nc, D), padded with copies of the first centroid.
-    coarse: Tensor,
+    pub coarse: Tensor,
     /// log ā (B, Nc), −∞ for zero weights and padding.
-    log_coarse: Tensor,
+    pub log_coarse: Tensor,
     /// The points in cluster order, (B, N, D), differentiable with respect to the input.
-    sorted: Tensor,
+    pub sorted: Tensor,
     /// log weights in cluster order, (B, N), detached.
-    log_sorted: Tensor,
+    pub log_sorted: Tensor,
     /// Flat gather index from the sorted order back to the input order, (B·N,).
-    inverse: Tensor,
+    pub inverse: Tensor,
 }
 
-fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
+pub(crate) fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
     let (b, n, d) = x.dims3()?;
     let dev = x.device();
     // Host copies (to the CPU first: Metal has no f64).
@@ -531,7 +529,7 @@ fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
 }
 
 /// Back to the input order: t (B, N) in cluster order.
-fn unsort(t: &Tensor, inverse: &Tensor) -> Result<Tensor> {
+pub(crate) fn unsort(t: &Tensor, inverse: &Tensor) -> Result<Tensor> {
     let (b, n) = t.dims2()?;
     t.reshape(b * n)?.index_select(inverse, 0)?.reshape((b, n))
 }
@@ -643,166 +641,114 @@ pub(crate) struct MultiscaleParams {
     pub cluster_scale: f64,
 }
 
-/// Runs the two-scale Sinkhorn loop. x (B, N, D), y (B, M, D) (tracked or not), a (B, N),
-/// b (B, M). The potentials are in the input order.
-pub(crate) fn solve(
+/// The costs of the fine level after kernel truncation (`xy`, `yx`, `xx`, `yy`, the last two
+/// when debiased) and those of the extrapolation (fine points against the coarse other
+/// cloud: `ext_xy = C(x_i, ȳ_J)`, `ext_yx = C(y_j, x̄_I)`, `ext_xx = C(x_i, x̄_K)`,
+/// `ext_yy = C(y_j, ȳ_L)`), with the kept pairs (C_xy, C_xx + C_yy) and kept cluster pairs.
+pub(crate) struct Truncated {
+    pub xy: BlockCost,
+    pub yx: BlockCost,
+    pub xx: Option<BlockCost>,
+    pub yy: Option<BlockCost>,
+    pub ext_xy: BlockCost,
+    pub ext_yx: BlockCost,
+    pub ext_xx: Option<BlockCost>,
+    pub ext_yy: Option<BlockCost>,
+    pub kept_pairs: u64,
+    pub kept_pairs_sym: u64,
+    pub kept_blocks: u64,
+}
+
+/// Kernel truncation at ε (module docs, step 3) from the coarse potentials f̄_ba, ḡ_ab and,
+/// debiased, f̄_aa, ḡ_bb (each (B, Nc)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn truncate(
     ms: MultiscaleParams,
-    x: &Tensor,
-    a: &Tensor,
-    y: &Tensor,
-    b: &Tensor,
-    params: &LoopParams,
-) -> Result<(DualPotentials, SinkhornDiagnostics)> {
-    let (bsz, n, d) = x.dims3()?;
-    let m = y.dim(1)?;
-    if !online::supports(x.device()) {
-        return Err(OtError::Unsupported(format!(
-            "the multiscale backend's kernels for {:?} are not compiled in: enable candle-ot's \
-             `cuda` / `metal` feature, or use Backend::Tensorized",
-            x.device().location()
-        ))
-        .into());
-    }
-    if d > MAX_DIM {
-        return Err(OtError::Unsupported(format!(
-            "the multiscale backend clusters points in D ≤ {MAX_DIM} dimensions, got D = {d}; use Backend::Online"
-        ))
-        .into());
-    }
-    let cx = clouds(x, a, ms.cluster_scale)?;
-    let cy = clouds(y, b, ms.cluster_scale)?;
-    let jump = jump_index(&params.eps_list, ms.cluster_scale, ms.cost.p());
-    let patterns = std::cell::RefCell::new((0u64, 0u64, 0u64));
+    cx: &Clouds,
+    cy: &Clouds,
+    f_ba: &Tensor,
+    g_ab: &Tensor,
+    f_aa: Option<&Tensor>,
+    g_bb: Option<&Tensor>,
+    eps: f64,
+) -> Result<Truncated> {
+    let (bsz, _, d) = cx.sorted.dims3()?;
+    let host = |t: &Tensor| {
+        t.to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()
+    };
+    let thresh = -ms.truncate * eps;
+    // One cost's pattern, its transpose, and the extrapolation patterns of both (fine rows
+    // against the coarse columns, one column per cluster).
+    let singles =
+        |c: &Clustering| -> Vec<(u32, u32)> { (0..c.len() as u32).map(|j| (j, j + 1)).collect() };
+    type Patterns = [Arc<Vec<Blocks>>; 4];
+    let pattern = |rx: &[Clustering],
+                   ry: &[Clustering],
+                   f: &Tensor,
+                   g: &Tensor,
+                   sym: bool|
+     -> Result<Patterns> {
+        let (f, g) = (host(f)?, host(g)?);
+        let (mut fwd, mut tr, mut ext_fwd, mut ext_tr) = (vec![], vec![], vec![], vec![]);
+        for bi in 0..bsz {
+            let (r, c) = (&rx[bi], &ry[bi]);
+            let keep = kept_lists(ms.cost, d, r, c, &f[bi], &g[bi], thresh, sym);
+            let keep_t = transpose_lists(&keep, c.len());
+            fwd.push(Blocks::from_lists(&r.ranges, &c.ranges, &keep));
+            ext_fwd.push(Blocks::from_lists(&r.ranges, &singles(c), &keep));
+            tr.push(Blocks::from_lists(&c.ranges, &r.ranges, &keep_t));
+            ext_tr.push(Blocks::from_lists(&c.ranges, &singles(r), &keep_t));
+        }
+        Ok([
+            Arc::new(fwd),
+            Arc::new(tr),
+            Arc::new(ext_fwd),
+            Arc::new(ext_tr),
+        ])
+    };
+    let cost = |x: &Tensor, y: &Tensor, fwd: &Arc<Vec<Blocks>>, tr: &Arc<Vec<Blocks>>| BlockCost {
+        x: x.clone(),
+        y: y.clone(),
+        fwd: fwd.clone(),
+        tr: tr.clone(),
+    };
     let (sx, sy) = (&cx.sorted.detach(), &cy.sorted.detach());
-    let refine = |pot: &DualPotentials, eps: f64| -> Result<Refined<BlockCost>> {
-        let host = |t: &Tensor| {
-            t.to_device(&candle_core::Device::Cpu)?
-                .to_dtype(DType::F64)?
-                .to_vec2::<f64>()
-        };
-        let thresh = -ms.truncate * eps;
-        // One cost's pattern, its transpose, and the extrapolation patterns of both (fine rows
-        // against the coarse columns, one column per cluster).
-        let singles = |c: &Clustering| -> Vec<(u32, u32)> {
-            (0..c.len() as u32).map(|j| (j, j + 1)).collect()
-        };
-        type Patterns = [Arc<Vec<Blocks>>; 4];
-        let pattern = |rx: &[Clustering],
-                       ry: &[Clustering],
-                       f: &Tensor,
-                       g: &Tensor,
-                       sym: bool|
-         -> Result<Patterns> {
-            let (f, g) = (host(f)?, host(g)?);
-            let (mut fwd, mut tr, mut ext_fwd, mut ext_tr) = (vec![], vec![], vec![], vec![]);
-            for bi in 0..bsz {
-                let (r, c) = (&rx[bi], &ry[bi]);
-                let keep = kept_lists(ms.cost, d, r, c, &f[bi], &g[bi], thresh, sym);
-                let keep_t = transpose_lists(&keep, c.len());
-                fwd.push(Blocks::from_lists(&r.ranges, &c.ranges, &keep));
-                ext_fwd.push(Blocks::from_lists(&r.ranges, &singles(c), &keep));
-                tr.push(Blocks::from_lists(&c.ranges, &r.ranges, &keep_t));
-                ext_tr.push(Blocks::from_lists(&c.ranges, &singles(r), &keep_t));
-            }
-            Ok([
-                Arc::new(fwd),
-                Arc::new(tr),
-                Arc::new(ext_fwd),
-                Arc::new(ext_tr),
-            ])
-        };
-        let cost =
-            |x: &Tensor, y: &Tensor, fwd: &Arc<Vec<Blocks>>, tr: &Arc<Vec<Blocks>>| BlockCost {
-                x: x.clone(),
-                y: y.clone(),
-                fwd: fwd.clone(),
-                tr: tr.clone(),
+    // Extrapolation costs carry no transpose: they are never differentiated.
+    let none = Arc::new(Vec::new());
+    let [fwd, tr, ext_xy, ext_yx] = pattern(&cx.clusters, &cy.clusters, f_ba, g_ab, false)?;
+    let xy = cost(sx, sy, &fwd, &tr);
+    let yx = cost(sy, sx, &tr, &fwd);
+    let mut sym_pairs = 0u64;
+    let mut sym =
+        |cl: &Clouds, pot: Option<&Tensor>| -> Result<(Option<BlockCost>, Option<BlockCost>)> {
+            let Some(pot) = pot else {
+                return Ok((None, None));
             };
-        // Extrapolation costs carry no transpose: they are never differentiated.
-        let none = Arc::new(Vec::new());
-        let [fwd, tr, ext_xy, ext_yx] =
-            pattern(&cx.clusters, &cy.clusters, &pot.f_ba, &pot.g_ab, false)?;
-        let xy = cost(sx, sy, &fwd, &tr);
-        let yx = cost(sy, sx, &tr, &fwd);
-        let mut sym_pairs = 0u64;
-        let mut sym =
-            |cl: &Clouds, pot: &Option<Tensor>| -> Result<(Option<BlockCost>, Option<BlockCost>)> {
-                let Some(pot) = pot else {
-                    return Ok((None, None));
-                };
-                let [fwd, tr, ext, _] = pattern(&cl.clusters, &cl.clusters, pot, pot, true)?;
-                sym_pairs += fwd.iter().map(|b| b.pairs).sum::<u64>();
-                let s = cl.sorted.detach();
-                Ok((
-                    Some(cost(&s, &s, &fwd, &tr)),
-                    Some(cost(&s, &cl.coarse, &ext, &none)),
-                ))
-            };
-        let (xx, ext_xx) = sym(&cx, &pot.f_aa)?;
-        let (yy, ext_yy) = sym(&cy, &pot.g_bb)?;
-        *patterns.borrow_mut() = (
-            xy.kept_pairs(),
-            sym_pairs,
-            fwd.iter().map(|b| b.cluster_pairs).sum(),
-        );
-        Ok(Refined {
-            costs: CostSet { xy, yx, xx, yy },
-            extrapolate: CostSet {
-                xy: cost(sx, &cy.coarse, &ext_xy, &none),
-                yx: cost(sy, &cx.coarse, &ext_yx, &none),
-                xx: ext_xx,
-                yy: ext_yy,
-            },
-        })
-    };
-    let coarse = Online { cost: ms.cost };
-    let fine = BlockSparse { cost: ms.cost };
-    let (pot, mut diag) = sinkhorn_loop_two_scale(
-        &coarse,
-        &fine,
-        &CoarseLevel {
-            x: &cx.coarse,
-            y: &cy.coarse,
-            log_a: &cx.log_coarse,
-            log_b: &cy.log_coarse,
-        },
-        &FineLevel {
-            x: &cx.sorted,
-            y: &cy.sorted,
-            log_a: &cx.log_sorted,
-            log_b: &cy.log_sorted,
-        },
-        params,
-        jump,
-        refine,
-        |c: &BlockCost, rows: &Tensor| Ok(c.with_rows(rows)),
-    )?;
-    let pot = DualPotentials {
-        f_ba: unsort(&pot.f_ba, &cx.inverse)?,
-        g_ab: unsort(&pot.g_ab, &cy.inverse)?,
-        f_aa: pot.f_aa.map(|t| unsort(&t, &cx.inverse)).transpose()?,
-        g_bb: pot.g_bb.map(|t| unsort(&t, &cy.inverse)).transpose()?,
-    };
-    let (kept, kept_sym, kept_blocks) = *patterns.borrow();
-    let total = (bsz * n * m) as u64;
-    let total_sym = (bsz * (n * n + m * m)) as u64;
-    diag.multiscale = Some(MultiscaleDiagnostics {
-        cluster_scale: ms.cluster_scale,
-        clusters_x: cx.clusters.iter().map(|c| c.len()).collect(),
-        clusters_y: cy.clusters.iter().map(|c| c.len()).collect(),
-        jump_eps: params.eps_list[jump.min(params.eps_list.len() - 1)],
-        kept_pairs: kept,
-        total_pairs: total,
-        kept_fraction: kept as f64 / total as f64,
-        kept_blocks,
-        kept_pairs_sym: kept_sym,
-        kept_fraction_sym: if params.debias {
-            kept_sym as f64 / total_sym as f64
-        } else {
-            0.0
-        },
-    });
-    Ok((pot, diag))
+            let [fwd, tr, ext, _] = pattern(&cl.clusters, &cl.clusters, pot, pot, true)?;
+            sym_pairs += fwd.iter().map(|b| b.pairs).sum::<u64>();
+            let s = cl.sorted.detach();
+            Ok((
+                Some(cost(&s, &s, &fwd, &tr)),
+                Some(cost(&s, &cl.coarse, &ext, &none)),
+            ))
+        };
+    let (xx, ext_xx) = sym(cx, f_aa)?;
+    let (yy, ext_yy) = sym(cy, g_bb)?;
+    Ok(Truncated {
+        kept_pairs: xy.kept_pairs(),
+        kept_pairs_sym: sym_pairs,
+        kept_blocks: fwd.iter().map(|b| b.cluster_pairs).sum(),
+        xy,
+        yx,
+        xx,
+        yy,
+        ext_xy: cost(sx, &cy.coarse, &ext_xy, &none),
+        ext_yx: cost(sy, &cx.coarse, &ext_yx, &none),
+        ext_xx,
+        ext_yy,
+    })
 }
 
 #[cfg(test)]
