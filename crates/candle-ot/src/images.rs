@@ -64,6 +64,7 @@ use crate::sinkhorn::{
     SinkhornDiagnostics, SoftminLevel,
 };
 use crate::softmin::grid::{Grid, GridCost};
+use crate::softmin::Softmin;
 use candle_core::{DType, Result, Tensor};
 
 /// Options of [`ImagesLoss`], GeomLoss's names and defaults.
@@ -242,6 +243,57 @@ pub struct ImagesSolution {
     pub pyramid: Vec<Vec<usize>>,
     /// What the loop did.
     pub diagnostics: SinkhornDiagnostics,
+    /// Pixel pairs reduced by all the softmins, `Σ N_l · Σ_k n_{l,k}` over the softmins on
+    /// grids of `N_l` pixels (the separable work; the pairs of a dense solve would be `N²`).
+    pub pixel_pairs: u64,
+    /// The full-resolution cost and log b (B, grid…), for the plan operators.
+    cost: GridCost,
+    log_b: Tensor,
+}
+
+impl ImagesSolution {
+    /// The barycentric map of the entropic plan of OT_ε(α, β), from the raw potentials
+    /// f_ba, g_ab: for every pixel `i` of a's grid,
+    ///
+    /// $$
+    /// T(x_i) = \frac{\sum_j \pi_{ij}\, y_j}{a_i} = \sum_j b_j\, e^{(f_{ba,i} + g_{ab,j} - C(x_i, y_j))/\varepsilon}\, y_j,
+    /// $$
+    ///
+    /// computed per axis `k` with the grid softmin, `T_k = exp((f_ba − softmin_ε(C, log b +
+    /// g_ab/ε + log y_k))/ε)` (pixel coordinates `y_{j,k} = j_k h_k ≥ 0`, in the domain's units
+    /// from its lower corner). Returns `(…, n_1, …, n_D, D)`, shaped like `a` plus the axis of
+    /// coordinates. Where `a_i = 0` it is the map of the plan's conditional, still defined.
+    pub fn barycentric_map(&self) -> Result<Tensor> {
+        let f = &self.potentials.f_ba; // (…, grid)
+        let g = &self.potentials.g_ab;
+        let d = self.cost.spacing.len();
+        let dims = g.dims().to_vec();
+        let grid = &dims[dims.len() - d..];
+        let bsz = g.elem_count() / grid.iter().product::<usize>();
+        let mut full = vec![bsz];
+        full.extend_from_slice(grid);
+        let h = (&self.log_b + (g.reshape(full.clone())? / self.eps)?)?;
+        let f = f.reshape(full.clone())?;
+        let mut out = Vec::with_capacity(d);
+        for k in 0..d {
+            // log y_k on the grid: log(j_k h_k), −∞ at j_k = 0.
+            let n = grid[k];
+            let logs: Vec<f64> = (0..n)
+                .map(|j| (j as f64 * self.cost.spacing[k]).ln())
+                .collect();
+            let mut shape = vec![1usize; d + 1];
+            shape[k + 1] = n;
+            let ly = Tensor::from_vec(logs, n, h.device())?
+                .to_dtype(h.dtype())?
+                .reshape(shape)?;
+            let sm =
+                Grid.softmin_no_grad(self.eps, &self.cost, &h.broadcast_add(&ly)?.contiguous()?)?;
+            out.push(((&f - sm)? / self.eps)?.exp()?);
+        }
+        let mut shape = dims.clone();
+        shape.push(d);
+        Tensor::stack(&out, d + 1)?.reshape(shape)
+    }
 }
 
 /// A density pyramid: level 0 is the grid (B, n_1, …, n_D).
@@ -325,9 +377,38 @@ fn upsample(t: &Tensor, fine: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
+/// The grid softmin, counting pixel pairs: `N · Σ_k n_k` per softmin on a grid of `N` pixels
+/// (the pairs its `D` passes of 1-D log-sum-exps reduce, before truncation).
+#[derive(Default)]
+struct Counting {
+    pairs: std::cell::Cell<u64>,
+}
+
+impl Counting {
+    fn count(&self, c: &GridCost, h: &Tensor) {
+        let dims = h.dims();
+        let grid = &dims[dims.len() - c.spacing.len()..];
+        let n = h.elem_count() as u64;
+        self.pairs
+            .set(self.pairs.get() + n * grid.iter().map(|&k| k as u64).sum::<u64>());
+    }
+}
+
+impl crate::softmin::Softmin for Counting {
+    type Cost = GridCost;
+    fn softmin(&self, eps: f64, c: &GridCost, h: &Tensor) -> Result<Tensor> {
+        self.count(c, h);
+        Grid.softmin(eps, c, h)
+    }
+    fn softmin_no_grad(&self, eps: f64, c: &GridCost, h: &Tensor) -> Result<Tensor> {
+        self.count(c, h);
+        Grid.softmin_no_grad(eps, c, h)
+    }
+}
+
 /// The pyramid as the loop's levels.
 struct GridPyramid<'a> {
-    softmin: &'a Grid,
+    softmin: &'a Counting,
     p: u32,
     debias: bool,
     /// log a, log b per level, finest first.
@@ -596,7 +677,7 @@ impl ImagesLoss {
                 .map(|t| t.log())
                 .collect()
         };
-        let softmin = Grid;
+        let softmin = Counting::default();
         let mut levels = GridPyramid {
             softmin: &softmin,
             p: o.p,
@@ -625,6 +706,7 @@ impl ImagesLoss {
         };
         let loss = sinkhorn_cost(&flat(&a_c)?, &flat(&b_c)?, &pot_flat, eps, rho)?; // (B,)
         let loss = loss.reshape(batch.clone())?.to_dtype(a.dtype())?;
+        let log_b = levels.log_b[0].clone();
         let (f, g) = sinkhorn_potentials(&pot)?;
         let mut out_shape = batch.clone();
         out_shape.extend_from_slice(&grid);
@@ -643,6 +725,12 @@ impl ImagesLoss {
             blur,
             pyramid: shapes.into_iter().rev().collect(),
             diagnostics,
+            pixel_pairs: softmin.pairs.get(),
+            cost: GridCost {
+                p: o.p,
+                spacing: spacing0,
+            },
+            log_b,
         })
     }
 }
