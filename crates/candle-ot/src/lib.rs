@@ -34,7 +34,12 @@
 //!   \tfrac12 \mathrm{OT}\_\varepsilon(\alpha, \alpha) - \tfrac12 \mathrm{OT}\_\varepsilon(\beta, \beta).
 //! $$
 //!
-//! [`sinkhorn`] runs GeomLoss's ε-scaling loop against any [`softmin::Softmin`];
+//! [`ImagesLoss`] computes the same divergences between densities on 2-D and 3-D grids
+//! (images, volumes), where the costs are separable and every softmin is a few 1-D
+//! log-sum-exps ([`softmin::grid`]); see [`images`].
+//!
+//! [`sinkhorn`] runs GeomLoss's ε-scaling loop over a list of levels (one for point clouds,
+//! two for the multiscale backend, a pyramid for grids) against any [`softmin::Softmin`];
 //! [`divergence`] turns potentials into values; [`kernel_loss`] has the kernel norms and the
 //! Hausdorff divergence.
 //!
