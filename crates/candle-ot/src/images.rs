@@ -619,12 +619,22 @@ impl ImagesLoss {
             sums.push(s);
         }
         if self.opts.reach.is_none() {
+            // The masses are summed in f64, but densities normalised in their own dtype carry
+            // its rounding: a sum of n values rounded to unit roundoff u is off by up to n·u
+            // relative, so the tolerance is 1e-5 + n·u (n = pixels per item).
+            let u = match a.dtype() {
+                DType::F64 => f64::EPSILON / 2.0,
+                DType::F16 => 2f64.powi(-11),
+                DType::BF16 => 2f64.powi(-8),
+                _ => f64::from(f32::EPSILON) / 2.0,
+            };
+            let tol = 1e-5 + n as f64 * u;
             for (i, (sa, sb)) in sums[0].iter().zip(&sums[1]).enumerate() {
-                if (sa - sb).abs() > 1e-5 * sa.max(*sb) {
+                if (sa - sb).abs() > tol * sa.max(*sb) {
                     return Err(OtError::Weights {
                         name: "a, b",
                         reason: format!(
-                            "balanced OT needs equal total masses, got {sa} and {sb} (batch item {i}); normalise the densities or set a reach"
+                            "balanced OT needs equal total masses (to a relative {tol:.1e}: 1e-5 plus the rounding of {n} pixels in {:?}), got {sa} and {sb} (batch item {i}); normalise the densities or set a reach", a.dtype()
                         ),
                     }
                     .into());
