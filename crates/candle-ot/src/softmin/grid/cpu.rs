@@ -46,8 +46,28 @@ fn threshold<T: Real>(n: usize) -> T {
 /// One group of `L` lines: `buf` (n, L) → `out` (n, L) (unscaled log-sum-exps).
 /// `ks` is the symmetric kernel, `ks[n − 1 + d] = κ[|d|]`, length `2n − 1`.
 #[inline(always)]
-fn group_body<T: Real>(buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
+fn group_body<T: Real>(buf: &mut [[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
     let n = buf.len();
+    // Shift every lane by its own maximum (log-sum-exps are shift-equivariant): the lanes are
+    // different lines whose levels may differ by thousands (the potentials over ε), and the
+    // bounds below, taken over all lanes at once, are only tight once the lanes share a level.
+    let mut lane_max = [T::NEG_INFINITY; L];
+    for r in buf.iter() {
+        for l in 0..L {
+            lane_max[l] = lane_max[l].fmax(r[l]);
+        }
+    }
+    for l in 0..L {
+        if lane_max[l] == T::NEG_INFINITY {
+            lane_max[l] = T::ZERO;
+        }
+    }
+    for r in buf.iter_mut() {
+        for l in 0..L {
+            r[l] = r[l] - lane_max[l];
+        }
+    }
+    let buf = &*buf;
     // Per-column maximum over the lanes, and per-block maxima of those.
     let colmax: Vec<T> = buf
         .iter()
@@ -150,7 +170,7 @@ fn group_body<T: Real>(buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) 
             out[i][l] = if m[l] == T::NEG_INFINITY {
                 T::NEG_INFINITY
             } else {
-                m[l] + s[l].ln()
+                lane_max[l] + (m[l] + s[l].ln())
             };
         }
     }
@@ -158,17 +178,17 @@ fn group_body<T: Real>(buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-unsafe fn group_avx512<T: Real>(buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
+unsafe fn group_avx512<T: Real>(buf: &mut [[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
     group_body(buf, ks, out, thresh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_avx2<T: Real>(buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
+unsafe fn group_avx2<T: Real>(buf: &mut [[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
     group_body(buf, ks, out, thresh)
 }
 
-fn group<T: Real>(level: SimdLevel, buf: &[[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
+fn group<T: Real>(level: SimdLevel, buf: &mut [[T; L]], ks: &[T], out: &mut [[T; L]], thresh: T) {
     match level {
         // SAFETY: the level was detected at run time on this CPU by `simd_level`.
         #[cfg(target_arch = "x86_64")]
@@ -221,7 +241,7 @@ pub(crate) fn lse_pass<T: Real>(
                     }
                 }
                 let mut out = vec![[T::ZERO; L]; n];
-                group(level, &buf, &ks, &mut out, thresh);
+                group(level, &mut buf, &ks, &mut out, thresh);
                 out
             })
             .collect()
