@@ -10,11 +10,20 @@
 //! `--op softmin`. The multiscale backend does less work than that count (its coarse level and
 //! its kept blocks): its pairs/s is the equivalent rate, and `kept_pairs` reports the kept
 //! point pairs of C_xy.
+//!
+//! Grids ([`run_grid`], `--grid 512x512`): [`candle_ot::ImagesLoss`] on random densities
+//! (uniform(0, 1) per pixel, then divided by their sum per batch item: the distribution of
+//! `scripts/geomloss-bench/grid.py`'s inputs, from a different generator) or on two `.npy`
+//! files (`--load-npy`, e.g. the inputs `grid.py --save-inputs` wrote). One timed run is one
+//! `solve` (the debiased loss and the potentials F, G) plus the backward pass for ∂loss/∂a.
+//! The work is [`candle_ot::ImagesSolution::pixel_pairs`]: `Σ N_l · Σ_k n_{l,k}` over the
+//! softmins, the count `grid.py` reports for GeomLoss.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_ot::{CostKind, SamplesLoss, SamplesLossOptions};
+use candle_ot::{Backend, CostKind, ImagesLoss, Loss, SamplesLoss, SamplesLossOptions};
 use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What to time.
@@ -224,5 +233,327 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         times_s: times,
         kept_pairs: kept.map(|k| k.0),
         kept_fraction: kept.map(|k| k.1),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Grids.
+
+/// A grid benchmark: [`ImagesLoss`] on random or given densities (module docs).
+#[derive(Clone, Debug)]
+pub struct GridBenchConfig {
+    /// The grid of the random densities (2 or 3 axes); with `load`, the grid the files must
+    /// have (`None`: the files are `(B, grid…)`, `grid.py`'s layout).
+    pub grid: Option<Vec<usize>>,
+    /// Batch items of the random densities.
+    pub batch: usize,
+    /// Densities `a`, `b` from two `.npy` files instead, used as they are (not renormalised).
+    pub load: Option<(PathBuf, PathBuf)>,
+    /// 1 or 2.
+    pub p: u32,
+    /// `None`: one pixel.
+    pub blur: Option<f64>,
+    pub reach: Option<f64>,
+    pub scaling: f64,
+    pub debias: bool,
+    pub tol: Option<f64>,
+    pub device: Device,
+    pub dtype: DType,
+    pub reps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+    /// Also time [`SamplesLoss`] (Sinkhorn, p = 2, online backend) on the pixel cloud.
+    pub compare_online: bool,
+}
+
+/// [`SamplesLoss`] with the online backend on the pixel cloud, next to the grid solver.
+#[derive(Clone, Debug)]
+pub struct OnlineComparison {
+    pub median_s: f64,
+    pub times_s: Vec<f64>,
+    /// Point pairs its softmin passes reduced: passes · N² · B.
+    pub pairs: f64,
+    /// The summed loss (single-scale ε-scaling on the cloud: close to, not equal to, the grid's).
+    pub loss: f64,
+    /// Peak RSS after the online runs (the process's, grid runs included).
+    pub peak_rss_bytes: u64,
+    /// Online time over grid time.
+    pub ratio: f64,
+}
+
+/// What a grid run measured.
+#[derive(Clone, Debug)]
+pub struct GridBenchResult {
+    /// The grid and the batch size.
+    pub grid: Vec<usize>,
+    pub batch: usize,
+    pub median_s: f64,
+    pub times_s: Vec<f64>,
+    /// [`candle_ot::ImagesSolution::pixel_pairs`] of one run.
+    pub pixel_pairs: u64,
+    pub pixel_pairs_per_s: f64,
+    /// Peak RSS after the grid runs.
+    pub peak_rss_bytes: u64,
+    /// The summed loss.
+    pub loss: f64,
+    pub eps: f64,
+    pub blur: f64,
+    /// Pyramid levels the loop ran on, and its ε steps (schedule + extra `tol` iterations).
+    pub levels: usize,
+    pub iterations: usize,
+    pub online: Option<OnlineComparison>,
+}
+
+/// Parses a grid shape `512x512` or `64x64x64` (`x`, `X` or `×` between the sizes).
+pub fn parse_grid_shape(s: &str) -> Result<Vec<usize>> {
+    let dims: Vec<usize> = s
+        .split(['x', 'X', '×'])
+        .map(|n| n.trim().parse::<usize>().ok().filter(|n| *n > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| anyhow!("bad grid {s:?}: expected sizes like 512x512 or 64x64x64"))?;
+    if !(dims.len() == 2 || dims.len() == 3) {
+        bail!("bad grid {s:?}: 2 (image) or 3 (volume) sizes, like 512x512 or 64x64x64");
+    }
+    Ok(dims)
+}
+
+/// Random densities `(a, b)`, `(batch, grid…)` in f64: uniform(0, 1) per pixel, divided by the
+/// sum of each batch item; a fixed function of (seed, batch, grid).
+pub fn random_densities(seed: u64, batch: usize, grid: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut key = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (batch as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    for (k, &n) in grid.iter().enumerate() {
+        key ^= (n as u64)
+            .wrapping_mul(0x1656_67B1_9E37_79F9)
+            .rotate_left(7 * (k as u32 + 1));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    let n: usize = grid.iter().product();
+    let mut shape = vec![batch];
+    shape.extend_from_slice(grid);
+    let mut one = || -> Result<Tensor> {
+        let mut v: Vec<f64> = (0..batch * n).map(|_| rng.random::<f64>()).collect();
+        for item in v.chunks_mut(n) {
+            let s: f64 = item.iter().sum();
+            item.iter_mut().for_each(|x| *x /= s);
+        }
+        Ok(Tensor::from_vec(v, shape.clone(), &Device::Cpu)?)
+    };
+    let a = one()?;
+    let b = one()?;
+    Ok((a, b))
+}
+
+/// The scalar sum of `t` in f64 (reading it also waits for the device).
+fn total(t: &Tensor) -> Result<f64> {
+    Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Runs the grid benchmark.
+pub fn run_grid(cfg: &GridBenchConfig) -> Result<GridBenchResult> {
+    if cfg.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if cfg.compare_online && cfg.p != 2 {
+        bail!("--compare-online needs --p 2: the grid's p = 1 cost is the L1 distance, the point clouds' the Euclidean one");
+    }
+    let (a, b, dims) = match &cfg.load {
+        Some((pa, pb)) => {
+            let read = |p: &PathBuf| -> Result<Tensor> {
+                let t = crate::io::read_npy(p)?;
+                if !t.dtype().is_float() {
+                    bail!(
+                        "{}: densities must be floating point, got {:?}",
+                        p.display(),
+                        t.dtype()
+                    );
+                }
+                Ok(t)
+            };
+            let (a, b) = (read(pa)?, read(pb)?);
+            let dims = match &cfg.grid {
+                Some(g) => g.len(),
+                None => match a.rank().checked_sub(1) {
+                    Some(d @ (2 | 3)) => d,
+                    _ => bail!(
+                        "{} is {:?}: without --grid the files must be (B, n1, n2) or (B, n1, n2, n3) (grid.py's layout); name the grid with --grid",
+                        pa.display(),
+                        a.dims()
+                    ),
+                },
+            };
+            for (p, t) in [(pa, &a), (pb, &b)] {
+                let r = t.rank();
+                if r < dims
+                    || cfg
+                        .grid
+                        .as_ref()
+                        .is_some_and(|g| t.dims()[r - dims..] != g[..])
+                {
+                    bail!(
+                        "{} is {:?}, not a density on the grid {}",
+                        p.display(),
+                        t.dims(),
+                        cfg.grid
+                            .as_ref()
+                            .map(|g| crate::io::fmt_shape(g))
+                            .unwrap_or_else(|| format!("of {dims} axes"))
+                    );
+                }
+            }
+            if a.dims() != b.dims() {
+                bail!(
+                    "{} is {:?} but {} is {:?}: ImagesLoss compares densities on one grid (and the same batch axes)",
+                    pa.display(),
+                    a.dims(),
+                    pb.display(),
+                    b.dims()
+                );
+            }
+            (a, b, dims)
+        }
+        None => {
+            let grid = cfg
+                .grid
+                .as_ref()
+                .ok_or_else(|| anyhow!("a grid benchmark needs --grid (or --load-npy)"))?;
+            if cfg.batch == 0 {
+                bail!("--batch must be at least 1");
+            }
+            let (a, b) = random_densities(cfg.seed, cfg.batch, grid)?;
+            (a, b, grid.len())
+        }
+    };
+    let rank = a.rank();
+    let grid = a.dims()[rank - dims..].to_vec();
+    let batch: usize = a.dims()[..rank - dims].iter().product();
+    let to_dev =
+        |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(cfg.dtype)?.to_device(&cfg.device)?) };
+    let (a, b) = (to_dev(&a)?, to_dev(&b)?);
+    let loss = ImagesLoss::builder(dims)
+        .p(cfg.p)
+        .blur(cfg.blur)
+        .reach(cfg.reach)
+        .scaling(cfg.scaling)
+        .debias(cfg.debias)
+        .tol(cfg.tol)
+        .build()?;
+
+    let mut times = Vec::with_capacity(cfg.reps);
+    let mut last = None;
+    for rep in 0..cfg.warmup + cfg.reps {
+        cfg.device.synchronize()?;
+        let av = Var::from_tensor(&a)?;
+        let t0 = Instant::now();
+        let sol = loss.solve(av.as_tensor(), &b)?;
+        let sum = sol.loss.sum_all()?;
+        let g = sum.backward()?;
+        let ga = g
+            .get(av.as_tensor())
+            .ok_or_else(|| anyhow!("no gradient for a"))?;
+        total(ga)?;
+        total(&sol.f)?;
+        total(&sol.g)?;
+        cfg.device.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        if rep >= cfg.warmup {
+            times.push(dt);
+        }
+        last = Some((total(&sum)?, sol));
+    }
+    let (value, sol) = last.expect("at least one run");
+    let median_s = median(&times);
+    let peak_grid = peak_rss_bytes();
+    let d = &sol.diagnostics;
+
+    let online = if cfg.compare_online {
+        Some(compare_online(
+            cfg, &a, &b, &grid, batch, sol.blur, median_s,
+        )?)
+    } else {
+        None
+    };
+    Ok(GridBenchResult {
+        grid,
+        batch,
+        median_s,
+        pixel_pairs: sol.pixel_pairs,
+        pixel_pairs_per_s: sol.pixel_pairs as f64 / median_s,
+        peak_rss_bytes: peak_grid,
+        loss: value,
+        eps: sol.eps,
+        blur: sol.blur,
+        levels: d.levels,
+        iterations: d.eps_list.len() + d.extra_iterations,
+        times_s: times,
+        online,
+    })
+}
+
+/// [`SamplesLoss`] (Sinkhorn, p = 2, online) on the pixel cloud of the unit square / cube,
+/// with the masses as weights and the grid's blur, scaling and ε schedule (diameter 1, the
+/// grid's domain): one `solve` plus the backward pass for ∂loss/∂a per run.
+fn compare_online(
+    cfg: &GridBenchConfig,
+    a: &Tensor,
+    b: &Tensor,
+    grid: &[usize],
+    batch: usize,
+    blur: f64,
+    grid_median_s: f64,
+) -> Result<OnlineComparison> {
+    let n: usize = grid.iter().product();
+    let d = grid.len();
+    let spacing: Vec<f64> = grid.iter().map(|k| 1.0 / *k as f64).collect();
+    let x = candle_ot::softmin::grid::pixel_coordinates(grid, &spacing, &Device::Cpu)?
+        .to_dtype(cfg.dtype)?
+        .to_device(&cfg.device)?
+        .unsqueeze(0)?
+        .broadcast_as((batch, n, d))?
+        .contiguous()?;
+    let (a, b) = (a.reshape((batch, n))?, b.reshape((batch, n))?);
+    let loss = SamplesLoss::from_options(SamplesLossOptions {
+        loss: Loss::Sinkhorn,
+        p: 2,
+        blur,
+        diameter: Some(1.0),
+        scaling: cfg.scaling,
+        debias: cfg.debias,
+        reach: cfg.reach,
+        tol: cfg.tol,
+        backend: Backend::Online,
+        ..Default::default()
+    })
+    .context("--compare-online")?;
+    let mut times = Vec::with_capacity(cfg.reps);
+    let (mut value, mut passes) = (0.0, 0usize);
+    for rep in 0..cfg.warmup + cfg.reps {
+        cfg.device.synchronize()?;
+        let av = Var::from_tensor(&a)?;
+        let t0 = Instant::now();
+        let sol = loss.solve(Some(av.as_tensor()), &x, Some(&b), &x)?;
+        let sum = sol.loss.sum_all()?;
+        let g = sum.backward()?;
+        let ga = g
+            .get(av.as_tensor())
+            .ok_or_else(|| anyhow!("no gradient for a"))?;
+        total(ga)?;
+        cfg.device.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        if rep >= cfg.warmup {
+            times.push(dt);
+        }
+        value = total(&sum)?;
+        passes = sol.diagnostics.as_ref().map_or(0, |d| d.softmin_passes);
+    }
+    let median_s = median(&times);
+    let nf = n as f64;
+    Ok(OnlineComparison {
+        median_s,
+        times_s: times,
+        pairs: passes as f64 * nf * nf * batch as f64,
+        loss: value,
+        peak_rss_bytes: peak_rss_bytes(),
+        ratio: median_s / grid_median_s,
     })
 }

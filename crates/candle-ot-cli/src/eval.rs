@@ -8,10 +8,19 @@
 //!
 //! Output (all f64): `loss` ((1,) or (B,)), `grad_x`, `grad_y`, `grad_a`, `grad_b` (gradients of
 //! the summed loss), `F`, `G`, and `labels_i` when the case holds `l` (M, K).
+//!
+//! Grid cases (metadata `kind` = `grid`, `tests/data/reference/grid/`) hold densities `a`, `b`
+//! shaped `(B, n_1, …, n_D)` (any leading batch axes, or none) and run [`ImagesLoss`] with
+//! `D = len(params.shape)` (see [`parse_grid_params`]). Output (f64): `loss` ((1,) or the batch
+//! axes), `grad_a`, `grad_b`, `F`, `G` shaped like `a`, `b`. `kind` = `barycenter` is not
+//! implemented yet (an error); every other `kind` is a point-cloud case.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_ot::{Backend, Loss, SamplesLoss, SamplesLossOptions, SinkhornDiagnostics};
+use candle_ot::{
+    Backend, ImagesLoss, ImagesLossOptions, Loss, SamplesLoss, SamplesLossOptions,
+    SinkhornDiagnostics,
+};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,10 +28,40 @@ use std::path::Path;
 pub struct Case {
     /// All tensors of the file, on the CPU, in their stored dtype.
     pub tensors: HashMap<String, Tensor>,
-    /// The options from `params` (GeomLoss defaults where absent).
+    /// The options from `params` (GeomLoss defaults where absent). Point-cloud cases only: grid
+    /// and barycenter cases hold the defaults here and [`evaluate`] reads their `params` with
+    /// [`parse_grid_params`].
     pub options: SamplesLossOptions,
     /// The file's metadata (string to string).
     pub metadata: HashMap<String, String>,
+}
+
+/// What a case file holds, from its metadata key `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaseKind {
+    /// Point clouds `x`, `y` (every `kind` but the two below, or none).
+    Samples,
+    /// Densities `a`, `b` on a grid (`kind` = `grid`): [`ImagesLoss`].
+    Grid,
+    /// An `ImagesBarycenter` case (`kind` = `barycenter`): not implemented yet.
+    Barycenter,
+}
+
+impl CaseKind {
+    fn of(metadata: &HashMap<String, String>) -> Self {
+        match metadata.get("kind").map(String::as_str) {
+            Some("grid") => CaseKind::Grid,
+            Some("barycenter") => CaseKind::Barycenter,
+            _ => CaseKind::Samples,
+        }
+    }
+}
+
+impl Case {
+    /// What the case holds (metadata `kind`).
+    pub fn kind(&self) -> CaseKind {
+        CaseKind::of(&self.metadata)
+    }
 }
 
 fn json_f64(v: &serde_json::Value, key: &str) -> Result<Option<f64>> {
@@ -86,6 +125,103 @@ pub fn parse_params(params: Option<&str>) -> Result<SamplesLossOptions> {
     Ok(o)
 }
 
+fn json_usize(v: &serde_json::Value, key: &str) -> Result<Option<usize>> {
+    match json_f64(v, key)? {
+        None => Ok(None),
+        Some(m) if m.fract() == 0.0 && m >= 0.0 => Ok(Some(m as usize)),
+        Some(m) => bail!("params.{key} must be a non-negative integer, got {m}"),
+    }
+}
+
+/// Parses the `params` JSON of a grid case into [`ImagesLoss`] options, for densities `a` of
+/// shape `a_dims`.
+///
+/// Keys: `loss` (`sinkhorn` or absent), `shape` (the grid; its length is the grid dimension,
+/// 2 or 3, and it must be the last axes of `a`; absent: every axis of `a` but the first, the
+/// reference layout `(B, grid…)`), `p` (1 or 2, default 2), `blur` (`null` = one pixel),
+/// `reach` (`null` = balanced), `scaling` (default 0.5), `debias` (default true), `tol`,
+/// `max_iter`, `axes` (`[[lo, hi], …]`, one per grid axis; default the unit square / cube).
+/// Other keys are ignored.
+pub fn parse_grid_params(params: Option<&str>, a_dims: &[usize]) -> Result<ImagesLossOptions> {
+    let v: serde_json::Value = match params {
+        Some(p) => serde_json::from_str(p).context("metadata `params` is not valid JSON")?,
+        None => serde_json::json!({}),
+    };
+    if !v.is_object() {
+        bail!("metadata `params` must be a JSON object, got {v}");
+    }
+    if let Some(loss) = v.get("loss").filter(|l| !l.is_null()) {
+        if loss.as_str() != Some("sinkhorn") {
+            bail!("grid cases run the Sinkhorn divergence (ImagesLoss): params.loss must be \"sinkhorn\", got {loss}");
+        }
+    }
+    let dims = match v.get("shape").filter(|s| !s.is_null()) {
+        Some(shape) => {
+            let grid: Vec<usize> = shape
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|n| n.as_u64().map(|n| n as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| anyhow!("params.shape must be a list of grid sizes, got {shape}"))?;
+            if !(grid.len() == 2 || grid.len() == 3) {
+                bail!(
+                    "params.shape must have 2 (image) or 3 (volume) axes, got {shape}"
+                );
+            }
+            if a_dims.len() < grid.len() || a_dims[a_dims.len() - grid.len()..] != grid[..] {
+                bail!(
+                    "params.shape is {grid:?} but a is {a_dims:?}: the grid must be the last axes of a"
+                );
+            }
+            grid.len()
+        }
+        None => match a_dims.len().checked_sub(1) {
+            Some(d @ (2 | 3)) => d,
+            _ => bail!(
+                "params.shape is missing and a is {a_dims:?}: expected (B, n1, n2) or (B, n1, n2, n3)"
+            ),
+        },
+    };
+    let mut b = ImagesLoss::builder(dims);
+    if let Some(p) = json_f64(&v, "p")? {
+        if p.fract() != 0.0 || !(1.0..=2.0).contains(&p) {
+            bail!("params.p must be 1 or 2, got {p}");
+        }
+        b = b.p(p as u32);
+    }
+    b = b.blur(json_f64(&v, "blur")?).reach(json_f64(&v, "reach")?);
+    if let Some(s) = json_f64(&v, "scaling")? {
+        b = b.scaling(s);
+    }
+    if let Some(d) = v.get("debias").filter(|d| !d.is_null()) {
+        b = b.debias(
+            d.as_bool()
+                .ok_or_else(|| anyhow!("params.debias must be true or false, got {d}"))?,
+        );
+    }
+    b = b.tol(json_f64(&v, "tol")?);
+    if let Some(m) = json_usize(&v, "max_iter")? {
+        b = b.max_iter(m);
+    }
+    if let Some(axes) = v.get("axes").filter(|a| !a.is_null()) {
+        let pairs: Vec<(f64, f64)> = axes
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|p| match p.as_array().map(|p| p.as_slice()) {
+                        Some([lo, hi]) => Some((lo.as_f64()?, hi.as_f64()?)),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| anyhow!("params.axes must be a list of [lo, hi] pairs, got {axes}"))?;
+        b = b.axes(&pairs);
+    }
+    Ok(b.build()?.options().clone())
+}
+
 /// Reads a case file.
 pub fn read_case(path: &Path) -> Result<Case> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -98,7 +234,10 @@ pub fn read_case_bytes(bytes: &[u8]) -> Result<Case> {
         .map_err(|e| anyhow!("not a valid safetensors file: {e}"))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let params = metadata.get("params").cloned();
-    let options = parse_params(params.as_deref())?;
+    let options = match CaseKind::of(&metadata) {
+        CaseKind::Samples => parse_params(params.as_deref())?,
+        CaseKind::Grid | CaseKind::Barycenter => SamplesLossOptions::default(),
+    };
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .context("cannot load the tensors")?;
     Ok(Case {
@@ -116,10 +255,18 @@ pub struct Evaluation {
     pub diagnostics: Option<SinkhornDiagnostics>,
 }
 
-/// Evaluates a case in `dtype` (F32 or F64) with `backend` (`Auto` picks an exact backend).
+/// Evaluates a case in `dtype` (F32 or F64) with `backend` (`Auto` picks an exact backend;
+/// grid cases accept `Auto` only).
 pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
     if !matches!(dtype, DType::F32 | DType::F64) {
         bail!("--dtype must be f32 or f64");
+    }
+    match case.kind() {
+        CaseKind::Samples => {}
+        CaseKind::Grid => return evaluate_grid(case, dtype, backend),
+        CaseKind::Barycenter => bail!(
+            "kind `barycenter` (ImagesBarycenter cases) is not implemented yet: eval handles point-cloud and `grid` cases"
+        ),
     }
     let mut opts = case.options.clone();
     // `auto` stays exact here: the library's `Auto` may take the approximate multiscale
@@ -188,6 +335,63 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     Ok(Evaluation {
         outputs: out,
         diagnostics: sol.diagnostics,
+    })
+}
+
+/// A grid case (module docs): ImagesLoss on `a`, `b`.
+fn evaluate_grid(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
+    if backend != Backend::Auto {
+        bail!(
+            "--backend {} applies to point clouds: grid cases run ImagesLoss, whose separable grid softmin is exact; leave --backend at auto",
+            format!("{backend:?}").to_lowercase()
+        );
+    }
+    let get = |name: &str| {
+        case.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("the grid case has no tensor `{name}`"))
+    };
+    let (a, b) = (get("a")?, get("b")?);
+    let opts = parse_grid_params(case.metadata.get("params").map(String::as_str), a.dims())?;
+    let dims = opts.dims;
+    let mut builder = ImagesLoss::builder(dims)
+        .p(opts.p)
+        .blur(opts.blur)
+        .reach(opts.reach)
+        .scaling(opts.scaling)
+        .debias(opts.debias)
+        .tol(opts.tol)
+        .max_iter(opts.max_iter);
+    if let Some(e) = &opts.extent {
+        let axes: Vec<(f64, f64)> = e.iter().map(|e| (0.0, *e)).collect();
+        builder = builder.axes(&axes);
+    }
+    let loss = builder.build()?;
+    let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
+    let (va, vb) = (var(a)?, var(b)?);
+    let sol = loss.solve(va.as_tensor(), vb.as_tensor())?;
+    let grads = sol.loss.sum_all()?.backward()?;
+    let f64_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?) };
+    let grad_of = |v: &Var| -> Result<Tensor> {
+        match grads.get(v.as_tensor()) {
+            Some(g) => f64_of(g),
+            None => Ok(v.as_tensor().zeros_like()?.to_dtype(DType::F64)?),
+        }
+    };
+    let loss_t = if a.rank() == dims {
+        sol.loss.reshape(1)?
+    } else {
+        sol.loss.clone()
+    };
+    let mut out = HashMap::new();
+    out.insert("loss".to_string(), f64_of(&loss_t)?);
+    out.insert("grad_a".to_string(), grad_of(&va)?);
+    out.insert("grad_b".to_string(), grad_of(&vb)?);
+    out.insert("F".to_string(), f64_of(&sol.f)?);
+    out.insert("G".to_string(), f64_of(&sol.g)?);
+    Ok(Evaluation {
+        outputs: out,
+        diagnostics: Some(sol.diagnostics),
     })
 }
 

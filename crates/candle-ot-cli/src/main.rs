@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use candle_ot::{Backend, Loss, SamplesLoss, SamplesLossOptions};
+use candle_ot::{Backend, ImagesLoss, Loss, SamplesLoss, SamplesLossOptions};
 use candle_ot_cli::{bench, eval, io};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -104,23 +104,28 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
     },
-    /// Print the loss between two point clouds (.npy, .safetensors or .csv), uniform weights.
+    /// Print the loss between two point clouds (.npy, .safetensors or .csv; uniform weights) or
+    /// two densities on a grid (.png images, or .npy / .safetensors with --grid 2|3).
     Distance {
-        /// The first cloud, (N, D) or (B, N, D).
+        /// The first cloud, (N, D) or (B, N, D); or the first density, (n1, n2[, n3]) with any
+        /// leading batch axes.
         x: PathBuf,
-        /// The second cloud, (M, D) or (B, M, D).
+        /// The second cloud, (M, D) or (B, M, D); or the second density, shaped like the first.
         y: PathBuf,
         /// Tensor name inside .safetensors files.
         #[arg(long)]
         key: Option<String>,
-        #[arg(long, value_enum, default_value = "sinkhorn")]
-        loss: LossArg,
+        /// The loss (default sinkhorn; grids: sinkhorn only).
+        #[arg(long, value_enum)]
+        loss: Option<LossArg>,
         #[arg(long, default_value_t = 2)]
         p: u32,
-        #[arg(long, default_value_t = 0.05)]
-        blur: f64,
+        /// The blur (default 0.05; grids: one pixel of the finest axis).
+        #[arg(long)]
+        blur: Option<f64>,
         #[arg(long)]
         reach: Option<f64>,
+        /// Point clouds only (grids: the domain's largest extent, see --axes).
         #[arg(long)]
         diameter: Option<f64>,
         #[arg(long, default_value_t = 0.5)]
@@ -130,6 +135,7 @@ enum Cmd {
         no_debias: bool,
         #[arg(long)]
         tol: Option<f64>,
+        /// Point clouds only (grids run ImagesLoss's exact separable softmin).
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
         #[arg(long, value_enum, default_value = "f64")]
@@ -137,6 +143,22 @@ enum Cmd {
         /// Number of CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// The inputs are densities on a 2-D or 3-D grid (implied, 2, by a .png input): the
+        /// last 2 or 3 axes of .npy / .safetensors arrays are the grid, leading axes batch axes.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=3))]
+        grid: Option<u8>,
+        /// Grids: masses from max − value (255 − v for 8-bit data, 1 − v for floats), for
+        /// dark-on-light drawings.
+        #[arg(long)]
+        invert: bool,
+        /// Grids: the domain, `lo,hi` per grid axis separated by `:` (e.g. `0,2:0,1`); default
+        /// the unit square / cube.
+        #[arg(long, allow_hyphen_values = true)]
+        axes: Option<String>,
+        /// Print one JSON line (grids: with the grid, ε, the pyramid levels, pixel pairs and
+        /// iterations).
+        #[arg(long)]
+        json: bool,
     },
     /// Time the loss (and gradient) or one softmin pass on random or given points; report
     /// the median time, the pair count, pairs per second and the peak RSS.
@@ -154,10 +176,12 @@ enum Cmd {
         d: usize,
         #[arg(long, default_value_t = 2)]
         p: u32,
-        #[arg(long, default_value_t = 0.05)]
-        blur: f64,
-        #[arg(long, default_value_t = 0.5)]
-        scaling: f64,
+        /// The blur (default 0.05; --grid: one pixel of the finest axis).
+        #[arg(long)]
+        blur: Option<f64>,
+        /// The ε-scaling ratio (default 0.5; --grid: 0.9).
+        #[arg(long)]
+        scaling: Option<f64>,
         #[arg(long)]
         no_debias: bool,
         #[arg(long)]
@@ -181,7 +205,8 @@ enum Cmd {
         grad: bool,
         #[arg(long, value_enum, default_value = "loss")]
         op: OpArg,
-        #[arg(long, default_value_t = 3)]
+        /// Timed runs (the median is reported).
+        #[arg(long, visible_alias = "repeat", default_value_t = 3)]
         reps: usize,
         #[arg(long, default_value_t = 1)]
         warmup: usize,
@@ -196,7 +221,184 @@ enum Cmd {
         /// Print one JSON line only.
         #[arg(long)]
         json: bool,
+        /// Time ImagesLoss (debiased loss, potentials and ∂loss/∂a) on random densities on
+        /// this grid, e.g. 512x512 or 64x64x64.
+        #[arg(
+            long,
+            value_parser = parse_grid_arg,
+            conflicts_with_all = ["loss", "n", "m", "d", "backend", "truncate", "cluster_scale", "op", "input"]
+        )]
+        grid: Option<GridShape>,
+        /// Batch items of the random --grid densities.
+        #[arg(long, default_value_t = 1, conflicts_with = "load_npy")]
+        batch: usize,
+        /// Time ImagesLoss on these densities (.npy, (B, grid…) as grid.py saves them, or any
+        /// shape with --grid), used as they are.
+        #[arg(
+            long,
+            num_args = 2,
+            value_names = ["A", "B"],
+            conflicts_with_all = ["loss", "n", "m", "d", "backend", "truncate", "cluster_scale", "op", "input"]
+        )]
+        load_npy: Option<Vec<PathBuf>>,
+        /// Grids: also time SamplesLoss (Sinkhorn, p = 2, online backend) on the pixel cloud,
+        /// with the masses as weights, and report the ratio. Quadratic in the pixel count.
+        #[arg(long)]
+        compare_online: bool,
     },
+}
+
+/// A `--grid` shape (`512x512`).
+#[derive(Clone, Debug)]
+struct GridShape(Vec<usize>);
+
+fn parse_grid_arg(s: &str) -> std::result::Result<GridShape, String> {
+    bench::parse_grid_shape(s)
+        .map(GridShape)
+        .map_err(|e| e.to_string())
+}
+
+/// Parses `--axes lo,hi:lo,hi[:lo,hi]`.
+fn parse_axes(s: &str) -> Result<Vec<(f64, f64)>> {
+    s.split(':')
+        .enumerate()
+        .map(|(k, pair)| {
+            let v: Vec<f64> = pair
+                .split(',')
+                .map(|x| x.trim().parse::<f64>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--axes {s:?}: expected lo,hi per grid axis separated by ':' (e.g. 0,2:0,1), axis {k} is {pair:?}"
+                    )
+                })?;
+            match v[..] {
+                [lo, hi] if lo.is_finite() && hi.is_finite() && hi > lo => Ok((lo, hi)),
+                [_, _] => bail!("--axes {s:?}: axis {k} needs finite lo < hi, got {pair:?}"),
+                _ => bail!(
+                    "--axes {s:?}: expected lo,hi per grid axis separated by ':' (e.g. 0,2:0,1), axis {k} is {pair:?}"
+                ),
+            }
+        })
+        .collect()
+}
+
+fn warn_not_converged(d: &candle_ot::SinkhornDiagnostics) {
+    if d.converged == Some(false) {
+        eprintln!(
+            "warning: not converged after {} extra iterations (update error {:.3e} ≥ tol)",
+            d.extra_iterations, d.update_error
+        );
+    }
+}
+
+/// The arguments of `distance` on grids.
+struct GridDistance<'a> {
+    x: &'a std::path::Path,
+    y: &'a std::path::Path,
+    key: Option<&'a str>,
+    grid: Option<u8>,
+    invert: bool,
+    axes: Option<&'a str>,
+    loss: Option<LossArg>,
+    p: u32,
+    blur: Option<f64>,
+    reach: Option<f64>,
+    diameter: Option<f64>,
+    scaling: f64,
+    no_debias: bool,
+    tol: Option<f64>,
+    backend: BackendArg,
+    dtype: DType,
+    json: bool,
+}
+
+fn distance_grid(g: &GridDistance) -> Result<()> {
+    let (x, y) = (g.x, g.y);
+    if !matches!(g.loss, None | Some(LossArg::Sinkhorn)) {
+        bail!("grids run the Sinkhorn divergence (ImagesLoss): --loss must be sinkhorn");
+    }
+    if g.diameter.is_some() {
+        bail!("--diameter applies to point clouds: on a grid the ε schedule starts at the domain's largest extent (see --axes)");
+    }
+    if !matches!(g.backend, BackendArg::Auto) {
+        bail!("--backend applies to point clouds: grids run ImagesLoss's exact separable softmin");
+    }
+    let dims = g.grid.map_or(2, usize::from);
+    let gx = io::read_grid(x, g.key, dims, g.invert)?;
+    let gy = io::read_grid(y, g.key, dims, g.invert)?;
+    for (path, d) in [(x, &gx), (y, &gy)] {
+        if let Some(c) = &d.converted_from {
+            eprintln!(
+                "note: {} is {c}: converted to grayscale (luma), alpha dropped",
+                path.display()
+            );
+        }
+    }
+    if gx.grid() != gy.grid() {
+        bail!(
+            "{} is a {} grid but {} is {}: ImagesLoss compares densities on one grid; resize one of them to the other's size",
+            x.display(),
+            io::fmt_shape(gx.grid()),
+            y.display(),
+            io::fmt_shape(gy.grid())
+        );
+    }
+    if gx.batch() != gy.batch() {
+        bail!(
+            "{} has batch axes {:?} but {} has {:?}: both densities must have the same shape",
+            x.display(),
+            gx.batch(),
+            y.display(),
+            gy.batch()
+        );
+    }
+    let mut builder = ImagesLoss::builder(dims)
+        .p(g.p)
+        .blur(g.blur)
+        .reach(g.reach)
+        .scaling(g.scaling)
+        .debias(!g.no_debias)
+        .tol(g.tol);
+    if let Some(a) = g.axes {
+        let axes = parse_axes(a)?;
+        if axes.len() != dims {
+            bail!(
+                "--axes {a:?} gives {} axes but the grid has {dims}",
+                axes.len()
+            );
+        }
+        builder = builder.axes(&axes);
+    }
+    let loss = builder.build()?;
+    let sol = loss.solve(&gx.masses.to_dtype(g.dtype)?, &gy.masses.to_dtype(g.dtype)?)?;
+    warn_not_converged(&sol.diagnostics);
+    let v = sol
+        .loss
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    if g.json {
+        let d = &sol.diagnostics;
+        let out = serde_json::json!({
+            "loss": v,
+            "grid": gx.grid(),
+            "batch": gx.batch(),
+            "eps": sol.eps,
+            "blur": sol.blur,
+            "levels": d.levels,
+            "pyramid": sol.pyramid,
+            "pixel_pairs": sol.pixel_pairs,
+            "iterations": d.eps_list.len() + d.extra_iterations,
+            "softmin_passes": d.softmin_passes,
+            "converged": d.converged,
+        });
+        println!("{out}");
+    } else {
+        let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
+        println!("{}", s.join(" "));
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -210,12 +412,7 @@ fn run(cli: Cli) -> Result<()> {
             let c = eval::read_case(&case)?;
             let ev = eval::evaluate(&c, dtype.into(), backend.into())?;
             if let Some(d) = &ev.diagnostics {
-                if d.converged == Some(false) {
-                    eprintln!(
-                        "warning: not converged after {} extra iterations (update error {:.3e} ≥ tol)",
-                        d.extra_iterations, d.update_error
-                    );
-                }
+                warn_not_converged(d);
             }
             eval::write_outputs(&ev.outputs, &out)?;
         }
@@ -234,14 +431,42 @@ fn run(cli: Cli) -> Result<()> {
             backend,
             dtype,
             threads,
+            grid,
+            invert,
+            axes,
+            json,
         } => {
             if let Some(t) = threads {
                 candle_ot::set_num_threads(t)?;
             }
+            if grid.is_some() || io::is_image(&x) || io::is_image(&y) {
+                return distance_grid(&GridDistance {
+                    x: &x,
+                    y: &y,
+                    key: key.as_deref(),
+                    grid,
+                    invert,
+                    axes: axes.as_deref(),
+                    loss,
+                    p,
+                    blur,
+                    reach,
+                    diameter,
+                    scaling,
+                    no_debias,
+                    tol,
+                    backend,
+                    dtype: dtype.into(),
+                    json,
+                });
+            }
+            if invert || axes.is_some() {
+                bail!("--invert and --axes apply to grids (.png inputs, or --grid 2|3)");
+            }
             let opts = SamplesLossOptions {
-                loss: loss.into(),
+                loss: loss.unwrap_or(LossArg::Sinkhorn).into(),
                 p,
-                blur,
+                blur: blur.unwrap_or(0.05),
                 reach,
                 diameter,
                 scaling,
@@ -266,8 +491,12 @@ fn run(cli: Cli) -> Result<()> {
                 .to_dtype(DType::F64)?
                 .flatten_all()?
                 .to_vec1::<f64>()?;
-            let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
-            println!("{}", s.join(" "));
+            if json {
+                println!("{}", serde_json::json!({ "loss": v }));
+            } else {
+                let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
+                println!("{}", s.join(" "));
+            }
         }
         Cmd::Bench {
             loss,
@@ -293,6 +522,10 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             input,
             json,
+            grid,
+            batch,
+            load_npy,
+            compare_online,
         } => {
             if let Some(t) = threads {
                 candle_ot::set_num_threads(t)?;
@@ -302,12 +535,39 @@ fn run(cli: Cli) -> Result<()> {
                 DeviceArg::Cuda => candle_core::Device::new_cuda(0)?,
                 DeviceArg::Metal => candle_core::Device::new_metal(0)?,
             };
+            if grid.is_some() || load_npy.is_some() {
+                let cfg = bench::GridBenchConfig {
+                    grid: grid.map(|g| g.0),
+                    batch,
+                    load: load_npy.map(|v| (v[0].clone(), v[1].clone())),
+                    p,
+                    blur,
+                    reach,
+                    scaling: scaling.unwrap_or(0.9),
+                    debias: !no_debias,
+                    tol,
+                    device,
+                    dtype: dtype.into(),
+                    reps,
+                    warmup,
+                    seed,
+                    compare_online,
+                };
+                let r = bench::run_grid(&cfg)?;
+                print_grid_bench(&r, json);
+                return Ok(());
+            }
+            if compare_online || batch != 1 {
+                bail!(
+                    "--compare-online and --batch apply to grid benchmarks (--grid or --load-npy)"
+                );
+            }
             let cfg = bench::BenchConfig {
                 options: SamplesLossOptions {
                     loss: loss.into(),
                     p,
-                    blur,
-                    scaling,
+                    blur: blur.unwrap_or(0.05),
+                    scaling: scaling.unwrap_or(0.5),
                     debias: !no_debias,
                     reach,
                     tol,
@@ -366,6 +626,64 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_grid_bench(r: &bench::GridBenchResult, json: bool) {
+    if json {
+        let mut out = serde_json::json!({
+            "median_s": r.median_s,
+            "pairs": r.pixel_pairs as f64,
+            "pairs_per_s": r.pixel_pairs_per_s,
+            "pixel_pairs": r.pixel_pairs,
+            "pixel_pairs_per_s": r.pixel_pairs_per_s,
+            "peak_rss_bytes": r.peak_rss_bytes,
+            "loss": r.loss,
+            "grid": r.grid,
+            "batch": r.batch,
+            "eps": r.eps,
+            "blur": r.blur,
+            "levels": r.levels,
+            "iterations": r.iterations,
+            "times_s": r.times_s,
+        });
+        if let Some(o) = &r.online {
+            out["online_median_s"] = o.median_s.into();
+            out["online_pairs"] = o.pairs.into();
+            out["online_loss"] = o.loss.into();
+            out["online_peak_rss_bytes"] = o.peak_rss_bytes.into();
+            out["online_over_grid"] = o.ratio.into();
+        }
+        println!("{out}");
+        return;
+    }
+    println!(
+        "median {:.4} s over {} runs ({:?}), grid {} × B = {}, {:.3e} pixel pairs, {:.3e} pixel pairs/s, peak RSS {:.1} MiB, loss {:.9e}, ε {:.3e} (blur {:.3e}), {} levels, {} iterations, {} threads",
+        r.median_s,
+        r.times_s.len(),
+        r.times_s,
+        io::fmt_shape(&r.grid),
+        r.batch,
+        r.pixel_pairs as f64,
+        r.pixel_pairs_per_s,
+        r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+        r.loss,
+        r.eps,
+        r.blur,
+        r.levels,
+        r.iterations,
+        candle_ot::num_threads()
+    );
+    if let Some(o) = &r.online {
+        println!(
+            "online SamplesLoss on the pixel cloud: median {:.4} s ({:?}), {:.3e} pairs, loss {:.9e}, peak RSS {:.1} MiB; {:.1}× the grid's time",
+            o.median_s,
+            o.times_s,
+            o.pairs,
+            o.loss,
+            o.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            o.ratio
+        );
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,8 +1,9 @@
 //! The `candle-ot` binary: `eval` writes every output in f64, fails cleanly (non-zero exit,
 //! a message on stderr, no output file) on bad inputs, and `distance` reads .csv and .npy.
+//! Grids: `eval` on grid reference cases, `distance` on PNG images and `bench --grid`.
 
 use candle_core::{DType, Device, Tensor};
-use candle_ot::{Loss, SamplesLoss};
+use candle_ot::{ImagesLoss, Loss, SamplesLoss};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +21,10 @@ fn reference(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/data/reference")
         .join(format!("{name}.safetensors"))
+}
+
+fn grid_reference(name: &str) -> PathBuf {
+    reference(&format!("grid/{name}"))
 }
 
 /// A fresh, unique scratch directory, removed when dropped.
@@ -366,4 +371,249 @@ fn distance_reads_csv_and_npy() {
     let o = run(&["distance", bad.to_str().unwrap(), npy.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bad.csv"), "{}", stderr(&o));
+}
+
+// ---------------------------------------------------------------------------------------
+// Grids.
+
+/// `t` (B, grid…) with its mean per batch item removed (balanced potentials and gradients are
+/// defined up to a constant, as the grid reference README compares them).
+fn centered(t: &Tensor) -> Vec<f64> {
+    let b = t.dim(0).unwrap();
+    let v = flat(t);
+    let n = v.len() / b;
+    v.chunks(n)
+        .flat_map(|c| {
+            let m = c.iter().sum::<f64>() / n as f64;
+            c.iter().map(move |x| x - m).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `eval` on grid reference cases (ImagesLoss): loss, grad_a, grad_b, F, G in f64, shaped
+/// like a and b; f64 within the README's 1e-6 of GeomLoss, f32 within its f32 tolerances.
+#[test]
+fn eval_grid_reference_cases() {
+    let s = Scratch::new("eval-grid");
+    for (name, dtype, tol_loss, tol_pot) in [
+        (
+            "img_p2_default_s0.9_32x32",
+            "f64",
+            TOL_REFERENCE,
+            TOL_REFERENCE,
+        ),
+        ("img_p2_b0.05_s0.5_32x32_batch2", "f32", 1e-5, 1e-4),
+    ] {
+        let case = grid_reference(name);
+        let out = s.path(&format!("{name}.out.safetensors"));
+        let o = eval(&case, &out, &["--dtype", dtype]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let got = load(&out);
+        let want = load(&case);
+        let mut keys: Vec<&String> = got.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["F", "G", "grad_a", "grad_b", "loss"], "{name}");
+        for k in ["F", "G", "grad_a", "grad_b"] {
+            assert_eq!(got[k].dtype(), DType::F64, "{name} {k}");
+            assert_eq!(got[k].dims(), want["a"].dims(), "{name} {k}");
+        }
+        assert_eq!(got["loss"].dims(), want["loss"].dims(), "{name}");
+        let e = rel_err(&flat(&got["loss"]), &flat(&want["loss"]));
+        assert!(e <= tol_loss, "{name} ({dtype}): loss rel err {e:.3e}");
+        for k in ["F", "G", "grad_a", "grad_b"] {
+            let e = rel_err(&centered(&got[k]), &centered(&want[k]));
+            assert!(e <= tol_pot, "{name} ({dtype}): {k} rel err {e:.3e}");
+        }
+    }
+}
+
+/// Barycenter cases are not implemented: a clear error and no output; a grid case refuses a
+/// point-cloud backend.
+#[test]
+fn eval_grid_unsupported_fails_cleanly() {
+    let s = Scratch::new("eval-bary");
+    let out = s.path("out.safetensors");
+    let o = eval(&grid_reference("bary_K3_32x32"), &out, &[]);
+    assert_failed(&o, &out, &["barycenter", "not implemented"]);
+    let o = eval(
+        &grid_reference("img_p2_default_16x16"),
+        &out,
+        &["--backend", "tensorized"],
+    );
+    assert_failed(&o, &out, &["--backend", "grid"]);
+}
+
+/// Writes an 8-bit grayscale PNG of `h` rows and `w` columns with pixel (i, j) = `f(i, j)`;
+/// returns its masses (h, w) normalised to 1, from `f` or from `255 − f` (`invert`).
+fn write_png(path: &Path, h: u32, w: u32, f: impl Fn(u32, u32) -> u8, invert: bool) -> Tensor {
+    let img = image::GrayImage::from_fn(w, h, |j, i| image::Luma([f(i, j)]));
+    img.save(path).unwrap();
+    masses(h, w, |i, j| {
+        let v = f(i, j) as f64;
+        if invert {
+            255.0 - v
+        } else {
+            v
+        }
+    })
+}
+
+fn masses(h: u32, w: u32, f: impl Fn(u32, u32) -> f64) -> Tensor {
+    let v: Vec<f64> = (0..h)
+        .flat_map(|i| (0..w).map(move |j| (i, j)))
+        .map(|(i, j)| f(i, j))
+        .collect();
+    let s: f64 = v.iter().sum();
+    let v: Vec<f64> = v.iter().map(|x| x / s).collect();
+    Tensor::from_vec(v, (h as usize, w as usize), &Device::Cpu).unwrap()
+}
+
+fn stdout_number(o: &Output) -> f64 {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("not a number: {stdout:?} ({e})"))
+}
+
+/// `distance` on two PNG images (a non-square grid) prints ImagesLoss's value, with and
+/// without `--invert`; an RGB PNG is read as its luma; an .npy grid with `--grid 2` matches
+/// the PNG; `--json` reports the grid and the pixel pairs.
+#[test]
+fn distance_on_png_images() {
+    let s = Scratch::new("distance-png");
+    let (h, w) = (20u32, 24u32);
+    // Two blobs at different places on a grey background (every value in 10..=240).
+    let blob = |ci: f64, cj: f64| {
+        move |i: u32, j: u32| {
+            let r2 = (i as f64 - ci).powi(2) + (j as f64 - cj).powi(2);
+            (10.0 + 230.0 * (-r2 / 18.0).exp()).round() as u8
+        }
+    };
+    let (fa, fb) = (blob(6.0, 7.0), blob(13.0, 16.0));
+    let (pa, pb) = (s.path("a.png"), s.path("b.png"));
+    let a = write_png(&pa, h, w, fa, false);
+    let b = write_png(&pb, h, w, fb, false);
+    let a_inv = write_png(&pa, h, w, fa, true);
+    let b_inv = write_png(&pb, h, w, fb, true);
+    let want = |a: &Tensor, b: &Tensor| -> f64 {
+        ImagesLoss::builder(2)
+            .build()
+            .unwrap()
+            .forward(a, b)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (pa_s, pb_s) = (pa.to_str().unwrap(), pb.to_str().unwrap());
+    for (extra, want) in [
+        (vec![], want(&a, &b)),
+        (vec!["--invert"], want(&a_inv, &b_inv)),
+    ] {
+        let mut args = vec!["distance", pa_s, pb_s];
+        args.extend_from_slice(&extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let got = stdout_number(&o);
+        assert!(
+            ((got - want) / want).abs() < 1e-10,
+            "{extra:?}: {got} vs {want}"
+        );
+    }
+    let plain = want(&a, &b);
+    assert!(
+        (plain - want(&a_inv, &b_inv)).abs() > 1e-3 * plain,
+        "--invert changes the masses"
+    );
+
+    // An RGB image with equal channels has the same luma: the same loss, and a note.
+    let rgb = s.path("a_rgb.png");
+    image::RgbImage::from_fn(w, h, |j, i| {
+        let v = fa(i, j);
+        image::Rgb([v, v, v])
+    })
+    .save(&rgb)
+    .unwrap();
+    let o = run(&["distance", rgb.to_str().unwrap(), pb_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("grayscale"), "{}", stderr(&o));
+    let got = stdout_number(&o);
+    assert!(
+        ((got - plain) / plain).abs() < 1e-10,
+        "rgb: {got} vs {plain}"
+    );
+
+    // The same density as an .npy grid (float gray levels in [0, 1]).
+    let npy = s.path("b.npy");
+    (b.clone() * 7.0).unwrap().write_npy(&npy).unwrap();
+    let o = run(&["distance", pa_s, npy.to_str().unwrap(), "--grid", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = stdout_number(&o);
+    assert!(
+        ((got - plain) / plain).abs() < 1e-10,
+        "npy: {got} vs {plain}"
+    );
+
+    // --json: the loss, the grid and the work.
+    let o = run(&["distance", pa_s, pb_s, "--json", "--scaling", "0.9"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line");
+    let sol = ImagesLoss::builder(2)
+        .scaling(0.9)
+        .build()
+        .unwrap()
+        .solve(&a, &b)
+        .unwrap();
+    assert_eq!(v["grid"], serde_json::json!([20, 24]));
+    assert_eq!(v["pixel_pairs"].as_u64(), Some(sol.pixel_pairs));
+    assert_eq!(v["levels"].as_u64(), Some(sol.diagnostics.levels as u64));
+    let got = v["loss"][0].as_f64().unwrap();
+    let want = sol.loss.to_scalar::<f64>().unwrap();
+    assert!(((got - want) / want).abs() < 1e-10, "json: {got} vs {want}");
+}
+
+/// Densities on different grids: a clear error naming both shapes.
+#[test]
+fn distance_on_mismatched_grids_fails_cleanly() {
+    let s = Scratch::new("distance-mismatch");
+    let (pa, pb) = (s.path("a.png"), s.path("b.png"));
+    write_png(&pa, 16, 16, |i, j| (i * 7 + j * 3) as u8 + 1, false);
+    write_png(&pb, 12, 16, |i, j| (i * 5 + j) as u8 + 1, false);
+    let o = run(&["distance", pa.to_str().unwrap(), pb.to_str().unwrap()]);
+    assert!(!o.status.success(), "expected a failure");
+    assert!(
+        o.stdout.is_empty(),
+        "printed {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = stderr(&o);
+    for n in ["16×16", "12×16", "one grid", "resize"] {
+        assert!(err.contains(n), "stderr {err:?} does not mention {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `bench --grid 16x16 --repeat 1 --json`: one JSON line with ImagesLoss's pixel pairs.
+#[test]
+fn bench_grid_reports_pixel_pairs() {
+    let o = run(&["bench", "--grid", "16x16", "--repeat", "1", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line");
+    // The work depends on the grid and the schedule only (scaling 0.9, blur one pixel).
+    let a = Tensor::full(1.0f32 / 256.0, (1, 16, 16), &Device::Cpu).unwrap();
+    let sol = ImagesLoss::builder(2)
+        .scaling(0.9)
+        .build()
+        .unwrap()
+        .solve(&a, &a)
+        .unwrap();
+    assert_eq!(v["pixel_pairs"].as_u64(), Some(sol.pixel_pairs), "{v}");
+    assert_eq!(v["grid"], serde_json::json!([16, 16]), "{v}");
+    for k in ["median_s", "pixel_pairs_per_s", "loss"] {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+        assert!(x.is_finite() && x >= 0.0, "{k} = {x}");
+    }
+    assert!(v["peak_rss_bytes"].as_u64().is_some(), "{v}");
 }
