@@ -7,8 +7,9 @@
 //! ```
 //!
 //! over a cost `C` in its own representation (a dense matrix for [`Tensorized`], the two point
-//! clouds for [`Online`]). The loop in [`crate::sinkhorn`] only calls [`Softmin::cost`] and
-//! [`Softmin::softmin`]; it knows nothing of devices or memory layouts.
+//! clouds for [`Online`], a grid for [`Grid`]). The loop in [`crate::sinkhorn`] only calls
+//! [`Softmin::softmin`] through its levels; point-cloud backends also build their costs
+//! ([`PointSoftmin::cost`]). The loop knows nothing of devices or memory layouts.
 //!
 //! Backends are algorithms; devices live inside each backend's ops (`cpu_fwd` / `cuda_fwd` /
 //! `metal_fwd` of the online custom ops, Candle's own kernels for the tensorized one).

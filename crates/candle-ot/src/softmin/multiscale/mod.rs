@@ -333,7 +333,7 @@ pub fn block_softmin(cost: CostKind, eps: f64, c: &BlockCost, h: &Tensor) -> Res
 
 // ---------------------------------------------------------------------------------------
 
-/// The block-sparse softmin of the fine level. Its [`Softmin::cost`] keeps every pair (one
+/// The block-sparse softmin of the fine level. Its [`PointSoftmin::cost`] keeps every pair (one
 /// block), which makes it the online softmin; the truncated costs come from the multiscale
 /// solve. Kernel products and plans are the online backend's (exact).
 #[derive(Clone, Copy, Debug)]
