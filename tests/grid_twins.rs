@@ -287,7 +287,7 @@ fn images_loss_names_bad_inputs() -> Result<()> {
             "axes",
         ),
     ] {
-        let e = r.err().expect("refused").to_string();
+        let e = r.expect_err("refused").to_string();
         assert!(e.contains(name), "{name}: {e}");
     }
     // Large f32 densities normalised in f32 (their f64 sums are off by the f32 rounding of

@@ -211,13 +211,15 @@ fn density(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], zeros: bool) -> R
 #[test]
 fn converged_images_loss_equals_converged_samples_loss_on_pixels() -> Result<()> {
     let mut rng = common::rng(7);
-    let cases: &[(
-        &[usize],
-        Option<&[(f64, f64)]>,
+    /// (shape, axes, reach, debias, blur)
+    type Converged<'a> = (
+        &'a [usize],
+        Option<&'a [(f64, f64)]>,
         Option<f64>,
         bool,
         Option<f64>,
-    )] = &[
+    );
+    let cases: &[Converged] = &[
         (&[2, 9, 13], None, None, true, Some(0.08)),
         (
             &[1, 17, 6],
