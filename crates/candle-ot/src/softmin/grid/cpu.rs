@@ -11,7 +11,10 @@
 //!
 //! # Exact truncation
 //!
-//! Each output first gets its exact maximum `m_l = max_j (v_j,l − κ_|i−j|)` (lane by lane).
+//! Each lane is first shifted by its own maximum over the line (the log-sum-exp is
+//! shift-equivariant, and the shift is added back to the output), so that the lanes of a group,
+//! whose levels may differ by thousands (potentials over ε), share one level and the bounds
+//! below, taken over all lanes at once, are tight. Each output then gets its exact maximum `m_l = max_j (v_j,l − κ_|i−j|)` (lane by lane).
 //! The sum `Σ_j exp(v_j,l − κ_|i−j| − m_l)` then runs only over the columns `j ∈ [j_lo, j_hi]`
 //! outside which every term of every lane is below `exp(−T)`, with `T = ln n + 17.4` (f32) or
 //! `ln n + 37.5` (f64): the at most `n` dropped terms add less than `e^{−17.4} = 2.8·10⁻⁸`
