@@ -12,14 +12,18 @@
 //! Grid cases (metadata `kind` = `grid`, `tests/data/reference/grid/`) hold densities `a`, `b`
 //! shaped `(B, n_1, …, n_D)` (any leading batch axes, or none) and run [`ImagesLoss`] with
 //! `D = len(params.shape)` (see [`parse_grid_params`]). Output (f64): `loss` ((1,) or the batch
-//! axes), `grad_a`, `grad_b`, `F`, `G` shaped like `a`, `b`. `kind` = `barycenter` is not
-//! implemented yet (an error); every other `kind` is a point-cloud case.
+//! axes), `grad_a`, `grad_b`, `F`, `G` shaped like `a`, `b`.
+//!
+//! Barycenter cases (metadata `kind` = `barycenter`) hold `measures` `(B, K, n_1, …, n_D)` and
+//! `weights` `(B, K)` and run [`ImagesBarycenter::geomloss`] (GeomLoss's `ImagesBarycenter`; see
+//! [`parse_barycenter_params`]). Output (f64): `barycenter` `(B, n_1, …, n_D)`. Every other
+//! `kind` is a point-cloud case.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_ot::{
-    Backend, ImagesLoss, ImagesLossOptions, Loss, SamplesLoss, SamplesLossOptions,
-    SinkhornDiagnostics,
+    Backend, ImagesBarycenter, ImagesBarycenterOptions, ImagesLoss, ImagesLossOptions, Loss,
+    SamplesLoss, SamplesLossOptions, SinkhornDiagnostics,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,7 +34,7 @@ pub struct Case {
     pub tensors: HashMap<String, Tensor>,
     /// The options from `params` (GeomLoss defaults where absent). Point-cloud cases only: grid
     /// and barycenter cases hold the defaults here and [`evaluate`] reads their `params` with
-    /// [`parse_grid_params`].
+    /// [`parse_grid_params`] / [`parse_barycenter_params`].
     pub options: SamplesLossOptions,
     /// The file's metadata (string to string).
     pub metadata: HashMap<String, String>,
@@ -43,7 +47,7 @@ pub enum CaseKind {
     Samples,
     /// Densities `a`, `b` on a grid (`kind` = `grid`): [`ImagesLoss`].
     Grid,
-    /// An `ImagesBarycenter` case (`kind` = `barycenter`): not implemented yet.
+    /// Densities `measures` and `weights` (`kind` = `barycenter`): [`ImagesBarycenter`].
     Barycenter,
 }
 
@@ -222,6 +226,65 @@ pub fn parse_grid_params(params: Option<&str>, a_dims: &[usize]) -> Result<Image
     Ok(b.build()?.options().clone())
 }
 
+/// Parses the `params` JSON of a barycenter case into [`ImagesBarycenter`] options, for
+/// `measures` of shape `m_dims`.
+///
+/// Keys: `shape` (the grid; its length is the grid dimension, 2 or 3, and it must be the last
+/// axes of `measures`; absent: every axis of `measures` but the first two, the reference layout
+/// `(B, K, grid…)`), `p` (1 or 2, default 2), `blur` (`null` = one pixel), `scaling_N`
+/// (iterations per pyramid level, default 10). Other keys (`kind`, `B`, `K`, …) are ignored.
+pub fn parse_barycenter_params(
+    params: Option<&str>,
+    m_dims: &[usize],
+) -> Result<ImagesBarycenterOptions> {
+    let v: serde_json::Value = match params {
+        Some(p) => serde_json::from_str(p).context("metadata `params` is not valid JSON")?,
+        None => serde_json::json!({}),
+    };
+    if !v.is_object() {
+        bail!("metadata `params` must be a JSON object, got {v}");
+    }
+    let dims = match v.get("shape").filter(|s| !s.is_null()) {
+        Some(shape) => {
+            let grid: Vec<usize> = shape
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|n| n.as_u64().map(|n| n as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| anyhow!("params.shape must be a list of grid sizes, got {shape}"))?;
+            if !(grid.len() == 2 || grid.len() == 3) {
+                bail!("params.shape must have 2 (image) or 3 (volume) axes, got {shape}");
+            }
+            if m_dims.len() != grid.len() + 2 || m_dims[2..] != grid[..] {
+                bail!(
+                    "params.shape is {grid:?} but measures is {m_dims:?}: expected measures (B, K, grid…)"
+                );
+            }
+            grid.len()
+        }
+        None => match m_dims.len().checked_sub(2) {
+            Some(d @ (2 | 3)) => d,
+            _ => bail!(
+                "params.shape is missing and measures is {m_dims:?}: expected (B, K, n1, n2) or (B, K, n1, n2, n3)"
+            ),
+        },
+    };
+    let mut b = ImagesBarycenter::builder(dims);
+    if let Some(p) = json_f64(&v, "p")? {
+        if p.fract() != 0.0 || !(1.0..=2.0).contains(&p) {
+            bail!("params.p must be 1 or 2, got {p}");
+        }
+        b = b.p(p as u32);
+    }
+    b = b.blur(json_f64(&v, "blur")?);
+    if let Some(n) = json_usize(&v, "scaling_N")? {
+        b = b.scaling_n(n);
+    }
+    Ok(b.build()?.options().clone())
+}
+
 /// Reads a case file.
 pub fn read_case(path: &Path) -> Result<Case> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -256,7 +319,7 @@ pub struct Evaluation {
 }
 
 /// Evaluates a case in `dtype` (F32 or F64) with `backend` (`Auto` picks an exact backend;
-/// grid cases accept `Auto` only).
+/// grid and barycenter cases accept `Auto` only).
 pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
     if !matches!(dtype, DType::F32 | DType::F64) {
         bail!("--dtype must be f32 or f64");
@@ -264,9 +327,7 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     match case.kind() {
         CaseKind::Samples => {}
         CaseKind::Grid => return evaluate_grid(case, dtype, backend),
-        CaseKind::Barycenter => bail!(
-            "kind `barycenter` (ImagesBarycenter cases) is not implemented yet: eval handles point-cloud and `grid` cases"
-        ),
+        CaseKind::Barycenter => return evaluate_barycenter(case, dtype, backend),
     }
     let mut opts = case.options.clone();
     // `auto` stays exact here: the library's `Auto` may take the approximate multiscale
@@ -392,6 +453,35 @@ fn evaluate_grid(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluati
     Ok(Evaluation {
         outputs: out,
         diagnostics: Some(sol.diagnostics),
+    })
+}
+
+/// A barycenter case (module docs): ImagesBarycenter on `measures`, `weights`.
+fn evaluate_barycenter(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
+    if backend != Backend::Auto {
+        bail!(
+            "--backend {} applies to point clouds: barycenter cases run ImagesBarycenter on a grid, whose separable grid softmin is exact; leave --backend at auto",
+            format!("{backend:?}").to_lowercase()
+        );
+    }
+    let get = |name: &str| {
+        case.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("the barycenter case has no tensor `{name}`"))
+    };
+    let (m, w) = (get("measures")?, get("weights")?);
+    let opts = parse_barycenter_params(case.metadata.get("params").map(String::as_str), m.dims())?;
+    let solver = ImagesBarycenter::builder(opts.dims)
+        .p(opts.p)
+        .blur(opts.blur)
+        .scaling_n(opts.scaling_n)
+        .build()?;
+    let bar = solver.geomloss(&m.to_dtype(dtype)?, &w.to_dtype(dtype)?)?;
+    let mut out = HashMap::new();
+    out.insert("barycenter".to_string(), bar.to_dtype(DType::F64)?);
+    Ok(Evaluation {
+        outputs: out,
+        diagnostics: None,
     })
 }
 

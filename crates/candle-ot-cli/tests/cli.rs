@@ -427,14 +427,26 @@ fn eval_grid_reference_cases() {
     }
 }
 
-/// Barycenter cases are not implemented: a clear error and no output; a grid case refuses a
-/// point-cloud backend.
+/// A barycenter case runs ImagesBarycenter and writes `barycenter` (f64), GeomLoss's reference
+/// to 1e-6; a grid case refuses a point-cloud backend, and so does a barycenter case.
 #[test]
 fn eval_grid_unsupported_fails_cleanly() {
     let s = Scratch::new("eval-bary");
     let out = s.path("out.safetensors");
-    let o = eval(&grid_reference("bary_K3_32x32"), &out, &[]);
-    assert_failed(&o, &out, &["barycenter", "not implemented"]);
+    let case = grid_reference("bary_K3_32x32");
+    let o = eval(&case, &out, &["--dtype", "f64"]);
+    assert!(o.status.success(), "bary_K3_32x32: {}", stderr(&o));
+    let got = load(&out);
+    let want = load(&case);
+    let keys: Vec<&String> = got.keys().collect();
+    assert_eq!(keys, ["barycenter"]);
+    assert_eq!(got["barycenter"].dtype(), DType::F64);
+    assert_eq!(got["barycenter"].dims(), want["barycenter"].dims());
+    let e = rel_err(&flat(&got["barycenter"]), &flat(&want["barycenter"]));
+    assert!(e <= TOL_REFERENCE, "barycenter rel err {e:.3e}");
+    std::fs::remove_file(&out).unwrap();
+    let o = eval(&case, &out, &["--backend", "online"]);
+    assert_failed(&o, &out, &["--backend", "barycenter"]);
     let o = eval(
         &grid_reference("img_p2_default_16x16"),
         &out,

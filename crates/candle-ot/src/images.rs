@@ -297,7 +297,7 @@ impl ImagesSolution {
 }
 
 /// A density pyramid: level 0 is the grid (B, n_1, …, n_D).
-fn pyramid(a: &Tensor, dims: usize, levels: usize) -> Result<Vec<Tensor>> {
+pub(crate) fn pyramid(a: &Tensor, dims: usize, levels: usize) -> Result<Vec<Tensor>> {
     let mut out = vec![a.clone()];
     for _ in 1..levels {
         let mut t = out.last().expect("level 0").clone();
@@ -322,7 +322,7 @@ fn pyramid(a: &Tensor, dims: usize, levels: usize) -> Result<Vec<Tensor>> {
 
 /// The grid shapes of the pyramid, finest first: halve (ceil) every axis with more than one
 /// pixel until the largest axis has at most 2 pixels.
-fn pyramid_shapes(grid: &[usize]) -> Vec<Vec<usize>> {
+pub(crate) fn pyramid_shapes(grid: &[usize]) -> Vec<Vec<usize>> {
     let mut out = vec![grid.to_vec()];
     while out
         .last()
@@ -347,7 +347,7 @@ fn pyramid_shapes(grid: &[usize]) -> Vec<Vec<usize>> {
 /// Linear interpolation of `t` (B, n_1, …, n_D) on the coarse grid to the fine grid `fine`:
 /// along each axis, fine pixel `i` reads the coarse position `max(0, i/2 − ¼)` (PyTorch's
 /// `interpolate(scale_factor=2, align_corners=False)`), clamped to the last coarse pixel.
-fn upsample(t: &Tensor, fine: &[usize]) -> Result<Tensor> {
+pub(crate) fn upsample(t: &Tensor, fine: &[usize]) -> Result<Tensor> {
     let mut t = t.clone();
     let dev = t.device().clone();
     for (k, &nf) in fine.iter().enumerate() {

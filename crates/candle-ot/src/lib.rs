@@ -78,6 +78,7 @@
 //! Inputs are f32 or f64 (f16/bf16 are computed in f32); batches are `(B, N, D)` with weights
 //! `(B, N)`. Errors are [`OtError`] values converted into [`candle_core::Error`].
 
+pub mod barycenter;
 pub mod cost;
 pub mod divergence;
 pub mod error;
@@ -92,6 +93,7 @@ pub mod sinkhorn;
 pub mod softmin;
 mod threads;
 
+pub use barycenter::{ImagesBarycenter, ImagesBarycenterBuilder, ImagesBarycenterOptions};
 pub use cost::{CostKind, KernelKind};
 pub use error::OtError;
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
