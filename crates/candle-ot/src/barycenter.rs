@@ -82,7 +82,9 @@
 //! differ ([`OtError::Mismatch`]), an option out of range ([`OtError::Option`]).
 
 use crate::error::{opt_err, OtError};
-use crate::images::{pyramid, pyramid_shapes, upsample};
+use crate::images::{
+    compute_dtype, density_masses, pyramid, pyramid_shapes, unit_roundoff, upsample,
+};
 use crate::samples_loss::all_finite;
 use crate::softmin::grid::{Grid, GridCost};
 use crate::softmin::Softmin;
@@ -235,58 +237,20 @@ impl ImagesBarycenter {
             )
             .into());
         }
-        let dtype = match measures.dtype() {
-            DType::F64 => DType::F64,
-            DType::F32 | DType::F16 | DType::BF16 => DType::F32,
-            dt => {
-                return Err(OtError::Unsupported(format!(
-                    "measures of dtype {dt:?} (f32, f64, f16 or bf16)"
-                ))
-                .into())
-            }
-        };
-        let wu = match weights.dtype() {
-            DType::F64 => f64::EPSILON / 2.0,
-            DType::F32 => f64::from(f32::EPSILON) / 2.0,
-            DType::F16 => 2f64.powi(-11),
-            DType::BF16 => 2f64.powi(-8),
-            dt => {
-                return Err(OtError::Unsupported(format!(
-                    "weights of dtype {dt:?} (f32, f64, f16 or bf16)"
-                ))
-                .into())
-            }
-        };
-        for (name, t) in [("measures", measures), ("weights", weights)] {
-            if !all_finite(t)? {
-                return Err(OtError::NonFinite { name }.into());
-            }
+        let dtype = compute_dtype("measures", measures.dtype())?;
+        compute_dtype("weights", weights.dtype())?; // a float dtype
+        let wu = unit_roundoff(weights.dtype());
+        if !all_finite(weights)? {
+            return Err(OtError::NonFinite { name: "weights" }.into());
         }
         let grid = measures.dims()[2..].to_vec();
-        let m = measures
-            .detach()
-            .to_dtype(DType::F64)?
-            .reshape((b * k, ()))?;
-        let min = m.flatten_all()?.min(0)?.to_scalar::<f64>()?;
-        if min < 0.0 {
-            return Err(OtError::Weights {
-                name: "measures",
-                reason: format!("densities must be >= 0, got a minimum of {min}"),
-            }
-            .into());
-        }
-        let mass = m.sum(1)?.to_vec1::<f64>()?;
-        if let Some(i) = mass.iter().position(|v| *v <= 0.0) {
-            return Err(OtError::Weights {
-                name: "measures",
-                reason: format!(
-                    "measure {} of batch item {} sums to 0: every measure needs mass",
-                    i % k,
-                    i / k
-                ),
-            }
-            .into());
-        }
+        density_masses("measures", measures, b * k, |i| {
+            format!(
+                "measure {} of batch item {} sums to 0: every measure needs mass",
+                i % k,
+                i / k
+            )
+        })?;
         let w = weights.detach().to_dtype(DType::F64)?;
         let wmin = w.flatten_all()?.min(0)?.to_scalar::<f64>()?;
         if wmin < 0.0 {

@@ -505,6 +505,60 @@ impl<'a> Multilevel<'a> for GridPyramid<'a> {
     }
 }
 
+/// The dtype densities are computed in: f64 stays f64, f32 / f16 / bf16 run in f32; any other
+/// dtype is an error naming the argument `name`.
+pub(crate) fn compute_dtype(name: &str, dt: DType) -> Result<DType> {
+    match dt {
+        DType::F64 => Ok(DType::F64),
+        DType::F32 | DType::F16 | DType::BF16 => Ok(DType::F32),
+        dt => Err(
+            OtError::Unsupported(format!("{name} of dtype {dt:?} (f32, f64, f16 or bf16)")).into(),
+        ),
+    }
+}
+
+/// The unit roundoff `u` of a float dtype (half an ulp at 1): a sum of `n` values rounded to
+/// it is off by up to `n·u` relative.
+pub(crate) fn unit_roundoff(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => f64::from(f32::EPSILON) / 2.0,
+    }
+}
+
+/// Checks densities `t` viewed as `rows` rows: finite, non-negative, every row with mass
+/// (`empty(row)` says which item sums to 0). Returns the row sums, in f64.
+pub(crate) fn density_masses(
+    name: &'static str,
+    t: &Tensor,
+    rows: usize,
+    empty: impl Fn(usize) -> String,
+) -> Result<Vec<f64>> {
+    if !all_finite(t)? {
+        return Err(OtError::NonFinite { name }.into());
+    }
+    let flat = t.detach().to_dtype(DType::F64)?.reshape((rows, ()))?;
+    let min = flat.flatten_all()?.min(0)?.to_scalar::<f64>()?;
+    if min < 0.0 {
+        return Err(OtError::Weights {
+            name,
+            reason: format!("densities must be >= 0, got a minimum of {min}"),
+        }
+        .into());
+    }
+    let sums = flat.sum(1)?.to_vec1::<f64>()?;
+    if let Some(i) = sums.iter().position(|v| *v <= 0.0) {
+        return Err(OtError::Weights {
+            name,
+            reason: empty(i),
+        }
+        .into());
+    }
+    Ok(sums)
+}
+
 impl ImagesLoss {
     /// A builder with GeomLoss's defaults for `dims`-dimensional grids (2: images, 3: volumes).
     pub fn builder(dims: usize) -> ImagesLossBuilder {
@@ -572,16 +626,7 @@ impl ImagesLoss {
         if !a.device().same_device(b.device()) {
             return Err(OtError::Mismatch("a and b must be on the same device".into()).into());
         }
-        let dtype = match a.dtype() {
-            DType::F64 => DType::F64,
-            DType::F32 | DType::F16 | DType::BF16 => DType::F32,
-            dt => {
-                return Err(OtError::Unsupported(format!(
-                    "densities of dtype {dt:?} (f32, f64, f16 or bf16)"
-                ))
-                .into())
-            }
-        };
+        let dtype = compute_dtype("densities", a.dtype())?;
         if b.dtype() != a.dtype() {
             return Err(OtError::Mismatch(format!(
                 "a and b must have the same dtype, got {:?} and {:?}",
@@ -594,41 +639,18 @@ impl ImagesLoss {
         let batch = a.dims()[..rank - d].to_vec();
         let grid = a.dims()[rank - d..].to_vec();
         let n: usize = grid.iter().product();
+        let bsz: usize = batch.iter().product();
         let mut sums = Vec::new();
         for (name, t) in [("a", a), ("b", b)] {
-            if !all_finite(t)? {
-                return Err(OtError::NonFinite { name }.into());
-            }
-            let flat = t.detach().to_dtype(DType::F64)?.reshape(((), n))?;
-            let min = flat.flatten_all()?.min(0)?.to_scalar::<f64>()?;
-            if min < 0.0 {
-                return Err(OtError::Weights {
-                    name,
-                    reason: format!("densities must be >= 0, got a minimum of {min}"),
-                }
-                .into());
-            }
-            let s = flat.sum(1)?.to_vec1::<f64>()?;
-            if let Some(i) = s.iter().position(|v| *v <= 0.0) {
-                return Err(OtError::Weights {
-                    name,
-                    reason: format!("the density of batch item {i} sums to 0: it needs mass"),
-                }
-                .into());
-            }
-            sums.push(s);
+            sums.push(density_masses(name, t, bsz, |i| {
+                format!("the density of batch item {i} sums to 0: it needs mass")
+            })?);
         }
         if self.opts.reach.is_none() {
             // The masses are summed in f64, but densities normalised in their own dtype carry
             // its rounding: a sum of n values rounded to unit roundoff u is off by up to n·u
             // relative, so the tolerance is 1e-5 + n·u (n = pixels per item).
-            let u = match a.dtype() {
-                DType::F64 => f64::EPSILON / 2.0,
-                DType::F16 => 2f64.powi(-11),
-                DType::BF16 => 2f64.powi(-8),
-                _ => f64::from(f32::EPSILON) / 2.0,
-            };
-            let tol = 1e-5 + n as f64 * u;
+            let tol = 1e-5 + n as f64 * unit_roundoff(a.dtype());
             for (i, (sa, sb)) in sums[0].iter().zip(&sums[1]).enumerate() {
                 if (sa - sb).abs() > tol * sa.max(*sb) {
                     return Err(OtError::Weights {
