@@ -137,6 +137,71 @@ fn json_usize(v: &serde_json::Value, key: &str) -> Result<Option<usize>> {
     }
 }
 
+/// The metadata `params` as a JSON object (`{}` when absent).
+fn params_object(params: Option<&str>) -> Result<serde_json::Value> {
+    let v: serde_json::Value = match params {
+        Some(p) => serde_json::from_str(p).context("metadata `params` is not valid JSON")?,
+        None => serde_json::json!({}),
+    };
+    if !v.is_object() {
+        bail!("metadata `params` must be a JSON object, got {v}");
+    }
+    Ok(v)
+}
+
+/// The grid dimension of a case: `params.shape` (2 or 3 sizes, the last axes of the tensor
+/// `name`, after exactly `leading` axes, or any number when `any_leading`), or without it the
+/// rank of `name` minus `leading`.
+fn grid_dims(
+    v: &serde_json::Value,
+    dims: &[usize],
+    (leading, any_leading): (usize, bool),
+    name: &str,
+    expected: &str,
+) -> Result<usize> {
+    match v.get("shape").filter(|s| !s.is_null()) {
+        Some(shape) => {
+            let grid: Vec<usize> = shape
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().map(|x| x as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| anyhow!("params.shape must be a list of grid sizes, got {shape}"))?;
+            if !(grid.len() == 2 || grid.len() == 3) {
+                bail!("params.shape must have 2 (image) or 3 (volume) axes, got {shape}");
+            }
+            let ok = if any_leading {
+                dims.len() >= grid.len() && dims[dims.len() - grid.len()..] == grid[..]
+            } else {
+                dims.len() == grid.len() + leading && dims[leading..] == grid[..]
+            };
+            if !ok {
+                bail!(
+                    "params.shape is {grid:?} but {name} is {dims:?}: expected {name} {expected} with the grid last"
+                );
+            }
+            Ok(grid.len())
+        }
+        None => match dims.len().checked_sub(leading) {
+            Some(d @ (2 | 3)) => Ok(d),
+            _ => bail!("params.shape is missing and {name} is {dims:?}: expected {expected}"),
+        },
+    }
+}
+
+/// `params.p` (1 or 2), if given.
+fn json_p(v: &serde_json::Value) -> Result<Option<u32>> {
+    match json_f64(v, "p")? {
+        Some(p) if p.fract() != 0.0 || !(1.0..=2.0).contains(&p) => {
+            bail!("params.p must be 1 or 2, got {p}")
+        }
+        Some(p) => Ok(Some(p as u32)),
+        None => Ok(None),
+    }
+}
+
 /// Parses the `params` JSON of a grid case into [`ImagesLoss`] options, for densities `a` of
 /// shape `a_dims`.
 ///
@@ -147,53 +212,16 @@ fn json_usize(v: &serde_json::Value, key: &str) -> Result<Option<usize>> {
 /// `max_iter`, `axes` (`[[lo, hi], …]`, one per grid axis; default the unit square / cube).
 /// Other keys are ignored.
 pub fn parse_grid_params(params: Option<&str>, a_dims: &[usize]) -> Result<ImagesLossOptions> {
-    let v: serde_json::Value = match params {
-        Some(p) => serde_json::from_str(p).context("metadata `params` is not valid JSON")?,
-        None => serde_json::json!({}),
-    };
-    if !v.is_object() {
-        bail!("metadata `params` must be a JSON object, got {v}");
-    }
+    let v = params_object(params)?;
     if let Some(loss) = v.get("loss").filter(|l| !l.is_null()) {
         if loss.as_str() != Some("sinkhorn") {
             bail!("grid cases run the Sinkhorn divergence (ImagesLoss): params.loss must be \"sinkhorn\", got {loss}");
         }
     }
-    let dims = match v.get("shape").filter(|s| !s.is_null()) {
-        Some(shape) => {
-            let grid: Vec<usize> = shape
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .map(|n| n.as_u64().map(|n| n as usize))
-                        .collect::<Option<Vec<_>>>()
-                })
-                .ok_or_else(|| anyhow!("params.shape must be a list of grid sizes, got {shape}"))?;
-            if !(grid.len() == 2 || grid.len() == 3) {
-                bail!(
-                    "params.shape must have 2 (image) or 3 (volume) axes, got {shape}"
-                );
-            }
-            if a_dims.len() < grid.len() || a_dims[a_dims.len() - grid.len()..] != grid[..] {
-                bail!(
-                    "params.shape is {grid:?} but a is {a_dims:?}: the grid must be the last axes of a"
-                );
-            }
-            grid.len()
-        }
-        None => match a_dims.len().checked_sub(1) {
-            Some(d @ (2 | 3)) => d,
-            _ => bail!(
-                "params.shape is missing and a is {a_dims:?}: expected (B, n1, n2) or (B, n1, n2, n3)"
-            ),
-        },
-    };
+    let dims = grid_dims(&v, a_dims, (1, true), "a", "(B, n1, n2) or (B, n1, n2, n3)")?;
     let mut b = ImagesLoss::builder(dims);
-    if let Some(p) = json_f64(&v, "p")? {
-        if p.fract() != 0.0 || !(1.0..=2.0).contains(&p) {
-            bail!("params.p must be 1 or 2, got {p}");
-        }
-        b = b.p(p as u32);
+    if let Some(p) = json_p(&v)? {
+        b = b.p(p);
     }
     b = b.blur(json_f64(&v, "blur")?).reach(json_f64(&v, "reach")?);
     if let Some(s) = json_f64(&v, "scaling")? {
@@ -237,46 +265,17 @@ pub fn parse_barycenter_params(
     params: Option<&str>,
     m_dims: &[usize],
 ) -> Result<ImagesBarycenterOptions> {
-    let v: serde_json::Value = match params {
-        Some(p) => serde_json::from_str(p).context("metadata `params` is not valid JSON")?,
-        None => serde_json::json!({}),
-    };
-    if !v.is_object() {
-        bail!("metadata `params` must be a JSON object, got {v}");
-    }
-    let dims = match v.get("shape").filter(|s| !s.is_null()) {
-        Some(shape) => {
-            let grid: Vec<usize> = shape
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .map(|n| n.as_u64().map(|n| n as usize))
-                        .collect::<Option<Vec<_>>>()
-                })
-                .ok_or_else(|| anyhow!("params.shape must be a list of grid sizes, got {shape}"))?;
-            if !(grid.len() == 2 || grid.len() == 3) {
-                bail!("params.shape must have 2 (image) or 3 (volume) axes, got {shape}");
-            }
-            if m_dims.len() != grid.len() + 2 || m_dims[2..] != grid[..] {
-                bail!(
-                    "params.shape is {grid:?} but measures is {m_dims:?}: expected measures (B, K, grid…)"
-                );
-            }
-            grid.len()
-        }
-        None => match m_dims.len().checked_sub(2) {
-            Some(d @ (2 | 3)) => d,
-            _ => bail!(
-                "params.shape is missing and measures is {m_dims:?}: expected (B, K, n1, n2) or (B, K, n1, n2, n3)"
-            ),
-        },
-    };
+    let v = params_object(params)?;
+    let dims = grid_dims(
+        &v,
+        m_dims,
+        (2, false),
+        "measures",
+        "(B, K, n1, n2) or (B, K, n1, n2, n3)",
+    )?;
     let mut b = ImagesBarycenter::builder(dims);
-    if let Some(p) = json_f64(&v, "p")? {
-        if p.fract() != 0.0 || !(1.0..=2.0).contains(&p) {
-            bail!("params.p must be 1 or 2, got {p}");
-        }
-        b = b.p(p as u32);
+    if let Some(p) = json_p(&v)? {
+        b = b.p(p);
     }
     b = b.blur(json_f64(&v, "blur")?);
     if let Some(n) = json_usize(&v, "scaling_N")? {
