@@ -379,3 +379,107 @@ gpu_test!(
     devices_multiscale_cuda,
     devices_multiscale_metal
 );
+
+/// The grid softmin (`softmin::grid`: one `grid_lse_axis` launch per grid axis) on the device
+/// against the CPU op, same data: values and the gradient in `h` of `(f · w).sum()`, p = 1 and
+/// 2, ε = 0.01, masked (−∞) pixels, 2-D `(2, 17, 29)` and 3-D `(1, 5, 6, 7)` grids, f32 (and
+/// f64 where the device has it). A fully masked image gives +∞ on both (values only: its
+/// gradient is not compared).
+fn devices_grid_softmin(dev: &Device) -> Result<()> {
+    use candle_ot::softmin::grid::{self, GridCost};
+    if !online::supports(dev) {
+        eprintln!("skipping: the grid kernels for {dev:?} are not compiled in");
+        return Ok(());
+    }
+    let eps = 0.01;
+    let mut r = rng(1717);
+    let mut failures = vec![];
+    let mut checked = 0;
+    // (dims, spacing, fully masked batch item)
+    let cases: [(&[usize], Vec<f64>, Option<usize>); 3] = [
+        (&[2, 17, 29], vec![1.0 / 17.0, 1.0 / 29.0], None),
+        (&[2, 17, 29], vec![1.0 / 17.0, 1.0 / 29.0], Some(1)),
+        (&[1, 5, 6, 7], vec![1.0 / 5.0, 1.0 / 6.0, 1.0 / 7.0], None),
+    ];
+    for dtype in [DType::F64, DType::F32] {
+        if !dtype_supported(dtype, dev) {
+            continue;
+        }
+        for (dims, spacing, masked_item) in &cases {
+            let len: usize = dims.iter().product();
+            let per_item = len / dims[0];
+            for p in [1u32, 2] {
+                let cost = GridCost {
+                    p,
+                    spacing: spacing.clone(),
+                };
+                let mut hv = uniform_vec(&mut r, len, -3.0, 3.0);
+                for (k, v) in hv.iter_mut().enumerate() {
+                    if k % 7 == 3 || Some(k / per_item) == *masked_item {
+                        *v = f64::NEG_INFINITY;
+                    }
+                }
+                let h = Tensor::from_vec(hv, *dims, &Device::Cpu)?.to_dtype(dtype)?;
+                let w = rand_tensor(&mut r, dims, -1.0, 1.0)?.to_dtype(dtype)?;
+                let run = |dev: &Device| -> Result<(Tensor, Option<Tensor>)> {
+                    let h = Var::from_tensor(&h.to_device(dev)?)?;
+                    let f = grid::softmin(eps, &cost, &h)?;
+                    if masked_item.is_some() {
+                        return Ok((f, None));
+                    }
+                    let g = (&f * w.to_device(dev)?)?.sum_all()?.backward()?;
+                    Ok((f, Some(g.get(&h).expect("grad h").clone())))
+                };
+                let (want_f, want_g) = run(&Device::Cpu)?;
+                let (got_f, got_g) = run(dev)?;
+                let name = format!("grid {dims:?} {dtype:?} p={p} masked item {masked_item:?}");
+                let (g, w) = (flat(&got_f), flat(&want_f));
+                // Masked images: +∞ on both devices; the finite values agree.
+                if g.iter().map(|v| v.is_infinite()).collect::<Vec<_>>()
+                    != w.iter().map(|v| v.is_infinite()).collect::<Vec<_>>()
+                    || g.iter().any(|v| v.is_nan() || *v == f64::NEG_INFINITY)
+                {
+                    failures.push(format!("{name} f: infinities differ (or NaN)"));
+                }
+                let finite = |v: &[f64]| -> Vec<f64> {
+                    v.iter()
+                        .map(|x| if x.is_finite() { *x } else { 0.0 })
+                        .collect()
+                };
+                let err = rel_err_vec(&finite(&g), &finite(&w));
+                if err.is_nan() || err > tol(dtype) {
+                    failures.push(format!("{name} f: rel err {err:.3e}"));
+                }
+                if masked_item.is_none() {
+                    if let Some(infinite) = w.iter().find(|v| !v.is_finite()) {
+                        failures.push(format!("{name}: CPU value {infinite} without a mask"));
+                    }
+                }
+                if let (Some(gg), Some(wg)) = (got_g, want_g) {
+                    let err = rel_err(&gg, &wg);
+                    // (the backward exponentiates h + L, L = −softmin/ε: f32 rounding of L is
+                    // amplified by |L|, hence a looser f32 tolerance than for the values)
+                    let t = if dtype == DType::F64 { TOL_F64 } else { 1e-3 };
+                    if !all_finite(&gg) || err.is_nan() || err > t {
+                        failures.push(format!("{name} grad h: rel err {err:.3e}"));
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    println!("{checked} grid configurations checked on {dev:?}");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+gpu_test!(
+    devices_grid_softmin,
+    devices_grid_softmin_cuda,
+    devices_grid_softmin_metal
+);

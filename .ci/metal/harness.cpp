@@ -30,6 +30,12 @@
 // 1..3 column spans (the first cluster: one span; some spans empty; the x-side pattern and the
 // y-side pattern drawn independently), tasks of at most ROWS rows inside one cluster, against a
 // float64 reference restricted to the kept pairs. Batch 1 has every h = -inf (+inf / zeros).
+//
+// The grid kernel grid_lse_axis_f32 (run_grid_cases) runs one axis pass on (outer, n, inner)
+// arrays of odd sizes (n in {1, 17, 29, 300}, inner 1 and > 1), ~20% -inf entries and one fully
+// masked line, p = 1 / p = 2 kernel tables, scale 1 and -eps, with the recommended threadgroup of
+// grid_launch_config and seven other shapes; the small-tile build shrinks OT_GRID_TILE to 16 so
+// that lines stream several tiles and LX > OT_GRID_TILE must give NaN.
 #include <barrier>
 #include <chrono>
 #include <cstdlib>
@@ -42,8 +48,15 @@
 #include <thread>
 #include <vector>
 
+// The small-tile build (-DOT_TILE=8u) also shrinks the grid kernel's tile, so that a line streams
+// several j tiles and a threadgroup with LX > OT_GRID_TILE hits the NaN path.
+#if defined(OT_TILE) && !defined(OT_GRID_TILE)
+#define OT_GRID_TILE (2u * OT_TILE)
+#endif
+
 #include "softmin.metal"
 #include "kernel_sums.metal"
+#include "grid.metal"
 #undef kernel
 #undef device
 #undef threadgroup
@@ -536,6 +549,98 @@ static void run_block_case(const Case& c, u32 lanes, u32 rows, uint64_t seed) {
   }
 }
 
+// ------------------------------------------------------------------------------------ grid
+// grid_lse_axis_f32(src, kern, dst, outer, n, inner, scale) against a float64 reference:
+//   dst[o,i,l] = scale log sum_j exp(src[o,j,l] - kern[|i-j|]),
+// on (outer, n, inner) arrays with ~20% -inf entries and one fully masked line (-inf * scale),
+// p = 1 and p = 2 kernel tables (kern[d] = c(d / n) / eps, eps = 0.01: up to 50 / 100) and
+// scale = 1 or -eps (the last pass of a softmin). The reference reads the same f32 src / kern.
+// Tolerance: |got - ref| <= 1e-5 (|ref| + |scale| (max |src| + max kern + log n + 1)).
+
+// The recommended threadgroup of candle_ot_kernels::grid_launch_config (LX capped at the tile).
+static void grid_recommended(u32 n, u32 inner, u32* lx, u32* ly) {
+  auto pow2 = [](u32 v) { u32 p = 1; while (p < v) p *= 2; return p; };
+  const u32 lx0 = std::min(32u, pow2(inner));
+  *ly = std::min(256u / lx0, pow2(n));
+  *lx = std::min(256u / *ly, (u32)OT_GRID_TILE);
+}
+
+static void run_grid_case(u32 outer, u32 n, u32 inner, int p, float scale, u32 lx, u32 ly, uint64_t seed) {
+  Rng r(seed);
+  const size_t len = (size_t)outer * n * inner;
+  std::vector<float> src(len), kern(n), dst(len, -12345.f);
+  const double eps = 0.01;
+  for (u32 d = 0; d < n; ++d) {
+    const double t = (double)d / n;
+    kern[d] = (float)(p == 1 ? t / eps : 0.5 * t * t / eps);
+  }
+  for (auto& v : src) v = r.uni() < 0.2 ? -INFINITY : r.sym(5.0);
+  if (outer * inner > 1) {  // one fully masked line: (o, l) = (outer - 1, inner - 1)
+    for (u32 j = 0; j < n; ++j) src[((size_t)(outer - 1) * n + j) * inner + inner - 1] = -INFINITY;
+  }
+  const bool unsupported = lx > OT_GRID_TILE || lx * ly > OT_MAX_BLOCK;
+  std::vector<double> ref(len), mag(len);
+  double kmax = 0;
+  for (float k : kern) kmax = std::max(kmax, (double)k);
+  for (u32 o = 0; o < outer; ++o)
+    for (u32 l = 0; l < inner; ++l) {
+      double smax = 0;
+      for (u32 j = 0; j < n; ++j) {
+        const double v = src[((size_t)o * n + j) * inner + l];
+        if (v != NINF) smax = std::max(smax, std::fabs(v));
+      }
+      for (u32 i = 0; i < n; ++i) {
+        const size_t k = ((size_t)o * n + i) * inner + l;
+        double m = NINF;
+        for (u32 j = 0; j < n; ++j) {
+          const double z = (double)src[((size_t)o * n + j) * inner + l] - (double)kern[i > j ? i - j : j - i];
+          if (z > m) m = z;
+        }
+        double s = 0;
+        if (m != NINF)
+          for (u32 j = 0; j < n; ++j) {
+            const double z = (double)src[((size_t)o * n + j) * inner + l] - (double)kern[i > j ? i - j : j - i];
+            s += z == NINF ? 0.0 : std::exp(z - m);
+          }
+        ref[k] = unsupported ? std::numeric_limits<double>::quiet_NaN()
+                 : m == NINF ? NINF * (double)scale
+                             : (double)scale * (m + std::log(s));
+        mag[k] = std::fabs((double)scale) * (smax + kmax + std::log((double)n) + 1.0);
+      }
+    }
+  const u32 gx = (u32)(((size_t)outer * inner + lx - 1) / lx), gy = (n + ly - 1) / ly;
+  launch(gx, gy, lx, ly, [&](uint2 lt, uint2 tg, uint2 tp) {
+    grid_lse_axis_f32(src.data(), kern.data(), dst.data(), outer, n, inner, scale, lt, tg, tp);
+  });
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "grid_lse_axis_f32 outer=%u n=%u inner=%u p=%d scale=%g lanes=(%u,%u)", outer, n,
+                inner, p, (double)scale, lx, ly);
+  check(buf, dst, ref, mag);
+}
+
+static void run_grid_cases(bool quick, uint64_t seed) {
+  struct GShape { u32 outer, n, inner; };
+  std::vector<GShape> shapes = {{3, 17, 1},  {2, 29, 1},  {1, 1, 1},  {5, 1, 7},   {2, 17, 29}, {1, 29, 17},
+                                {2, 29, 5},  {29, 17, 1}, {1, 17, 58}, {3, 1, 1},  {2, 300, 3}, {1, 29, 300}};
+  struct Cfg { u32 lx, ly; };
+  std::vector<Cfg> cfgs = {{1, 32}, {4, 8}, {32, 2}, {8, 4}, {2, 16}, {64, 1}, {1, 4}};
+  if (quick) {
+    shapes = {{3, 17, 1}, {2, 17, 29}, {2, 29, 5}};
+    cfgs = {{4, 8}, {1, 32}};
+  }
+  for (const GShape& g : shapes)
+    for (int p : {2, 1})
+      for (float scale : {1.0f, -0.01f}) {
+        if (p == 1 && scale == 1.0f && !quick && g.n > 100) continue;  // (keep the slow shapes short)
+        u32 lx, ly;
+        grid_recommended(g.n, g.inner, &lx, &ly);
+        std::vector<Cfg> cl = {{lx, ly}};
+        if (g.n * g.outer * g.inner <= 2000 || quick) cl.insert(cl.end(), cfgs.begin(), cfgs.end());
+        for (const Cfg& c : cl) run_grid_case(g.outer, g.n, g.inner, p, scale, c.lx, c.ly, seed++);
+      }
+  if (!quick) run_grid_case(2, 17, 29, 2, 1.0f, 16, 16, seed++);  // one full 256-thread threadgroup
+}
+
 int main() {
   struct Shape { u32 N, M, D, K; };
   std::vector<Shape> shapes = {{17, 29, 1, 3}, {17, 29, 2, 1}, {17, 29, 3, 8}, {17, 29, 4, 11},
@@ -580,6 +685,7 @@ int main() {
         }
       }
   }
+  run_grid_cases(quick, 5000);
   std::printf("metal emulation harness (OT_TILE=%u, OT_TILE_ELEMS=%u): %d checks, %d failed\n", (u32)OT_TILE,
               (u32)OT_TILE_ELEMS, g_checks, g_fail);
   return g_fail ? 1 : 0;

@@ -17,12 +17,16 @@
 //! ```
 //!
 //! `O(N · Σ_k n_k)` work instead of `O(N²)`, exactly (GeomLoss's `softmin_grid`). Each pass is
-//! the `grid_lse_axis` reduction of `candle-ot-kernels` (CPU: [`cpu`], with an exact
+//! the `grid_lse_axis` reduction of `candle-ot-kernels` (CPU: the `cpu` module, with an exact
 //! truncation of negligible columns; CUDA / Metal: `cuda_fwd` / `metal_fwd` behind the
 //! features). [`softmin_dense`] is the plain tensorized twin (the N×N cost on the pixel
 //! coordinates), the oracle of the tests.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 
 use super::online::real::Real;
 use super::Softmin;
@@ -165,6 +169,24 @@ impl CustomOp1 for GridSoftminOp {
             <T as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_passes::<T>(h, dims))
         });
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::grid_softmin_fwd(self, s, l)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::grid_softmin_fwd(self, s, l)
     }
 
     /// `∂f_i/∂h_j = −ε π_ij` with `π_ij = exp(h_j − C_ij/ε + f_i/ε)`, so

@@ -40,11 +40,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-/// The two Metal sources (each with the shared core prepended).
+/// The Metal sources (each with the shared core prepended).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Source {
     Softmin,
     KernelSums,
+    /// The grid softmin's axis pass (`softmin::grid`).
+    Grid,
 }
 
 impl Source {
@@ -52,6 +54,7 @@ impl Source {
         match self {
             Source::Softmin => src::SOFTMIN,
             Source::KernelSums => src::KERNEL_SUMS,
+            Source::Grid => src::GRID,
         }
     }
 }
