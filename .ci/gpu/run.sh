@@ -33,4 +33,7 @@ bench() { gpu-carry/candle-ot bench --device cuda --json "$@"; }
     echo "multiscale loss+grad n=$n cluster 0.05 $(bench --grad --backend multiscale --cluster-scale 0.05 --n $n --m $n --d 3 --reps 1 --warmup 1)"
     echo "multiscale loss+grad n=$n default $(bench --grad --backend multiscale --n $n --m $n --d 3 --reps 1 --warmup 1)"
   done
+  # ImagesLoss on the GPU (grid issue #18): a 1024² pair and a 128³ pair, f32, scaling 0.9.
+  echo "grid 1024x1024 $(bench --grid 1024x1024 --repeat 3)"
+  echo "grid 128x128x128 $(bench --grid 128x128x128 --repeat 3)"
 } 2>&1 | tee "$out/bench.txt"
