@@ -1,6 +1,9 @@
 //! `cargo bench -p candle-ot`: one streaming softmin pass, `f_i = −ε log Σ_j exp(h_j − C_ij/ε)`,
-//! on the CPU, f32, p = 2, N = M = 4096, for D ∈ {1, 2, 3, 8, 64}. Throughput is reported in
-//! pairs (i, j) per second (criterion's "elements").
+//! on the CPU, f32, p = 2, N = M = 4096, for D ∈ {1, 2, 3, 8, 64}; and one grid softmin
+//! (`softmin::grid`, images 256² and 512², a 64³ volume) at ε = (one pixel)² with
+//! `h = log a + g/ε` from a smooth potential, as in the loop's last iterations. Throughput is
+//! reported in pairs per second (criterion's "elements"): point pairs (i, j), and for grids the
+//! pixel pairs `N · Σ_k n_k` of the separable passes (before the exact truncation).
 
 use candle_core::{DType, Device, Tensor};
 use candle_ot::softmin::online::softmin;
@@ -28,5 +31,44 @@ fn bench_softmin(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_softmin);
+fn bench_grid_softmin(c: &mut Criterion) {
+    use candle_ot::softmin::grid::{softmin as grid_softmin, GridCost};
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("grid_softmin_f32");
+    group.sample_size(10);
+    for shape in [vec![256usize, 256], vec![512, 512], vec![64, 64, 64]] {
+        let n: usize = shape.iter().product();
+        let spacing: Vec<f64> = shape.iter().map(|k| 1.0 / *k as f64).collect();
+        let eps = spacing[0] * spacing[0];
+        let cost = GridCost { p: 2, spacing };
+        let mut full = vec![1usize];
+        full.extend_from_slice(&shape);
+        // log of a random density plus g/ε for g = ½|x − c|² (a translation's potential).
+        let a = Tensor::rand(0.5f32, 1.5, full.as_slice(), &dev).unwrap();
+        let a = a.broadcast_div(&a.sum_all().unwrap()).unwrap();
+        let x = candle_ot::softmin::grid::pixel_coordinates(&shape, &cost.spacing, &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(); // (N, D)
+        let g = ((x - 0.4).unwrap().sqr().unwrap().sum(1).unwrap() * (0.5 / eps))
+            .unwrap()
+            .reshape(full.as_slice())
+            .unwrap();
+        let h = (a.log().unwrap() + g).unwrap();
+        let label = shape
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        group.throughput(Throughput::Elements(
+            (n * shape.iter().sum::<usize>()) as u64,
+        ));
+        group.bench_with_input(BenchmarkId::from_parameter(label), &h, |bencher, h| {
+            bencher.iter(|| grid_softmin(eps, &cost, h).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_softmin, bench_grid_softmin);
 criterion_main!(benches);
