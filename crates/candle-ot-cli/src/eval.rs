@@ -398,19 +398,30 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     })
 }
 
-/// A grid case (module docs): ImagesLoss on `a`, `b`.
-fn evaluate_grid(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
+/// For grid and barycenter cases (`kind`, run by `runner`): refuses a point-cloud `--backend`
+/// and returns a getter of the case's tensors with a clear error for a missing one.
+fn grid_case_tensors<'c>(
+    case: &'c Case,
+    backend: Backend,
+    kind: &'static str,
+    runner: &'static str,
+) -> Result<impl Fn(&str) -> Result<&'c Tensor> + 'c> {
     if backend != Backend::Auto {
         bail!(
-            "--backend {} applies to point clouds: grid cases run ImagesLoss, whose separable grid softmin is exact; leave --backend at auto",
+            "--backend {} applies to point clouds: {kind} cases run {runner}, whose separable grid softmin is exact; leave --backend at auto",
             format!("{backend:?}").to_lowercase()
         );
     }
-    let get = |name: &str| {
+    Ok(move |name: &str| {
         case.tensors
             .get(name)
-            .ok_or_else(|| anyhow!("the grid case has no tensor `{name}`"))
-    };
+            .ok_or_else(|| anyhow!("the {kind} case has no tensor `{name}`"))
+    })
+}
+
+/// A grid case (module docs): ImagesLoss on `a`, `b`.
+fn evaluate_grid(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
+    let get = grid_case_tensors(case, backend, "grid", "ImagesLoss")?;
     let (a, b) = (get("a")?, get("b")?);
     let opts = parse_grid_params(case.metadata.get("params").map(String::as_str), a.dims())?;
     let dims = opts.dims;
@@ -457,17 +468,7 @@ fn evaluate_grid(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluati
 
 /// A barycenter case (module docs): ImagesBarycenter on `measures`, `weights`.
 fn evaluate_barycenter(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluation> {
-    if backend != Backend::Auto {
-        bail!(
-            "--backend {} applies to point clouds: barycenter cases run ImagesBarycenter on a grid, whose separable grid softmin is exact; leave --backend at auto",
-            format!("{backend:?}").to_lowercase()
-        );
-    }
-    let get = |name: &str| {
-        case.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("the barycenter case has no tensor `{name}`"))
-    };
+    let get = grid_case_tensors(case, backend, "barycenter", "ImagesBarycenter on a grid")?;
     let (m, w) = (get("measures")?, get("weights")?);
     let opts = parse_barycenter_params(case.metadata.get("params").map(String::as_str), m.dims())?;
     let solver = ImagesBarycenter::builder(opts.dims)
