@@ -389,6 +389,28 @@ fn unequal_masses(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Large f32 problems with unequal sizes are valid input: the default uniform weights, and
+/// weights normalised by an f32 sum (whose rounding grows with N), pass the equal-mass check
+/// (masses summed in f64, tolerance 1e-5 + max(N, M)·u). N·M is kept small (M = 3, no debias).
+#[test]
+fn large_f32_unequal_sizes_pass_the_mass_check() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut r = rng(77);
+    let (n, m) = (200_000usize, 3usize);
+    let x = uniform(&mut r, &[n, 2], 0.0, 1.0, DType::F32, &dev)?;
+    let y = uniform(&mut r, &[m, 2], 0.0, 1.0, DType::F32, &dev)?;
+    let loss = SamplesLoss::builder(Loss::Sinkhorn)
+        .blur(0.5)
+        .debias(false)
+        .build()?;
+    assert!(all_finite(&loss.forward(&x, &y)?));
+    let w = uniform(&mut r, &[n], 0.0, 1.0, DType::F32, &dev)?;
+    let a = w.broadcast_div(&w.sum_all()?)?; // normalised in f32
+    let b = Tensor::full(1f32 / 3.0, m, &dev)?;
+    assert!(all_finite(&loss.forward_weighted(&a, &x, &b, &y)?));
+    Ok(())
+}
+
 fn bad_dtypes(dev: &Device) -> Result<()> {
     let ints = Tensor::new(&[[0u32, 1], [2, 3], [4, 5]], dev)?;
     let ints_y = Tensor::new(&[[1u32, 1], [2, 2]], dev)?;

@@ -82,10 +82,8 @@
 //! differ ([`OtError::Mismatch`]), an option out of range ([`OtError::Option`]).
 
 use crate::error::{opt_err, OtError};
-use crate::images::{
-    compute_dtype, density_masses, pyramid, pyramid_shapes, unit_roundoff, upsample,
-};
-use crate::samples_loss::all_finite;
+use crate::images::{compute_dtype, density_masses, pyramid, pyramid_shapes, upsample};
+use crate::samples_loss::{all_finite, unit_roundoff};
 use crate::softmin::grid::{Grid, GridCost};
 use crate::softmin::Softmin;
 use candle_core::{DType, Result, Tensor};

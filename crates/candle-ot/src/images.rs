@@ -57,7 +57,7 @@
 
 use crate::divergence::{sinkhorn_cost, sinkhorn_potentials};
 use crate::error::{opt_err, OtError};
-use crate::samples_loss::all_finite;
+use crate::samples_loss::{all_finite, unit_roundoff};
 use crate::schedule::{epsilon_schedule, schedule_len, MAX_SCHEDULE_LEN};
 use crate::sinkhorn::{
     sinkhorn_multilevel, CostSet, DualPotentials, Level, LoopParams, Multilevel, Refined,
@@ -514,17 +514,6 @@ pub(crate) fn compute_dtype(name: &str, dt: DType) -> Result<DType> {
         dt => Err(
             OtError::Unsupported(format!("{name} of dtype {dt:?} (f32, f64, f16 or bf16)")).into(),
         ),
-    }
-}
-
-/// The unit roundoff `u` of a float dtype (half an ulp at 1): a sum of `n` values rounded to
-/// it is off by up to `n·u` relative.
-pub(crate) fn unit_roundoff(dt: DType) -> f64 {
-    match dt {
-        DType::F64 => f64::EPSILON / 2.0,
-        DType::F16 => 2f64.powi(-11),
-        DType::BF16 => 2f64.powi(-8),
-        _ => f64::from(f32::EPSILON) / 2.0,
     }
 }
 

@@ -112,6 +112,17 @@ fn shape_err(name: &'static str, expected: impl Into<String>, t: &Tensor) -> can
 }
 
 /// Sum of `t * 0`: NaN when `t` holds a NaN or an infinity. One reduction, one scalar read.
+/// The unit roundoff `u` of a float dtype (half an ulp at 1): a sum of `n` values rounded to
+/// it is off by up to `n·u` relative.
+pub(crate) fn unit_roundoff(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => f64::from(f32::EPSILON) / 2.0,
+    }
+}
+
 pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
     let s = (t.detach() * 0.0)?
         .sum_all()?
@@ -365,7 +376,7 @@ impl SamplesLoss {
                 }
                 .into());
             }
-            let sums = w.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let sums = w.detach().to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
             if let Some(i) = sums.iter().position(|s| *s <= 0.0) {
                 return Err(OtError::Weights {
                     name,
@@ -401,14 +412,17 @@ impl SamplesLoss {
         let a = weights(a, "a", n)?;
         let b = weights(b, "b", m)?;
         if self.opts.loss == Loss::Sinkhorn && self.opts.reach.is_none() {
-            let sa = a.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let sb = b.detach().sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            // Masses summed in f64; weights normalised in their own dtype carry its rounding, up
+            // to k·u relative for k values (u the unit roundoff), hence 1e-5 + max(N, M)·u.
+            let sa = a.detach().to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
+            let sb = b.detach().to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
+            let tol = 1e-5 + n.max(m) as f64 * unit_roundoff(in_dtype);
             for (i, (sa, sb)) in sa.iter().zip(&sb).enumerate() {
-                if (sa - sb).abs() > 1e-5 * sa.max(*sb) {
+                if (sa - sb).abs() > tol * sa.max(*sb) {
                     return Err(OtError::Weights {
                         name: "a, b",
                         reason: format!(
-                            "balanced OT needs equal total masses, got {sa} and {sb} (batch item {i}); normalise the weights or set a reach"
+                            "balanced OT needs equal total masses (to a relative {tol:.1e}: 1e-5 plus the rounding of {} weights in {in_dtype:?}), got {sa} and {sb} (batch item {i}); normalise the weights or set a reach", n.max(m)
                         ),
                     }
                     .into());
