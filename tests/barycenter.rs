@@ -5,8 +5,11 @@
 //!
 //! Metric: max|got − ref| / max|ref| over the whole tensor.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_ot::ImagesBarycenter;
+use common::rel_err;
 use std::path::PathBuf;
 
 /// The reference README's tolerances: f64 1e-6; f32 (potential-like tensors, p = 2) 1e-4.
@@ -44,23 +47,6 @@ fn solver_of(params: &serde_json::Value) -> ImagesBarycenter {
         .scaling_n(params["scaling_N"].as_u64().unwrap() as usize)
         .build()
         .unwrap()
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    let got = got.to_dtype(DType::F64).unwrap();
-    let want = want.to_dtype(DType::F64).unwrap();
-    let max_abs = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    max_abs(&(&got - &want).unwrap()) / max_abs(&want)
 }
 
 fn mass(t: &Tensor) -> Vec<f64> {

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_ot::softmin::grid::{self, GridCost};
 use candle_ot::ImagesLoss;
-use common::rel_err;
+use common::{normalised, rel_err};
 
 /// Grid softmin vs dense twin (f64; values and gradients).
 const TOL_TWIN_F64: f64 = 1e-12;
@@ -134,14 +134,6 @@ fn truncation_is_exact_far_from_the_mass() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn normalised(t: &Tensor) -> Result<Tensor> {
-    let b = t.dim(0)?;
-    let s = t.reshape((b, ()))?.sum(1)?;
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat_n(1, t.rank() - 1));
-    t.broadcast_div(&s.reshape(shape)?)
 }
 
 /// ∂S/∂a by central finite differences along mass-preserving directions (f64, converged

@@ -19,6 +19,7 @@ use candle_ot::sinkhorn::{
 use candle_ot::softmin::grid::{self, GridCost};
 use candle_ot::softmin::Softmin;
 use candle_ot::{Loss, SamplesLoss};
+use common::rel_err;
 use std::path::PathBuf;
 
 /// The README's tolerances: f64 everything; f32 (loss, potentials/gradients) for p = 2, p = 1.
@@ -86,26 +87,6 @@ fn centered(t: &Tensor) -> Tensor {
     let b = t.dim(0).unwrap();
     let flat = t.reshape((b, ())).unwrap();
     flat.broadcast_sub(&flat.mean_keepdim(1).unwrap()).unwrap()
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    let got = got.to_dtype(DType::F64).unwrap();
-    let d = (&got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    let s = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    let (d, s) = (d.to_scalar::<f64>().unwrap(), s.to_scalar::<f64>().unwrap());
-    if s == 0.0 {
-        d
-    } else {
-        d / s
-    }
 }
 
 /// Every grid case through `ImagesLoss`; returns the errors (loss, potentials + gradients).
@@ -198,11 +179,7 @@ fn density(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], zeros: bool) -> R
     } else {
         t
     };
-    let b = shape[0];
-    let s = t.reshape((b, ()))?.sum_keepdim(1)?;
-    let mut sshape = vec![b];
-    sshape.extend(std::iter::repeat_n(1, shape.len() - 1));
-    t.broadcast_div(&s.reshape(sshape)?)
+    common::normalised(&t)
 }
 
 /// Converged ImagesLoss (p = 2) against converged SamplesLoss on the pixel coordinates with

@@ -196,3 +196,12 @@ pub fn kernel(kind: candle_ot::KernelKind, sigma: f64, x: &[f64], y: &[f64]) -> 
         candle_ot::KernelKind::Energy => -sq.sqrt(),
     }
 }
+
+/// `t` (B, …) divided by its sum over all axes but the first (each batch item sums to 1).
+pub fn normalised(t: &Tensor) -> Result<Tensor> {
+    let b = t.dim(0)?;
+    let s = t.reshape((b, ()))?.sum(1)?;
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat_n(1, t.rank() - 1));
+    t.broadcast_div(&s.reshape(shape)?)
+}
