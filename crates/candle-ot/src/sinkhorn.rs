@@ -224,23 +224,8 @@ pub trait Multilevel<'a> {
     }
 }
 
-struct State {
-    f_ba: Tensor,
-    g_ab: Tensor,
-    f_aa: Option<Tensor>,
-    g_bb: Option<Tensor>,
-}
-
-impl State {
-    fn detached(&self) -> DualPotentials {
-        DualPotentials {
-            f_ba: self.f_ba.detach(),
-            g_ab: self.g_ab.detach(),
-            f_aa: self.f_aa.as_ref().map(|t| t.detach()),
-            g_bb: self.g_bb.as_ref().map(|t| t.detach()),
-        }
-    }
-}
+/// The loop's state between updates: the four potentials, as returned.
+type State = DualPotentials;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     (a - b)?
@@ -438,12 +423,7 @@ pub fn sinkhorn_multilevel<'a>(
         for _ in jumps.iter().filter(|&&j| j == i) {
             let r = levels.refine(k, &*level, &st.detached(), eps)?;
             passes.set(passes.get() + r.passes);
-            st = State {
-                f_ba: r.potentials.f_ba,
-                g_ab: r.potentials.g_ab,
-                f_aa: r.potentials.f_aa,
-                g_bb: r.potentials.g_bb,
-            };
+            st = r.potentials;
             level = r.level;
             k += 1;
             ended_on_jump = i + 1 == eps_list.len();
