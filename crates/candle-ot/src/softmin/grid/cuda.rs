@@ -92,7 +92,7 @@ pub(super) fn grid_softmin_fwd(
     let dims = l.dims();
     let dev = s.device();
     let storage = with_float!(s.dtype(), "candle-ot grid softmin", " on CUDA", |T| {
-        let out = if a == b || op.spacing.is_empty() {
+        let out = if a == b || op.cost.spacing.is_empty() {
             dev.alloc_zeros::<T>((b - a).max(1))? // nothing to compute
         } else {
             let h = s.as_cuda_slice::<T>()?.slice(a..b);

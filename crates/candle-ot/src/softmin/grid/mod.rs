@@ -93,8 +93,7 @@ pub(crate) struct AxisPass {
 #[derive(Clone, Debug)]
 pub(crate) struct GridSoftminOp {
     pub eps: f64,
-    pub p: u32,
-    pub spacing: Vec<f64>,
+    pub cost: GridCost,
 }
 
 impl GridSoftminOp {
@@ -110,27 +109,22 @@ impl GridSoftminOp {
         }
         Ok(Self {
             eps,
-            p: cost.p,
-            spacing: cost.spacing.clone(),
+            cost: cost.clone(),
         })
     }
 
     /// The passes for the shape `dims` (B, n_1, …, n_D), last axis first.
     pub(crate) fn passes(&self, dims: &[usize]) -> Vec<AxisPass> {
-        let d = self.spacing.len();
+        let d = self.cost.spacing.len();
         let grid = &dims[dims.len() - d..];
         let batch: usize = dims[..dims.len() - d].iter().product();
-        let cost = GridCost {
-            p: self.p,
-            spacing: self.spacing.clone(),
-        };
         (0..d)
             .rev()
             .map(|k| AxisPass {
                 outer: batch * grid[..k].iter().product::<usize>(),
                 n: grid[k],
                 inner: grid[k + 1..].iter().product(),
-                kernel: cost.kernel(k, grid[k], self.eps),
+                kernel: self.cost.kernel(k, grid[k], self.eps),
             })
             .collect()
     }
