@@ -14,10 +14,9 @@
 //! $$
 //!
 //! `S_ε` the Sinkhorn divergence with GeomLoss's grid cost (p = 2: `C(x, y) = ½‖x − y‖²`;
-//! p = 1: the L1 distance `Σ_k |x_k − y_k|`). This module does not solve it to convergence: it
-//! runs GeomLoss's schedule, whose output is a fixed-iteration approximation **whose total mass
-//! is not 1** (about 0.71 on the 32×32 reference case); normalise it yourself if you need a
-//! probability density.
+//! p = 1: the L1 distance `Σ_k |x_k − y_k|`). [`ImagesBarycenter::geomloss`] runs GeomLoss's
+//! schedule, a fixed-iteration approximation **whose total mass is not 1** (about 0.71 on the
+//! 32×32 reference case); [`ImagesBarycenter::solve`] continues it to convergence (below).
 //!
 //! # The iteration
 //!
@@ -64,13 +63,68 @@
 //! Volumes (`dims = 3`) run the same iteration with trilinear upsampling and `log d = log ⅛` on
 //! the 2×2×2 level (GeomLoss's code is written for images only).
 //!
+//! # The converged barycenter
+//!
+//! [`ImagesBarycenter::solve`] runs the schedule above, then the debiased barycenter iteration
+//! of Janati et al. (Algorithm 1) at `ε = blur^p` until it converges. With scalings
+//! `u_k = a_k ⊙ e^{g_k/ε}`, `v_k`, the debiasing scaling `d` and `K = e^{−C/ε}` (every product
+//! a grid log-sum-exp `LSE_K(h)_i = log Σ_j e^{h_j − C_ij/ε} = −smin_ε(h)_i/ε`):
+//!
+//! $$
+//! u_k = \frac{a_k}{K v_k}, \qquad
+//! \beta = d \odot \prod_k (K^\top u_k)^{w_k}, \qquad
+//! v_k = \frac{\beta}{K^\top u_k}, \qquad
+//! d \leftarrow \sqrt{\frac{d \odot \beta}{K d}},
+//! $$
+//!
+//! `2K + 1` softmins per iteration, started from the schedule's state
+//! (`log v_k = log β + f_k/ε`, its `log d`). The plan of `OT_ε(β, α_k)` is
+//! `π_k = diag(u_k) K diag(v_k)`: its marginal on β is exact after each iteration, and the loop
+//! stops once
+//!
+//! - the **marginal error** `max_k Σ_i |a_{k,i} − (u_k ⊙ K v_k)_i|` (L1, mass units), and
+//! - the **symmetric error** `Σ_j |β_j − d_j (K d)_j|` (how far `d` is from the scaling of
+//!   `OT_ε(β, β)`)
+//!
+//! are both at most `tol` (default 1e-6), reported in [`BarycenterDiagnostics`]. At the fixed
+//! point `Σ_k w_k g^β_k − p_β = 0`, the first-order optimality condition of
+//! `min_β Σ_k w_k S_ε(β, α_k)` (`g^β_k = ε log(v_k/β)` the potential of `OT_ε(β, α_k)` on β's
+//! side, `p_β = ε log(d/β)` the symmetric potential of β); the mass of β is the measures' mass
+//! within the marginal error. Measured (`tests/barycenter.rs`): the β-weighted mean deviation of
+//! `Σ_k w_k F_k` from its mean, with `F_k` from an independent [`crate::ImagesLoss`] solve, is
+//! the symmetric error within 15 % (1.1e-6 at 1.0e-6).
+//!
+//! **Convergence is sublinear.** Perturbations of β below the blur scale barely change the
+//! objective (the kernel smooths them away), so the iteration corrects them slowly, as a
+//! multiplicative (Richardson–Lucy-like) deconvolution. Measured on the 32×32 reference
+//! measures: 1864 iterations for `tol = 1e-6` at the default blur (one pixel); at blur 0.05 the
+//! barycenter keeps sharpening and needs more than 10⁴. Over-relaxing the `d` update (×1.5) or
+//! repeating it 3 times per iteration saved at most 2× and is not used. When `max_iter` ends the
+//! loop first, [`BarycenterDiagnostics::converged`] is false.
+//!
+//! # Gradients
+//!
+//! When `measures` or `weights` are tracked by autograd, `solve` differentiates the last
+//! iterations (GeomLoss's `backward_iterations`): from the converged, detached state it runs
+//! `backward_iterations` (default 100) more iterations with the inputs attached, through the
+//! differentiable grid softmin. This converges to the implicit derivative of the fixed point
+//! as the count grows, at the iteration's rate: measured against central finite differences
+//! of the converged barycenter (f64, a smooth test function of β), relative errors 8e-4 (20
+//! iterations), 7e-5 (100), 4e-5 (400) for the measures and 2e-2, 6e-5, 1e-5 for the weights.
+//! Test functions with pixel-scale detail converge much slower (their directions are the slow
+//! modes above). Zero pixels of a measure get a zero gradient (the derivative along the
+//! support); the weights' gradient is the unconstrained partial derivative (project it on
+//! `Σ_k w_k = 1` yourself).
+//!
 //! # Differences from GeomLoss
 //!
 //! - Zero pixels have log-density −∞ and are masked out of every softmin; GeomLoss floors the
 //!   log at −10000 (`log_dens`), which only differs once costs over ε exceed 10⁴.
-//! - The output is detached: GeomLoss's `backward_iterations` (gradients through extra
-//!   iterations when the inputs require them) are not implemented, so this is GeomLoss's
-//!   result for inputs that do not require gradients.
+//! - [`ImagesBarycenter::geomloss`] is detached: GeomLoss's `backward_iterations` are offered
+//!   by [`ImagesBarycenter::solve`] only, so `geomloss` is GeomLoss's result for inputs that
+//!   do not require gradients.
+//! - GeomLoss has no converged mode: its output's mass is 0.71 on the reference case, the
+//!   converged barycenter's is 1.
 //!
 //! # Shapes and errors
 //!
@@ -100,6 +154,16 @@ pub struct ImagesBarycenterOptions {
     /// Iterations per pyramid level (GeomLoss's `scaling_N`); σ halves over each level.
     /// Default 10.
     pub scaling_n: usize,
+    /// [`ImagesBarycenter::solve`] stops once the marginal errors (module docs, "The converged
+    /// barycenter") are at most `tol`, in units of mass (the measures' common total mass).
+    /// Default 1e-6.
+    pub tol: f64,
+    /// The most iterations [`ImagesBarycenter::solve`] runs at the final ε after GeomLoss's
+    /// schedule. Default 10000.
+    pub max_iter: usize,
+    /// Iterations [`ImagesBarycenter::solve`] unrolls under autograd from the converged state
+    /// when the measures or the weights are tracked (module docs, "Gradients"). Default 100.
+    pub backward_iterations: usize,
 }
 
 impl ImagesBarycenterOptions {
@@ -118,6 +182,15 @@ impl ImagesBarycenterOptions {
             if !(b.is_finite() && b > 0.0) {
                 return opt_err("blur", format!("must be a finite number > 0, got {b}"));
             }
+        }
+        if !(self.tol.is_finite() && self.tol > 0.0) {
+            return opt_err(
+                "tol",
+                format!("must be a finite number > 0, got {}", self.tol),
+            );
+        }
+        if self.max_iter == 0 {
+            return opt_err("max_iter", "must be at least 1, got 0");
         }
         if self.scaling_n == 0 {
             return opt_err(
@@ -149,6 +222,21 @@ impl ImagesBarycenterBuilder {
     /// Iterations per pyramid level (GeomLoss's `scaling_N`, default 10).
     pub fn scaling_n(mut self, scaling_n: usize) -> Self {
         self.opts.scaling_n = scaling_n;
+        self
+    }
+    /// The marginal error at which [`ImagesBarycenter::solve`] stops (mass units, default 1e-6).
+    pub fn tol(mut self, tol: f64) -> Self {
+        self.opts.tol = tol;
+        self
+    }
+    /// The most iterations of [`ImagesBarycenter::solve`] at the final ε (default 10000).
+    pub fn max_iter(mut self, max_iter: usize) -> Self {
+        self.opts.max_iter = max_iter;
+        self
+    }
+    /// Iterations unrolled under autograd when the inputs are tracked (default 100).
+    pub fn backward_iterations(mut self, n: usize) -> Self {
+        self.opts.backward_iterations = n;
         self
     }
     /// Checks the options and builds the barycenter solver.
@@ -195,6 +283,9 @@ impl ImagesBarycenter {
                 p: 2,
                 blur: None,
                 scaling_n: 10,
+                tol: 1e-6,
+                max_iter: 10_000,
+                backward_iterations: 100,
             },
         }
     }
@@ -281,14 +372,130 @@ impl ImagesBarycenter {
     /// `weights` `(B, K)` (non-negative, summing to 1 per batch item). Its mass is not 1: it is
     /// GeomLoss's fixed-iteration approximation.
     pub fn geomloss(&self, measures: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let c = self.check(measures, weights)?;
+        let run = self.schedule(measures, weights, &c)?;
+        run.bar_log.exp()?.to_dtype(measures.dtype())
+    }
+
+    /// The converged debiased barycenter (module docs, "The converged barycenter"): GeomLoss's
+    /// schedule, then the debiased barycenter iteration of Janati et al. at `ε = blur^p` until
+    /// both marginal errors are at most `tol`, or `max_iter` iterations. The result's mass is
+    /// the measures' common mass (1 for probability densities) within `tol`.
+    ///
+    /// `measures` `(B, K, n_1, …, n_D)` must have equal total masses within each batch item
+    /// (relative `1e-5 + N·u`, `N` pixels, `u` the dtype's unit roundoff); `weights` `(B, K)` as
+    /// for [`ImagesBarycenter::geomloss`]. When `measures` or `weights` are tracked by
+    /// autograd, the barycenter is differentiable (module docs, "Gradients"). Not converging
+    /// within `max_iter` is reported in [`BarycenterDiagnostics::converged`], not as an error.
+    pub fn solve(&self, measures: &Tensor, weights: &Tensor) -> Result<ImagesBarycenterSolution> {
         let o = &self.opts;
-        let Checked { b, k, grid, dtype } = self.check(measures, weights)?;
+        let c = self.check(measures, weights)?;
+        let masses = density_masses("measures", measures, c.b * c.k, |_| String::new())?;
+        let n: usize = c.grid.iter().product();
+        let rel = 1e-5 + n as f64 * unit_roundoff(measures.dtype());
+        for (i, m) in masses.chunks(c.k).enumerate() {
+            let (lo, hi) = m
+                .iter()
+                .fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+            if hi - lo > rel * hi {
+                return Err(OtError::Weights {
+                    name: "measures",
+                    reason: format!(
+                        "the measures of batch item {i} must have equal total masses (balanced \
+                         barycenter, within {rel:.1e} relative), got masses from {lo} to {hi}"
+                    ),
+                }
+                .into());
+            }
+        }
+        let run = self.schedule(measures, weights, &c)?;
+        let eps = run.eps;
+        let cost = &run.cost;
+        let (b, k) = (c.b, c.k);
+        let mut full = vec![b * k];
+        full.extend_from_slice(&c.grid);
+        let a = measures.detach().to_dtype(c.dtype)?.reshape(full.clone())?; // (B·K, grid…)
+        let w = weights.detach().to_dtype(c.dtype)?.reshape((b, k, 1))?; // (B, K, 1)
+        let it = Janati {
+            cost,
+            eps,
+            log_a: &a.log()?,
+            w: &w,
+            b,
+            k,
+        };
+        // GeomLoss's state as scalings: log v_k = log β + f_k/ε, log d.
+        let mut lv = it.per_measure(&run.bar_log, &(&run.f / eps)?)?; // (B·K, grid…)
+        let mut ld = run.d_log;
+        let mut lu = None;
+        let mut diag = BarycenterDiagnostics {
+            iterations: 0,
+            marginal_error: f64::INFINITY,
+            symmetric_error: f64::INFINITY,
+            converged: false,
+            eps,
+            blur: run.blur,
+        };
+        let mut bar_log = run.bar_log;
+        while diag.iterations < o.max_iter {
+            let s = it.lse(&lv)?; // log K v_k
+            let err_a = match &lu {
+                Some(lu) => it.mass_error(&a, &(lu + &s)?, b * k)?,
+                None => f64::INFINITY,
+            };
+            let (lv2, ld2, lu2, bl, err_d) = it.step(&s, &ld)?;
+            (lv, ld, lu, bar_log) = (lv2, ld2, Some(lu2), bl);
+            diag.iterations += 1;
+            diag.marginal_error = err_a;
+            diag.symmetric_error = err_d;
+            if err_a <= o.tol && err_d <= o.tol {
+                diag.converged = true;
+                break;
+            }
+        }
+        let tracked = measures.track_op() || weights.track_op();
+        if tracked && o.backward_iterations > 0 {
+            // Unrolled from the converged (detached) state with the inputs attached.
+            let a = measures.to_dtype(c.dtype)?.reshape(full)?;
+            let pos = a.gt(0.0)?;
+            let tiny = Tensor::full(f64::MIN_POSITIVE, a.shape(), a.device())?.to_dtype(c.dtype)?;
+            let ninf = Tensor::full(f64::NEG_INFINITY, a.shape(), a.device())?.to_dtype(c.dtype)?;
+            // log a with a zero gradient on zero pixels (module docs, "Gradients").
+            let log_a = pos.where_cond(&a.maximum(&tiny)?.log()?, &ninf)?;
+            let w = weights.to_dtype(c.dtype)?.reshape((b, k, 1))?;
+            let it = Janati {
+                log_a: &log_a,
+                w: &w,
+                ..it
+            };
+            let mut lv = lv.detach();
+            let mut ld = ld.detach();
+            for _ in 0..o.backward_iterations {
+                let s = it.lse(&lv)?;
+                let (lv2, ld2, _, bl, _) = it.step(&s, &ld)?;
+                (lv, ld, bar_log) = (lv2, ld2, bl);
+            }
+        }
+        let mut out = vec![b];
+        out.extend_from_slice(&c.grid);
+        Ok(ImagesBarycenterSolution {
+            barycenter: bar_log.exp()?.reshape(out)?.to_dtype(measures.dtype())?,
+            diagnostics: diag,
+        })
+    }
+
+    /// GeomLoss's schedule (module docs): the state at the finest level after its last
+    /// iteration.
+    fn schedule(&self, measures: &Tensor, weights: &Tensor, c: &Checked) -> Result<Schedule> {
+        let o = &self.opts;
+        let Checked { b, k, grid, dtype } = c;
+        let (b, k, dtype) = (*b, *k, *dtype);
         let dev = measures.device();
         let mut full = vec![b * k];
-        full.extend_from_slice(&grid);
+        full.extend_from_slice(grid);
         let a = measures.detach().to_dtype(dtype)?.reshape(full)?; // (B·K, grid…)
         let w = weights.detach().to_dtype(dtype)?.reshape((b, k, 1))?;
-        let shapes = pyramid_shapes(&grid); // finest first
+        let shapes = pyramid_shapes(grid); // finest first
         let levels = shapes.len();
         let spacing0: Vec<f64> = grid.iter().map(|n| 1.0 / *n as f64).collect();
         let blur = o
@@ -299,7 +506,7 @@ impl ImagesBarycenter {
             .iter()
             .map(|t| t.log())
             .collect::<Result<Vec<_>>>()?;
-        let costs: Vec<GridCost> = (0..levels)
+        let mut costs: Vec<GridCost> = (0..levels)
             .map(|l| GridCost {
                 p: o.p,
                 spacing: spacing0.iter().map(|h| h * (1u64 << l) as f64).collect(),
@@ -339,7 +546,110 @@ impl ImagesBarycenter {
             }
         }
         let bar_log = bar_log.expect("scaling_n >= 1 runs at least one iteration");
-        bar_log.exp()?.to_dtype(measures.dtype())
+        Ok(Schedule {
+            f,
+            d_log,
+            bar_log,
+            // The converged iteration runs at the problem's ε = blur^p (the schedule's last ε
+            // when σ has reached blur).
+            eps: blur.powi(p),
+            blur,
+            cost: costs.swap_remove(0),
+        })
+    }
+}
+
+/// The result of [`ImagesBarycenter::solve`].
+#[derive(Clone, Debug)]
+pub struct ImagesBarycenterSolution {
+    /// The barycenter `(B, n_1, …, n_D)` in the measures' dtype; differentiable when the
+    /// measures or the weights are tracked.
+    pub barycenter: Tensor,
+    /// What the iteration did.
+    pub diagnostics: BarycenterDiagnostics,
+}
+
+/// What [`ImagesBarycenter::solve`] did at the final ε (typed, never printed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarycenterDiagnostics {
+    /// Debiased barycenter iterations at the final ε, after GeomLoss's schedule.
+    pub iterations: usize,
+    /// `max_{b,k} Σ_i |a_{k,i} − (π_k 1)_i|`: the largest L1 error of a plan's marginal on its
+    /// measure, in mass units (the plans' marginals on the barycenter are exact).
+    pub marginal_error: f64,
+    /// `max_b Σ_j |β_j − d_j (K d)_j|`: the L1 error of the debiasing term's symmetric problem.
+    pub symmetric_error: f64,
+    /// Both errors at most `tol` before `max_iter`.
+    pub converged: bool,
+    /// ε of the iteration.
+    pub eps: f64,
+    /// The blur used.
+    pub blur: f64,
+}
+
+/// The state after GeomLoss's schedule on the finest level.
+struct Schedule {
+    f: Tensor,       // (B·K, grid…): potentials on the barycenter's side
+    d_log: Tensor,   // (B, grid…)
+    bar_log: Tensor, // (B, grid…)
+    eps: f64,
+    blur: f64,
+    cost: GridCost,
+}
+
+/// The debiased barycenter iteration of Janati et al. (2020, Algorithm 1) in the log domain,
+/// at one ε on the full grid (module docs, "The converged barycenter").
+struct Janati<'a> {
+    cost: &'a GridCost,
+    eps: f64,
+    log_a: &'a Tensor, // (B·K, grid…)
+    w: &'a Tensor,     // (B, K, 1)
+    b: usize,
+    k: usize,
+}
+
+impl Janati<'_> {
+    /// `log K e^h`: `LSE_j(h_j − C_ij/ε) = −smin_ε(h)/ε` (with the graph when `h` has one).
+    fn lse(&self, h: &Tensor) -> Result<Tensor> {
+        Grid.softmin(self.eps, self.cost, h)? / -self.eps
+    }
+
+    /// `t` (B, grid…) broadcast over the K measures and added to `u` (B·K, grid…).
+    fn per_measure(&self, t: &Tensor, u: &Tensor) -> Result<Tensor> {
+        u.reshape((self.b, self.k, ()))?
+            .broadcast_add(&t.reshape((self.b, 1, ()))?)?
+            .reshape(u.dims())
+    }
+
+    /// `max` over the `rows` rows of `Σ_i |a_i − exp(l_i)|`.
+    fn mass_error(&self, a: &Tensor, l: &Tensor, rows: usize) -> Result<f64> {
+        let e = (a - l.exp()?)?
+            .abs()?
+            .reshape((rows, ()))?
+            .sum(1)?
+            .to_dtype(DType::F64)?;
+        e.max(0)?.to_scalar::<f64>()
+    }
+
+    /// One iteration from `s = log K v_k` and `log d`: the new `log v_k`, `log d`, `log u_k`,
+    /// `log β`, and the symmetric error of the current `d` against the new `β`.
+    #[allow(clippy::type_complexity)]
+    fn step(&self, s: &Tensor, ld: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor, f64)> {
+        let (b, k) = (self.b, self.k);
+        let lu = (self.log_a - s)?; // (B·K, grid…)
+        let lktu = self.lse(&lu)?; // log Kᵀu_k
+        let gshape = ld.dims().to_vec();
+        let weighted = lktu
+            .reshape((b, k, ()))?
+            .broadcast_mul(self.w)?
+            .sum(1)?
+            .reshape(gshape.as_slice())?; // (B, grid…)
+        let bar_log = (ld + weighted)?;
+        let kd = self.lse(ld)?; // log K d
+        let err_d = self.mass_error(&bar_log.exp()?, &(ld + &kd)?, b)?;
+        let lv = self.per_measure(&bar_log, &lktu.neg()?)?;
+        let ld = (((ld + &bar_log)? - kd)? * 0.5)?;
+        Ok((lv, ld, lu, bar_log, err_d))
     }
 }
 

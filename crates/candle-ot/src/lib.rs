@@ -93,7 +93,10 @@ pub mod sinkhorn;
 pub mod softmin;
 mod threads;
 
-pub use barycenter::{ImagesBarycenter, ImagesBarycenterBuilder, ImagesBarycenterOptions};
+pub use barycenter::{
+    BarycenterDiagnostics, ImagesBarycenter, ImagesBarycenterBuilder, ImagesBarycenterOptions,
+    ImagesBarycenterSolution,
+};
 pub use cost::{CostKind, KernelKind};
 pub use error::OtError;
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
