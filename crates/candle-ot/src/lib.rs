@@ -82,6 +82,7 @@ pub mod barycenter;
 pub mod cost;
 pub mod divergence;
 pub mod error;
+pub mod free_support;
 pub mod images;
 pub mod kernel_loss;
 mod multiscale;
@@ -99,6 +100,7 @@ pub use barycenter::{
 };
 pub use cost::{CostKind, KernelKind};
 pub use error::OtError;
+pub use free_support::{Cloud, FreeSupportBarycenter, FreeSupportDiagnostics, FreeSupportSolution};
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
