@@ -86,14 +86,23 @@ with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
     warnings.simplefilter("ignore")
     import ot
 
-CONV_PROBE = 30  # iterations of the convolutional probe
-
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def finite_or_none(x):
+    """JSON has no NaN / Infinity: write null instead."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, list):
+        return [finite_or_none(v) for v in x]
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    return x
+
+
 def emit(rec):
+    rec = finite_or_none(rec)
     rec["pot"] = ot.__version__
     rec["omp"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     rec["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
@@ -133,19 +142,23 @@ def case_conv(name, A, blur, args):
     assert A.shape[1] == A.shape[2]
     reg = conv_reg(blur, n)
     weights = np.full(A.shape[0], 1.0 / A.shape[0])
-    notes = [f"reg = 2*blur^2*(n/(n-1))^2 = {reg:.6e} (blur {blur * n:g} px, n {n})"]
+    notes = [
+        f"method {args.conv_method}; reg = 2*blur^2*(n/(n-1))^2 = {reg:.6e} "
+        f"(blur {blur * n:g} px, n {n})"
+    ]
 
     # probe: the time per iteration, to keep the timed run under the budget
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         ot.bregman.convolutional_barycenter2d_debiased(
-            A, reg, weights=weights, numItermax=CONV_PROBE, stopThr=0.0, warn=False
+            A, reg, weights=weights, method=args.conv_method, numItermax=args.probe_iters,
+            stopThr=0.0, warn=False,
         )
-        per_iter = (time.perf_counter() - t0) / CONV_PROBE
+        per_iter = (time.perf_counter() - t0) / args.probe_iters
     numItermax = args.conv_iters
     if per_iter * numItermax > args.budget:
-        numItermax = max(CONV_PROBE, int(args.budget / per_iter) // 10 * 10)
+        numItermax = max(args.probe_iters, int(args.budget / per_iter) // 10 * 10)
         notes.append(
             f"numItermax lowered from {args.conv_iters} to {numItermax}: probe "
             f"{per_iter:.4f} s/iteration would give {per_iter * args.conv_iters:.0f} s "
@@ -157,16 +170,21 @@ def case_conv(name, A, blur, args):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         bar, lg = ot.bregman.convolutional_barycenter2d_debiased(
-            A, reg, weights=weights, numItermax=numItermax, stopThr=args.conv_stop, log=True
+            A, reg, weights=weights, method=args.conv_method, numItermax=numItermax,
+            stopThr=args.conv_stop, log=True,
         )
         seconds = time.perf_counter() - t0
     iters = int(lg["niter"]) + 1
     errs = [float(e) for e in lg["err"]]
     final_err = errs[-1] if errs else None
-    converged = final_err is not None and final_err < args.conv_stop and iters < numItermax
+    converged = final_err is not None and final_err < args.conv_stop
     finite = bool(np.isfinite(bar).all())
+    first_nan = next((10 * (j + 1) for j, e in enumerate(errs) if not np.isfinite(e)), None)
     if not finite:
-        notes.append(f"barycenter has {int((~np.isfinite(bar)).sum())} non-finite pixels")
+        notes.append(
+            f"barycenter has {int((~np.isfinite(bar)).sum())} non-finite pixels (scalings "
+            f"overflow; err first non-finite at iteration {first_nan})"
+        )
     if not converged:
         notes.append(f"not converged: err {final_err} >= stopThr after {iters} iterations")
     if caught:
@@ -176,19 +194,24 @@ def case_conv(name, A, blur, args):
             "case": name,
             "seconds": seconds,
             "iterations": iters,
-            "mass": float(np.nansum(bar)),
+            "mass": float(bar.sum()),
             "notes": "; ".join(notes),
+            "method": args.conv_method,
             "blur": blur,
             "reg": reg,
             "stopThr": args.conv_stop,
             "numItermax": numItermax,
             "converged": bool(converged),
             "final_err": final_err,
-            "err_every_10": errs[:: max(1, len(errs) // 20)],
+            # (iteration, err) pairs, POT computes err every 10 iterations; about 20 kept
+            "err_trace": [
+                [10 * (j + 1), errs[j]] for j in range(0, len(errs), max(1, len(errs) // 20))
+            ],
             "seconds_per_iteration": seconds / iters,
             "finite": finite,
-            "bar_min": float(np.nanmin(bar)),
-            "bar_max": float(np.nanmax(bar)),
+            "first_nonfinite_err_iteration": first_nan,
+            "bar_min": float(bar.min()),
+            "bar_max": float(bar.max()),
         }
     )
 
@@ -269,6 +292,9 @@ def main():
                    help="free support: above this, report one outer iteration only (s)")
     p.add_argument("--conv-iters", type=int, default=10000)
     p.add_argument("--conv-stop", type=float, default=1e-6)
+    p.add_argument("--conv-method", default="sinkhorn", choices=["sinkhorn", "sinkhorn_log"])
+    p.add_argument("--probe-iters", type=int, default=30,
+                   help="iterations of the untimed probe before each convolutional case")
     p.add_argument("--free-iters", type=int, default=100)
     p.add_argument("--free-stop", type=float, default=1e-3)
     args = p.parse_args()

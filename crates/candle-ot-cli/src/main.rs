@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use candle_core::DType;
 use candle_ot::{Backend, ImagesLoss, Loss, SamplesLoss, SamplesLossOptions};
-use candle_ot_cli::{bench, eval, io};
+use candle_ot_cli::{barycenter, bench, eval, io};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +87,12 @@ enum OpArg {
     Softmin,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Geomloss,
+    Converged,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Evaluate a case file (x, y, optional a, b, l; options in the metadata key `params`) and
@@ -159,6 +165,74 @@ enum Cmd {
         /// iterations).
         #[arg(long)]
         json: bool,
+    },
+    /// The Wasserstein barycenter of densities on a grid (.png, or .npy / .safetensors with
+    /// --grid 2|3) or of point clouds (.npy, .safetensors, .csv), written to --out, with a
+    /// one-line JSON summary on stdout.
+    Barycenter {
+        /// The input measures: one density (n1, n2[, n3]) or one cloud (N, D) per file.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// One weight per input, comma-separated, summing to 1 (default uniform).
+        #[arg(long, value_delimiter = ',')]
+        weights: Option<Vec<f64>>,
+        /// Output: .png (grids, scaled to the maximum), .csv (points), .npy or .safetensors.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor name inside .safetensors inputs.
+        #[arg(long)]
+        key: Option<String>,
+        /// The inputs are densities on a 2-D or 3-D grid (implied, 2, by a .png input).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=3))]
+        grid: Option<u8>,
+        /// Grids: masses from max − value, for dark-on-light drawings.
+        #[arg(long)]
+        invert: bool,
+        /// Grids: `geomloss` (GeomLoss 0.3.1's fixed schedule) or `converged` (the debiased
+        /// barycenter to --tol).
+        #[arg(long, value_enum, default_value = "geomloss")]
+        mode: ModeArg,
+        #[arg(long, default_value_t = 2)]
+        p: u32,
+        /// The blur (grids: default one pixel; clouds: default 0.05).
+        #[arg(long)]
+        blur: Option<f64>,
+        /// Grids: iterations per pyramid level (GeomLoss's scaling_N).
+        #[arg(long, default_value_t = 10)]
+        scaling_n: usize,
+        /// Grids (converged): the marginal error tolerance (default 1e-6). Clouds: the
+        /// displacement tolerance (Σ_j b_j |Δz_j|²)^½ (default 1e-3).
+        #[arg(long)]
+        tol: Option<f64>,
+        /// The most barycenter iterations.
+        #[arg(long)]
+        max_iter: Option<usize>,
+        /// Clouds: support points (default: the inputs' mean size).
+        #[arg(long)]
+        support: Option<usize>,
+        /// Clouds: the initial support (M, D) (default: uniform in the inputs' bounding box).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Clouds: the classic barycenter of Σ w_k OT_ε instead of the debiased Σ w_k S_ε.
+        #[arg(long)]
+        no_debias: bool,
+        /// Clouds: the backend of the inner Sinkhorn problems.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// Clouds: the inner problems' tol (default: GeomLoss's schedule).
+        #[arg(long)]
+        inner_tol: Option<f64>,
+        /// Clouds: the inner problems' ε-scaling ratio.
+        #[arg(long, default_value_t = 0.5)]
+        scaling: f64,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+        /// Seed of the initial support.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Number of CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Time the loss (and gradient) or one softmin pass on random or given points; report
     /// the median time, the pair count, pairs per second and the peak RSS.
@@ -497,6 +571,59 @@ fn run(cli: Cli) -> Result<()> {
                 let s: Vec<String> = v.iter().map(|v| format!("{v:.12e}")).collect();
                 println!("{}", s.join(" "));
             }
+        }
+        Cmd::Barycenter {
+            inputs,
+            weights,
+            out,
+            key,
+            grid,
+            invert,
+            mode,
+            p,
+            blur,
+            scaling_n,
+            tol,
+            max_iter,
+            support,
+            init,
+            no_debias,
+            backend,
+            inner_tol,
+            scaling,
+            dtype,
+            seed,
+            threads,
+        } => {
+            if let Some(t) = threads {
+                candle_ot::set_num_threads(t)?;
+            }
+            let summary = barycenter::run(&barycenter::BarycenterArgs {
+                inputs,
+                weights,
+                out,
+                key,
+                grid: grid.map(usize::from),
+                invert,
+                mode: match mode {
+                    ModeArg::Geomloss => barycenter::GridMode::Geomloss,
+                    ModeArg::Converged => barycenter::GridMode::Converged,
+                },
+                p,
+                blur,
+                scaling_n,
+                tol,
+                max_iter,
+                support,
+                init,
+                no_debias,
+                backend: backend.into(),
+                inner_tol,
+                scaling,
+                dtype: dtype.into(),
+                seed,
+            })?;
+            println!("{summary}");
         }
         Cmd::Bench {
             loss,

@@ -21,8 +21,8 @@
 //!
 //! With `T_k` the barycentric map of the entropic plan `π_k` of `OT_ε(β_z, α_k)` and `T_ββ` that
 //! of `OT_ε(β_z, β_z)`,
-//! `T_k(z_j) = Σ_i π_{k,ji} x_{k,i} / Σ_i π_{k,ji}` (the plan operators of
-//! [`crate::TransportPlan`], one streaming pass for the `D + 1` columns `[x_k, 1]`), the
+//! `T_k(z_j) = Σ_i π_{k,ji} x_{k,i} / Σ_i π_{k,ji}` ([`crate::TransportPlan::barycentric_map`],
+//! one streaming pass), the
 //! gradient of `OT_ε(β_z, α_k)` in `z_j` is `b_j (z_j − T_k(z_j))` and that of `½ OT_ε(β_z, β_z)`
 //! is `b_j (z_j − T_ββ(z_j))` (both arguments move), so
 //!
@@ -40,10 +40,12 @@
 //!
 //! # Stopping rule
 //!
-//! The loop stops when the **displacement** `max_j ‖z_j^{new} − z_j‖` (Euclidean, in the
-//! clouds' units) is at most `tol` (default 1e-3), or after `max_iter` iterations (default 100).
-//! [`FreeSupportDiagnostics`] reports every iteration's displacement and objective (the
-//! objective of the support the iteration started from; debiased without the constant
+//! The loop stops when the **displacement**
+//! `δ = (Σ_j b_j ‖z_j^{new} − z_j‖² / Σ_j b_j)^{1/2}` (in the clouds' units; the cost of moving
+//! `β_z` onto `β_{z^{new}}` point by point, so `W_2(β_z, β_{z^{new}}) ≤ δ`) is at most `tol`
+//! (default 1e-3), or after `max_iter` iterations (default 100). [`FreeSupportDiagnostics`]
+//! reports every iteration's displacement, its largest single move `max_j ‖Δz_j‖`, and the
+//! objective (at the support the iteration started from; debiased without the constant
 //! `−½ Σ_k w_k OT_ε(α_k, α_k)`).
 //!
 //! # Checks
@@ -115,8 +117,11 @@ pub struct FreeSupportSolution {
 pub struct FreeSupportDiagnostics {
     /// Iterations run.
     pub iterations: usize,
-    /// `max_j ‖Δz_j‖` of each iteration.
+    /// The displacement of each iteration, `(Σ_j b_j ‖Δz_j‖² / Σ_j b_j)^{1/2}`: the cost of
+    /// moving `β_z` to `β_{z'}` along `z_j ↦ z'_j`, an upper bound on `W_2(β_z, β_{z'})`.
     pub displacements: Vec<f64>,
+    /// The largest single move `max_j ‖Δz_j‖` of each iteration.
+    pub max_displacements: Vec<f64>,
     /// The objective at the support each iteration started from: `Σ_k w_k OT_ε(β_z, α_k)`,
     /// minus `½ OT_ε(β_z, β_z)` when debiased.
     pub objective: Vec<f64>,
@@ -166,7 +171,8 @@ impl FreeSupportBarycenter {
         })
     }
 
-    /// Stop once the displacement `max_j ‖Δz_j‖` is at most `tol` (clouds' units, > 0).
+    /// Stop once the displacement `(Σ_j b_j ‖Δz_j‖² / Σ_j b_j)^{1/2}` is at most `tol`
+    /// (clouds' units, > 0; module docs).
     pub fn tol(mut self, tol: f64) -> Result<Self> {
         if !(tol.is_finite() && tol > 0.0) {
             return opt_err("tol", format!("must be a finite number > 0, got {tol}"));
@@ -273,9 +279,7 @@ impl FreeSupportBarycenter {
             debias: false,
             ..o.clone()
         })?;
-        let ones = |n: usize| -> Result<Tensor> { Tensor::ones((n, 1), dtype, dev) };
-        // The clouds in the support's dtype, and [x_k, 1]: the plan's barycentric numerator
-        // and its row sums in one pass.
+        // The clouds in the support's dtype.
         let xs = clouds
             .iter()
             .map(|c| c.x.detach().to_dtype(dtype))
@@ -284,23 +288,17 @@ impl FreeSupportBarycenter {
             .iter()
             .map(|c| c.a.map(|a| a.detach().to_dtype(dtype)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let xs1 = xs
-            .iter()
-            .map(|x| Tensor::cat(&[x, &ones(x.dim(0)?)?], 1))
-            .collect::<Result<Vec<_>>>()?;
+        let b64 =
+            (&b / b.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)?.to_dtype(DType::F64)?; // b normalised, for the displacement
         let mut z = z0.detach();
         let mut diag = FreeSupportDiagnostics {
             iterations: 0,
             displacements: vec![],
+            max_displacements: vec![],
             objective: vec![],
             converged: false,
             softmin_passes: 0,
             debiased,
-        };
-        // The barycentric map of a solved plan: (π [v, 1]) normalised by its row sums.
-        let map = |sol: &crate::Solution, v1: &Tensor| -> Result<Tensor> {
-            let t = sol.plan()?.apply(v1)?; // (M, D + 1)
-            t.narrow(1, 0, d)?.broadcast_div(&t.narrow(1, d, 1)?)
         };
         while diag.iterations < self.max_iter {
             let mut objective = 0.0;
@@ -312,27 +310,23 @@ impl FreeSupportBarycenter {
                 let sol = inner.solve(Some(&b), &z, as_[k].as_ref(), &xs[k])?;
                 objective += wk * sol.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 diag.softmin_passes += passes(&sol);
-                target = (target + (map(&sol, &xs1[k])? * *wk)?)?;
+                target = (target + (sol.plan()?.barycentric_map()? * *wk)?)?;
             }
             let z_new = if debiased {
                 let sol = inner.solve(Some(&b), &z, Some(&b), &z)?;
                 objective -= 0.5 * sol.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 diag.softmin_passes += passes(&sol);
-                let z1 = Tensor::cat(&[&z, &ones(m)?], 1)?;
-                ((&z + target)? - map(&sol, &z1)?)?
+                ((&z + target)? - sol.plan()?.barycentric_map()?)?
             } else {
                 target
             };
-            let disp = (&z_new - &z)?
-                .sqr()?
-                .sum(1)?
-                .max(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .sqrt();
+            let sq = (&z_new - &z)?.sqr()?.sum(1)?.to_dtype(DType::F64)?; // (M,)
+            let max_disp = sq.max(0)?.to_scalar::<f64>()?.sqrt();
+            let disp = (sq * &b64)?.sum_all()?.to_scalar::<f64>()?.sqrt();
             z = z_new;
             diag.iterations += 1;
             diag.displacements.push(disp);
+            diag.max_displacements.push(max_disp);
             diag.objective.push(objective);
             if !disp.is_finite() {
                 return Err(OtError::Range(format!(

@@ -139,8 +139,31 @@ impl TransportPlan {
     /// It divides by the row mass of the plan, not by `a_i`: the two differ for unbalanced
     /// plans and for plans that are not converged. Rows of zero-weight points use the
     /// conditional distribution `b_j exp((f_i + g_j − C_ij)/ε)` all the same.
+    ///
+    /// On the online and multiscale backends with `p = 2` it is one pass of the vectorised
+    /// gradient reduction (the softmin's backward):
+    /// $x_i - \sum_j \pi_{ij} (x_i - y_j) / \sum_j \pi_{ij}$, `∇₁C(x, y) = x − y`; otherwise
+    /// one plan application to the `D + 1` columns `[y, 1]`.
     pub fn barycentric_map(&self) -> Result<Tensor> {
         let (_, _, d) = self.y.dims3()?;
+        if matches!(self.backend, Backend::Online | Backend::Multiscale)
+            && self.cost == CostKind::SqEuclidean
+        {
+            // Rows [x, f/ε], columns [y, log b + g/ε, 1]: [Σ_j π_ij (x_i − y_j), Σ_j π_ij]
+            // up to the row factor a_i, which the ratio cancels.
+            let rows = Tensor::cat(&[&self.x, &(&self.f_ba / self.eps)?.unsqueeze(2)?], 2)?;
+            let h = (&self.log_b + (&self.g_ab / self.eps)?)?.unsqueeze(2)?; // (B, M, 1)
+            let cols = Tensor::cat(&[&self.y, &h, &h.ones_like()?], 2)?; // (B, M, D + 2)
+            let s = crate::softmin::online::lse_weighted(
+                self.cost,
+                self.eps,
+                &rows,
+                &cols,
+                crate::softmin::online::Weighted::Grad { with_mass: true },
+            )?; // (B, N, D + 1)
+            let t = (&self.x - s.narrow(2, 0, d)?.broadcast_div(&s.narrow(2, d, 1)?)?)?;
+            return self.unbatch(t);
+        }
         let ones = self.y.narrow(2, 0, 1)?.ones_like()?;
         let v = Tensor::cat(&[&self.y, &ones], 2)?; // (B, M, D + 1)
         let v = if self.batched { v } else { v.squeeze(0)? };

@@ -30,7 +30,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
     WithDType,
 };
-use cpu::Weighted;
+pub(crate) use cpu::Weighted;
 use real::Real;
 
 /// Whether the online ops have kernels for `device` in this build: always on the CPU, on CUDA
