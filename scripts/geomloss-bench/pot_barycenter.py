@@ -5,7 +5,8 @@
     $PY scripts/geomloss-bench/barycenter_inputs.py /tmp/barybench
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive \
         $PY scripts/geomloss-bench/pot_barycenter.py /tmp/barybench > pot_bary.jsonl
-    # options: --budget S (default 120), --per-iter-limit S (60), --cases conv1,conv4,exact,sinkhorn
+    # options: --budget S (default 120), --per-iter-limit S (60), --cases conv1,conv4,exact,sinkhorn,
+    #   --conv-method sinkhorn_log (POT's log-domain variant), --probe-iters N (30); see --help
 
 Reads `images.npy`, `clouds.npy`, `support.npy` (see barycenter_inputs.py) from argv[1], casts
 them to float64 and prints one JSON line per case on stdout (progress goes to stderr):
@@ -308,10 +309,11 @@ def main():
 
     log(f"POT {ot.__version__}; warm-up")
     warm_up()
+    suffix = "" if args.conv_method == "sinkhorn" else "_log"
     if "conv1" in cases:
-        case_conv("conv_debiased_blur1px", images, 1.0 / n, args)
+        case_conv("conv_debiased_blur1px" + suffix, images, 1.0 / n, args)
     if "conv4" in cases:
-        case_conv("conv_debiased_blur4px", images, 4.0 / n, args)
+        case_conv("conv_debiased_blur4px" + suffix, images, 4.0 / n, args)
     if "exact" in cases:
         case_free("free_support_exact", ot.lp.free_support_barycenter, clouds, support, args)
     if "sinkhorn" in cases:
