@@ -208,3 +208,134 @@ fn bad_inputs_are_errors_naming_the_argument() -> Result<()> {
     assert_eq!(s.support.dtype(), DType::F32);
     Ok(())
 }
+
+/// `candle-ot barycenter` on files: four 24×24 images (.npy, `--grid 2`) in both modes, written
+/// as .png and .safetensors, and three point clouds (.npy and .csv, different sizes) written as
+/// .csv; the outputs exist and the summaries hold the expected numbers (converged: mass 1 to
+/// `tol`; clouds: displacements below `tol`).
+#[test]
+fn cli_barycenter_on_files() -> Result<()> {
+    use candle_ot_cli::barycenter::{run, BarycenterArgs, GridMode};
+    let dir = std::env::temp_dir().join(format!("candle-ot-bary-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut rng = common::rng(3);
+    let mut inputs = vec![];
+    for k in 0..4 {
+        // Smooth blobs (noise images converge far slower: guide, "Barycenters").
+        let c = [(0.3, 0.3), (0.7, 0.35), (0.4, 0.7), (0.65, 0.7)][k];
+        let v: Vec<f32> = (0..24 * 24)
+            .map(|i| {
+                let (x, y) = ((i / 24) as f64 / 24.0 - c.0, (i % 24) as f64 / 24.0 - c.1);
+                ((-(x * x + y * y) / (2.0 * 0.12 * 0.12)).exp() + 1e-3) as f32
+            })
+            .collect();
+        let t = Tensor::from_vec(v, (24, 24), &Device::Cpu)?;
+        let p = dir.join(format!("img{k}.npy"));
+        t.write_npy(&p)?;
+        inputs.push(p);
+    }
+    let base = BarycenterArgs {
+        inputs: inputs.clone(),
+        weights: Some(vec![0.1, 0.2, 0.3, 0.4]),
+        out: dir.join("bary.png"),
+        key: None,
+        grid: Some(2),
+        invert: false,
+        mode: GridMode::Geomloss,
+        p: 2,
+        blur: None,
+        scaling_n: 10,
+        tol: None,
+        max_iter: None,
+        support: None,
+        init: None,
+        no_debias: false,
+        backend: Backend::Auto,
+        inner_tol: None,
+        scaling: 0.5,
+        dtype: DType::F64,
+        seed: 0,
+    };
+    let s = run(&base).map_err(candle_core::Error::wrap)?;
+    assert_eq!(s["mode"], "geomloss");
+    let m = s["mass"].as_f64().unwrap();
+    assert!(m > 0.3 && m < 1.0, "GeomLoss's mode: mass {m}");
+    assert!(dir.join("bary.png").exists());
+    let conv = BarycenterArgs {
+        mode: GridMode::Converged,
+        out: dir.join("bary.safetensors"),
+        tol: Some(1e-6),
+        ..base.clone()
+    };
+    let s = run(&conv).map_err(candle_core::Error::wrap)?;
+    assert_eq!(s["converged"], true, "{s}");
+    let m = s["mass"].as_f64().unwrap();
+    assert!((m - 1.0).abs() <= 1e-6, "converged: mass {m}");
+    let t = candle_core::safetensors::load(dir.join("bary.safetensors"), &Device::Cpu)?;
+    assert_eq!(t["barycenter"].dims(), &[24, 24]);
+    // Wrong weights and mixed grids are errors naming the problem.
+    let e = run(&BarycenterArgs {
+        weights: Some(vec![0.5, 0.5]),
+        ..base.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--weights") && e.contains("4 input files"),
+        "{e}"
+    );
+
+    // Point clouds: .npy and .csv of different sizes, D = 2.
+    let mut clouds = vec![];
+    for (k, n) in [30usize, 45, 25].iter().enumerate() {
+        let t = common::rand_tensor(&mut rng, &[*n, 2], k as f64, k as f64 + 1.0)?;
+        let p = if k == 1 {
+            let p = dir.join("c1.csv");
+            let rows = t.to_vec2::<f64>()?;
+            let text: String = rows
+                .iter()
+                .map(|r| format!("{},{}\n", r[0], r[1]))
+                .collect();
+            std::fs::write(&p, text)?;
+            p
+        } else {
+            let p = dir.join(format!("c{k}.npy"));
+            t.write_npy(&p)?;
+            p
+        };
+        clouds.push(p);
+    }
+    let args = BarycenterArgs {
+        inputs: clouds,
+        weights: None,
+        out: dir.join("z.csv"),
+        grid: None,
+        support: Some(20),
+        tol: Some(1e-4),
+        blur: Some(0.1),
+        inner_tol: Some(1e-9),
+        ..base
+    };
+    let s = run(&args).map_err(candle_core::Error::wrap)?;
+    assert_eq!(s["kind"], "clouds");
+    assert_eq!(s["converged"], true, "{s}");
+    let z = std::fs::read_to_string(dir.join("z.csv"))?;
+    assert_eq!(z.lines().count(), 20);
+    // The barycenter of clouds in [0,1]², [1,2]², [2,3]² with equal weights sits near (1.5, 1.5).
+    let mean: Vec<f64> = z
+        .lines()
+        .map(|l| {
+            l.split(',')
+                .map(|v| v.parse::<f64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .fold(vec![0.0, 0.0], |acc, p| {
+            vec![acc[0] + p[0] / 20.0, acc[1] + p[1] / 20.0]
+        });
+    assert!(
+        (mean[0] - 1.5).abs() < 0.1 && (mean[1] - 1.5).abs() < 0.1,
+        "{mean:?}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

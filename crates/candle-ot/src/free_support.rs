@@ -48,6 +48,14 @@
 //! objective (at the support the iteration started from; debiased without the constant
 //! `−½ Σ_k w_k OT_ε(α_k, α_k)`).
 //!
+//! **Inner accuracy.** The step is the gradient step only as far as the inner problems are
+//! solved: with GeomLoss's fixed schedule (no `tol` on the loss) the maps are those of the
+//! annealed potentials, and below some displacement the iteration wanders instead of converging
+//! (measured: three 2-D clouds of 25–45 points at blur 0.1 stall near 3e-4 with a non-monotone
+//! objective, and converge to 1e-4 with an inner `tol` of 1e-9). For a tight `tol`, give the
+//! loss a `tol` too. On four uniform 10k-point clouds in D = 3 at blur 0.05 the fixed schedule
+//! reaches 1e-3 in 8 iterations.
+//!
 //! # Checks
 //!
 //! `tests/barycenter.rs`: one iteration equals the step `−∇Φ / b` computed by autograd through
