@@ -40,6 +40,11 @@ conv1 / conv4: `ot.bregman.convolutional_barycenter2d_debiased(A, reg, weights=[
   * time cap: a probe of 30 iterations (stopThr=0, untimed) gives the time per iteration; if
     numItermax iterations would exceed --budget (120 s), numItermax is lowered to fit (a
     multiple of 10) and the notes say so.
+  * seen with POT 0.9.7 on the inputs of barycenter_inputs.py: at blur 1/256 the scalings
+    overflow (err NaN from iteration 60 on, NaN barycenter, reported as mass null);
+    `--conv-method sinkhorn_log` is stable but takes about 15 s per iteration at 256^2
+    (logsumexp over an n x n x n array per axis). np.einsum (the convolution, no BLAS) runs on
+    one thread whatever OMP_NUM_THREADS says.
 
 exact: `ot.lp.free_support_barycenter(clouds, [uniform(10000)]*4, X_init=support,
   b=uniform(5000), weights=[1/4]*4, numItermax=100, stopThr=1e-3, log=True)`.
