@@ -205,7 +205,12 @@ fn run(args: &Args) -> Result<()> {
     let bary = ImagesBarycenter::builder(2)
         .p(2)
         .tol(TOL)
-        .max_iter(MAX_ITER)
+        .max_iter(
+            std::env::var("IB_MAX_ITER")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MAX_ITER),
+        )
         .build()?;
     println!(
         "ImagesBarycenter::solve, p = 2, blur one pixel (1/{n}), tol {TOL:e}: {b} weightings of 4 shapes \
@@ -220,6 +225,10 @@ fn run(args: &Args) -> Result<()> {
         .to_dtype(DType::F64)?
         .reshape((b, n * n))?
         .to_vec2::<f64>()?;
+    if let Ok(f) = std::env::var("IB_DUMP") {
+        let bytes: Vec<u8> = out.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(f, bytes)?;
+    }
     let masses: Vec<f64> = out.iter().map(|v| v.iter().sum()).collect();
     let (mlo, mhi) = masses
         .iter()

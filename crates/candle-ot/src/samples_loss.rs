@@ -6,7 +6,9 @@ use crate::error::OtError;
 use crate::kernel_loss::{hausdorff_loss, kernel_loss};
 use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 use crate::plan::TransportPlan;
-use crate::schedule::{epsilon_schedule, estimate_diameter, schedule_len, MAX_SCHEDULE_LEN};
+use crate::schedule::{
+    epsilon_schedule, estimate_diameter, estimate_diameter_weighted, schedule_len, MAX_SCHEDULE_LEN,
+};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
 use crate::softmin::multiscale::{
     self, cluster::default_cluster_scale, MultiscaleDiagnostics, MultiscaleParams,
@@ -98,7 +100,8 @@ struct Prepared {
     y: Tensor, // (B, M, D)
     batched: bool,
     in_dtype: DType,
-    /// The diameter of x ∪ y over all batch items (estimated even when one is given).
+    /// The diameter of the points of x ∪ y with positive weight, over all batch items
+    /// (estimated even when one is given).
     diameter: f64,
 }
 
@@ -411,6 +414,9 @@ impl SamplesLoss {
         }
         let a = weights(a, "a", n)?;
         let b = weights(b, "b", m)?;
+        // The ε schedule and the cluster scale see the points of positive weight only: a
+        // zero-weight point changes nothing (GeomLoss counts it, docs/geomloss-differences.md).
+        let diameter = estimate_diameter_weighted(&x, &a, &y, &b)?;
         if self.opts.loss == Loss::Sinkhorn && self.opts.reach.is_none() {
             // Masses summed in f64; weights normalised in their own dtype carry its rounding, up
             // to k·u relative for k values (u the unit roundoff), hence 1e-5 + max(N, M)·u.

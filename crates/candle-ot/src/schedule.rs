@@ -19,6 +19,35 @@ pub fn estimate_diameter(x: &Tensor, y: &Tensor) -> Result<f64> {
         .sqrt())
 }
 
+/// The diameter of the points of `x ∪ y` with positive weight: [`estimate_diameter`] over the
+/// rows where `a > 0` (for x) and `b > 0` (for y), so that points of zero weight change
+/// nothing. GeomLoss takes every point (a zero-weight point far away widens its ε schedule).
+/// x (B, N, D), a (B, N), y (B, M, D), b (B, M). Every batch item has a positive weight
+/// (checked by the caller), so the box is never empty.
+pub fn estimate_diameter_weighted(x: &Tensor, a: &Tensor, y: &Tensor, b: &Tensor) -> Result<f64> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let f64_ = candle_core::DType::F64;
+    let pts = Tensor::cat(&[x.reshape(((), d))?, y.reshape(((), d))?], 0)?
+        .detach()
+        .to_dtype(f64_)?; // (B·N + B·M, D)
+    let w = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?
+        .detach()
+        .to_dtype(f64_)?;
+    let keep = w.gt(0.0)?.unsqueeze(1)?.broadcast_as(pts.shape())?; // (P, D)
+    let inf = Tensor::full(f64::INFINITY, pts.shape(), pts.device())?;
+    let lo = keep.where_cond(&pts, &inf)?.min(0)?.to_vec1::<f64>()?;
+    let hi = keep
+        .where_cond(&pts, &inf.neg()?)?
+        .max(0)?
+        .to_vec1::<f64>()?;
+    Ok(lo
+        .iter()
+        .zip(&hi)
+        .map(|(l, h)| (h - l) * (h - l))
+        .sum::<f64>()
+        .sqrt())
+}
+
 /// GeomLoss's ε list:
 ///
 /// ```text
