@@ -1253,3 +1253,53 @@ test_device!(
     extreme_options_cuda,
     extreme_options_metal
 );
+
+/// Errors can be matched: `OtError::from_candle` gives back the typed error (also under a
+/// Candle context layer), `None` for Candle's own errors; a validation error is one line even
+/// with `RUST_BACKTRACE=1` (CI sets it; the conversion adds no backtrace).
+#[test]
+fn errors_can_be_matched_and_are_one_line() -> Result<()> {
+    use candle_ot::OtError;
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((10, 2), DType::F32, &dev)?;
+    let l = SamplesLoss::new(Loss::Sinkhorn);
+    let e = l
+        .forward(&x, &Tensor::full(f32::NAN, (12, 2), &dev)?)
+        .unwrap_err();
+    assert_eq!(
+        OtError::from_candle(&e),
+        Some(OtError::NonFinite { name: "y" })
+    );
+    assert_eq!(e.to_string().lines().count(), 1, "{e}");
+    let e = l
+        .forward(&x, &Tensor::zeros((12, 3), DType::F32, &dev)?)
+        .unwrap_err();
+    assert!(
+        matches!(OtError::from_candle(&e), Some(OtError::Mismatch(_))),
+        "{e:?}"
+    );
+    let e = l
+        .forward(&x.reshape(20)?, &x)
+        .unwrap_err()
+        .context("in my training loop");
+    assert!(
+        matches!(
+            OtError::from_candle(&e),
+            Some(OtError::Shape { name: "x", .. })
+        ),
+        "{e:?}"
+    );
+    let e = SamplesLoss::builder(Loss::Sinkhorn)
+        .blur(-1.0)
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        OtError::from_candle(&e),
+        Some(OtError::Option { name: "blur", .. })
+    ));
+    assert_eq!(e.to_string().lines().count(), 1, "{e}");
+    // Candle's own errors are not ours.
+    let e = x.matmul(&x).unwrap_err();
+    assert_eq!(OtError::from_candle(&e), None);
+    Ok(())
+}

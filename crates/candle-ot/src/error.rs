@@ -1,8 +1,23 @@
 //! Typed errors of candle-ot. They convert into [`candle_core::Error`], so every public
-//! function returns `candle_core::Result` as the rest of Candle does.
+//! function returns `candle_core::Result` as the rest of Candle does; [`OtError::from_candle`]
+//! gets the typed error back.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_ot::{Loss, OtError, SamplesLoss};
+//! # fn main() -> candle_core::Result<()> {
+//! let x = Tensor::zeros((10, 2), candle_core::DType::F32, &Device::Cpu)?;
+//! let y = Tensor::full(f32::NAN, (12, 2), &Device::Cpu)?;
+//! let err = SamplesLoss::new(Loss::Sinkhorn).forward(&x, &y).unwrap_err();
+//! match OtError::from_candle(&err) {
+//!     Some(OtError::NonFinite { name }) => assert_eq!(name, "y"), // skip this batch
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
 
 /// What went wrong, with the argument, what was expected and what was received.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum OtError {
     /// A tensor has the wrong rank or shape.
     #[error("{name} must be {expected}, got {got:?}")]
@@ -56,9 +71,68 @@ pub enum OtError {
 }
 
 impl From<OtError> for candle_core::Error {
+    /// `candle_core::Error::Wrapped` around the typed error, without a backtrace: these are
+    /// the caller's input mistakes, one line each even with `RUST_BACKTRACE=1`.
     fn from(e: OtError) -> Self {
-        candle_core::Error::wrap(e)
+        candle_core::Error::Wrapped(Box::new(Carrier(e)))
     }
+}
+
+impl OtError {
+    /// The typed error inside a [`candle_core::Error`] returned by this crate (also under
+    /// Candle's `WithBacktrace`, `Context` and `WithPath` layers), or `None` for any other
+    /// error (Candle's own, I/O, …). Returns a copy.
+    pub fn from_candle(err: &candle_core::Error) -> Option<OtError> {
+        use candle_core::Error as E;
+        match err {
+            E::Wrapped(d) => probe(d.as_ref()),
+            E::WithBacktrace { inner, .. }
+            | E::Context { inner, .. }
+            | E::WithPath { inner, .. } => Self::from_candle(inner),
+            _ => None,
+        }
+    }
+}
+
+// `candle_core::Error::Wrapped` holds a `Box<dyn Display>`, which cannot be downcast. The
+// carrier's `Display` hands a copy of its error to `probe` when asked through this slot, and
+// formats the error otherwise; any other wrapped value leaves the slot empty.
+thread_local! {
+    static PROBE: std::cell::RefCell<Option<Option<OtError>>> = const { std::cell::RefCell::new(None) };
+}
+
+struct Carrier(OtError);
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let probing = PROBE.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.as_mut() {
+                Some(slot) => {
+                    *slot = Some(self.0.clone());
+                    true
+                }
+                None => false,
+            }
+        });
+        if probing {
+            Ok(())
+        } else {
+            std::fmt::Display::fmt(&self.0, f)
+        }
+    }
+}
+
+fn probe(d: &(dyn std::fmt::Display + Send + Sync)) -> Option<OtError> {
+    struct Sink;
+    impl std::fmt::Write for Sink {
+        fn write_str(&mut self, _: &str) -> std::fmt::Result {
+            Ok(())
+        }
+    }
+    PROBE.with(|p| *p.borrow_mut() = Some(None));
+    let _ = std::fmt::write(&mut Sink, format_args!("{d}"));
+    PROBE.with(|p| p.borrow_mut().take().flatten())
 }
 
 pub(crate) fn opt_err<T>(name: &'static str, reason: impl Into<String>) -> candle_core::Result<T> {
