@@ -80,7 +80,16 @@ fn shape(k: usize, n: usize) -> Vec<f64> {
     let mut v: Vec<f64> = (0..n * n)
         .map(|i| {
             let (x, y) = ((i % n) as f64 * h, (i / n) as f64 * h);
-            smooth_step(sdf(k, x, y, c), h) + 1e-6
+            smooth_step(
+                sdf(k, x, y, c),
+                h * std::env::var("IB_EDGE")
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(1.0),
+            ) + std::env::var("IB_FLOOR")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(1e-6)
         })
         .collect();
     let total: f64 = v.iter().sum();

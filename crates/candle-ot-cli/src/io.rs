@@ -287,26 +287,72 @@ fn normalise(t: &Tensor, dims: usize, inverted: bool, path: &Path) -> Result<Ten
 fn read_csv(path: &Path) -> Result<Tensor> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_csv(&text).with_context(|| format!("{}", path.display()))
+    let (t, header) = parse_csv(&text).with_context(|| format!("{}", path.display()))?;
+    if let Some(h) = header {
+        eprintln!(
+            "note: {}: the first line {h:?} is a header (no field is a number): skipped",
+            path.display()
+        );
+    }
+    Ok(t)
 }
 
-/// Parses CSV text into an (N, D) f64 tensor: one point per line, comma-separated numbers;
-/// blank lines and lines starting with `#` are skipped; a first line that does not parse is
-/// taken as a header.
-pub fn parse_csv(text: &str) -> Result<Tensor> {
+/// Parses delimited numeric text into an (N, D) f64 tensor with the `csv` crate: one point per
+/// line, the fields separated by commas, semicolons, or runs of spaces / tabs (numpy's
+/// `savetxt` default), whichever the first data line uses; blank lines and lines starting with
+/// `#` are skipped. The first line is a header only when none of its fields is a number
+/// (returned, for the caller to report); any other field that is not a number is an error
+/// naming its line.
+pub fn parse_csv(text: &str) -> Result<(Tensor, Option<String>)> {
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| anyhow!("no points"))?;
+    let (delim, text) = if first.contains(',') {
+        (b',', std::borrow::Cow::Borrowed(text))
+    } else if first.contains(';') {
+        (b';', std::borrow::Cow::Borrowed(text))
+    } else {
+        // Whitespace-separated: runs of spaces and tabs become one separator.
+        let joined: String = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+            .collect();
+        (b' ', std::borrow::Cow::Owned(joined))
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .delimiter(delim)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes());
     let mut rows: Vec<Vec<f64>> = Vec::new();
-    for (k, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+    let mut header = None;
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| anyhow!("{e}"))?;
+        let line = rec.position().map_or(0, |p| p.line());
+        if rec.iter().all(|f| f.is_empty()) {
             continue;
         }
-        let parsed: Result<Vec<f64>, _> =
-            line.split(',').map(|s| s.trim().parse::<f64>()).collect();
-        match parsed {
-            Ok(r) => rows.push(r),
-            Err(_) if rows.is_empty() && k == 0 => continue, // header
-            Err(e) => bail!("line {}: not a number ({e}): {line:?}", k + 1),
+        let fields: Vec<Result<f64, _>> = rec.iter().map(|f| f.parse::<f64>()).collect();
+        if rows.is_empty() && header.is_none() && fields.iter().all(|f| f.is_err()) {
+            header = Some(
+                rec.iter()
+                    .collect::<Vec<_>>()
+                    .join(&(delim as char).to_string()),
+            );
+            continue;
         }
+        let mut row = Vec::with_capacity(fields.len());
+        for (f, raw) in fields.into_iter().zip(rec.iter()) {
+            match f {
+                Ok(v) => row.push(v),
+                Err(e) => bail!("line {line}: {raw:?} is not a number ({e})"),
+            }
+        }
+        rows.push(row);
     }
     let d = rows.first().map(|r| r.len()).unwrap_or(0);
     if rows.is_empty() || d == 0 {
@@ -321,7 +367,7 @@ pub fn parse_csv(text: &str) -> Result<Tensor> {
     }
     let n = rows.len();
     let flat: Vec<f64> = rows.into_iter().flatten().collect();
-    Ok(Tensor::from_vec(flat, (n, d), &Device::Cpu)?)
+    Ok((Tensor::from_vec(flat, (n, d), &Device::Cpu)?, header))
 }
 
 /// Checks a `.npy` header against the file before candle reads it: candle allocates whatever

@@ -373,6 +373,49 @@ fn distance_reads_csv_and_npy() {
     assert!(stderr(&o).contains("bad.csv"), "{}", stderr(&o));
 }
 
+/// Numeric text files (#17, item 2): a first line with a number in it is data, never a header
+/// (it used to be dropped silently: `1,2x` then `3,4`, `5,6` against `3,4`, `5,6` printed 0);
+/// whitespace- (numpy's `savetxt`) and semicolon-separated files are read like comma-separated
+/// ones; a header (no field a number) is skipped with a note on stderr.
+#[test]
+fn csv_first_lines_whitespace_and_semicolons() {
+    let s = Scratch::new("csv-kinds");
+    let write = |name: &str, text: &str| {
+        let p = s.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let a = write("a.csv", "1,2x\n3,4\n5,6\n");
+    let b = write("b.csv", "3,4\n5,6\n");
+    let o = run(&["distance", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(!o.status.success(), "a first line with a number is data");
+    let e = stderr(&o);
+    assert!(
+        e.contains("a.csv") && e.contains("line 1") && e.contains("2x"),
+        "{e}"
+    );
+    let value = |x: &std::path::Path, y: &std::path::Path| -> (f64, String) {
+        let o = run(&["distance", x.to_str().unwrap(), y.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        (v, stderr(&o))
+    };
+    let y = write("y.csv", "0.5,0.5\n1.5,0.25\n");
+    let (want, _) = value(&write("x.csv", "1,2\n3,4\n5,6\n"), &y);
+    assert!(want > 0.0);
+    for (name, text) in [
+        ("ws.txt", "1.0  2.0\n3\t4\n\n# comment\n  5 6  \n"),
+        ("semi.csv", "1;2\n3;4\n5;6\n"),
+        ("savetxt.txt", "1.000000000000000000e+00 2.000000000000000000e+00\n3.000000000000000000e+00 4.000000000000000000e+00\n5.000000000000000000e+00 6.000000000000000000e+00\n"),
+    ] {
+        let (got, _) = value(&write(name, text), &y);
+        assert!((got - want).abs() <= 1e-12 * want, "{name}: {got} vs {want}");
+    }
+    let (got, err) = value(&write("hdr.csv", "u,v\n1,2\n3,4\n5,6\n"), &y);
+    assert!((got - want).abs() <= 1e-12 * want);
+    assert!(err.contains("header") && err.contains("u,v"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Grids.
 
