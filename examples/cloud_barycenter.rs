@@ -1,6 +1,6 @@
 //! Free-support Wasserstein barycenters of point clouds with
 //! [`candle_ot::FreeSupportBarycenter`]: the debiased Sinkhorn barycenter (Janati et al. 2020)
-//! against the classic entropic one (Cuturi & Doucet 2014), which shrinks.
+//! against the classic entropic one (Cuturi & Doucet 2014), which collapses.
 //!
 //! Four clouds of N = 1000 points each are sampled (seeded) from shapes drawn in code, one per
 //! corner of the unit square: a ring (top left), a square outline (top right), a filled
@@ -14,29 +14,36 @@
 //! ```
 //!
 //! (`T_k` the barycentric map of the entropic plan from `β_z` to `α_k`, `T_ββ` that of
-//! `OT_ε(β_z, β_z)`), with `SamplesLoss::builder(Loss::Sinkhorn).blur(0.02)` (ε = 4e-4, p = 2)
-//! and `.debias(false)` for the biased one, `FreeSupportBarycenter::new(loss)?.tol(1e-4)?
-//! .max_iter(50)?`: the loop stops once the RMS displacement of the support is below 1e-4.
+//! `OT_ε(β_z, β_z)`), with `SamplesLoss::builder(Loss::Sinkhorn).blur(0.02)` (p = 2,
+//! ε = 4e-4, GeomLoss's schedule with scaling 0.5) and `.debias(false)` for the biased one,
+//! `FreeSupportBarycenter::new(loss)?.tol(1e-4)?.max_iter(50)?`: the loop stops once the RMS
+//! displacement of the support is below 1e-4. Both converge: the debiased one in 14
+//! iterations (0.3 s), the biased one in 43 (0.6 s).
 //!
-//! The barycenter sits at the mean of the four centres and mixes the shapes: a rounded square
-//! with a denser core. The biased barycenter is smaller: each `T_k(z)` averages the points of
-//! `α_k` within a blur of `z`'s match, and iterating the averages contracts the support. The
-//! example prints the RMS radius (about the mean) of each cloud to measure it.
+//! The debiased barycenter sits at the mean of the four centres and mixes the shapes: a
+//! rounded, ring-like cloud with a hole, spread as evenly as the inputs (mean distance to the
+//! nearest neighbour 4.2e-3, inputs 3.4e-3). The biased one has about the same extent (RMS
+//! radius 0.117 against 0.118) but **collapses onto a thin closed curve** (nearest-neighbour
+//! distance 6.3e-4): each `T_k(z)` averages the points of `α_k` within a blur of `z`'s match,
+//! and iterating the averages contracts the support onto the curves where they balance. The
+//! debiased step adds `z − T_ββ(z)`, the same contraction measured on `β_z` itself, and
+//! cancels it.
 //!
 //! Two figures:
 //!
 //! - `cloud_barycenter.png`: the inputs (light) and the debiased barycenter (left, red), the
-//!   biased one (middle, blue, over the debiased one in light red), and the RMS displacement per
+//!   biased one (middle, blue, over the debiased one in grey), and the RMS displacement per
 //!   iteration of both runs (right, log scale).
-//! - `cloud_barycenter_path.png`: the debiased barycenters of the ring and the cross with
-//!   weights `(1 − t, t)`, t = 0, ¼, ½, ¾, 1: each moves along the diagonal and morphs from one
-//!   shape into the other (t = 0 and 1 reproduce the inputs with M points).
+//! - `cloud_barycenter_path.png`: the debiased barycenters of the ring and the cross (moved
+//!   1.6 apart, so that the barycenters do not overlap) with weights `(1 − t, t)`,
+//!   t = 0, ¼, ½, ¾, 1: the ring's hole turns into a square, then closes as the arms of the
+//!   cross grow; t = 0 and 1 reproduce the inputs with M points. 12–14 iterations each.
 //!
 //! ```text
 //! cargo run --release --example cloud_barycenter [-- --out DIR]
 //! ```
 //!
-//! `--quick`: 200 points per cloud and in the support, at most 10 iterations.
+//! `--quick`: 200 points per cloud and in the support, at most 6 iterations (a smoke run).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -255,7 +262,7 @@ fn main() -> Result<()> {
 fn run(args: &Args) -> Result<()> {
     let dev: &Device = &args.device;
     let (n, m, max_iter) = if args.quick {
-        (200, 200, 10)
+        (200, 200, 6)
     } else {
         (1000, 1000, 50)
     };
@@ -326,30 +333,41 @@ fn run(args: &Args) -> Result<()> {
     // Figure 1: the barycenters of the four clouds.
     let path = args.path("cloud_barycenter.png");
     {
-        let root = BitMapBackend::new(&path, (1500, 600)).into_drawing_area();
+        let root = BitMapBackend::new(&path, (1500, 660)).into_drawing_area();
         root.fill(&WHITE)?;
-        let (head, rest) = root.split_vertically(70);
+        let (head, rest) = root.split_vertically(108);
         head.draw(&Text::new(
             format!(
                 "Free-support barycenters of four clouds (N = {n} each, M = {m}, weights ¼), \
                  sinkhorn p = 2, blur {BLUR}"
             ),
             (12, 10),
-            (FONT, 22).into_font(),
+            (FONT, 26).into_font(),
         ))?;
-        head.draw(&Text::new(
+        for (k, line) in [
             format!(
-                "inputs: ring, square outline, triangle, cross (light).  RMS radius: debiased {:.3}, biased {:.3}; \
-                 mean nearest-neighbour distance: inputs {:.1e}, debiased {:.1e}, biased {:.1e} (collapsed onto a curve)",
+                "inputs (light): ring, square outline, triangle, cross.  RMS radius of the barycenters: \
+                 debiased {:.3}, biased {:.3}",
                 spread(&debiased.points).1,
                 spread(&biased.points).1,
+            ),
+            format!(
+                "mean distance to the nearest neighbour: inputs {:.1e}, debiased {:.1e}, biased {:.1e} \
+                 (the biased barycenter collapses onto a curve)",
                 nn_in,
                 nn_mean(&debiased.points),
                 nn_mean(&biased.points)
             ),
-            (12, 44),
-            (FONT, 14).into_font(),
-        ))?;
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            head.draw(&Text::new(
+                line,
+                (12, 50 + 26 * k as i32),
+                (FONT, 18).into_font(),
+            ))?;
+        }
         let areas = rest.split_evenly((1, 3));
         for (k, (title, run)) in [
             ("debiased Σ w S_ε (red)", &debiased),
@@ -364,7 +382,7 @@ fn run(args: &Args) -> Result<()> {
                 &format!("{title}: {} it., {:.1} s", d.iterations, run.seconds),
                 0.0..1.0,
                 0.0..1.0,
-                17,
+                21,
             )?;
             for (s, p) in shapes.iter().zip(&inputs) {
                 c.draw_series(dots(p, 1, hex(s.colour)))?;
@@ -391,15 +409,15 @@ fn run(args: &Args) -> Result<()> {
             .fold(0.0, f64::max)
             * 2.0;
         let mut c = ChartBuilder::on(&areas[2].margin(4, 12, 4, 4))
-            .caption("RMS displacement of the support per iteration", (FONT, 17))
-            .x_label_area_size(36)
-            .y_label_area_size(60)
+            .caption("RMS displacement of the support per iteration", (FONT, 20))
+            .x_label_area_size(40)
+            .y_label_area_size(72)
             .build_cartesian_2d(0.5..its as f64 + 0.5, (lo..hi).log_scale())?;
         c.configure_mesh()
             .x_desc("iteration")
             .light_line_style(WHITE)
             .x_label_formatter(&|v| format!("{v:.0}"))
-            .label_style((FONT, 13))
+            .label_style((FONT, 16))
             .y_label_formatter(&|v| format!("{v:.0e}"))
             .draw()?;
         for (d, col, label) in curves {
@@ -419,7 +437,7 @@ fn run(args: &Args) -> Result<()> {
         .label("tol")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
         c.configure_series_labels()
-            .label_font((FONT, 13))
+            .label_font((FONT, 16))
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK.mix(0.4))
             .draw()?;
@@ -430,16 +448,16 @@ fn run(args: &Args) -> Result<()> {
     // Figure 2: the path from the ring to the cross.
     let path = args.path("cloud_barycenter_path.png");
     {
-        let root = BitMapBackend::new(&path, (1500, 470)).into_drawing_area();
+        let root = BitMapBackend::new(&path, (1500, 490)).into_drawing_area();
         root.fill(&WHITE)?;
-        let (head, rest) = root.split_vertically(70);
+        let (head, rest) = root.split_vertically(84);
         head.draw(&Text::new(
             format!(
                 "Debiased barycenters of the {} and the {}, weights (1 − t, t), t = 0, ¼, ½, ¾, 1",
                 shapes[a].name, shapes[b].name
             ),
             (12, 10),
-            (FONT, 20).into_font(),
+            (FONT, 26).into_font(),
         ))?;
         let its: Vec<String> = path_runs
             .iter()
@@ -450,8 +468,8 @@ fn run(args: &Args) -> Result<()> {
                 "N = M = {n}, blur {BLUR}; iterations {} (tol {TOL:e}); the inputs in light colours under t = 0 and t = 1",
                 its.join(", ")
             ),
-            (12, 42),
-            (FONT, 14).into_font(),
+            (12, 50),
+            (FONT, 18).into_font(),
         ))?;
         let mut c = panel(&rest, "", 0.0..2.0, 0.0..0.5, 10)?;
         for (k, pts) in [a, b].iter().zip(&ends) {
@@ -467,8 +485,8 @@ fn run(args: &Args) -> Result<()> {
             let (mean, _) = spread(&run.points);
             c.draw_series(std::iter::once(Text::new(
                 format!("t = {t}"),
-                (mean[0] - 0.04, 0.49),
-                (FONT, 16).into_font().color(&col),
+                (mean[0] - 0.05, 0.49),
+                (FONT, 20).into_font().color(&col),
             )))?;
         }
         root.present()?;

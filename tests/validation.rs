@@ -188,12 +188,44 @@ fn empty_clouds(dev: &Device) -> Result<()> {
     let xe = Tensor::zeros((0, 3, D), dt, dev)?;
     let ye = Tensor::zeros((0, 4, D), dt, dev)?;
     expect_input_err(dev, &ALL_LOSSES, None, &xe, None, &ye, &["empty"])?;
-    // D = 0.
+    // D = 0 is its own error, not an empty cloud.
     let xd = Tensor::zeros((3, 0), dt, dev)?;
     let yd = Tensor::zeros((4, 0), dt, dev)?;
-    expect_input_err(dev, &ALL_LOSSES, None, &xd, None, &yd, &["empty"])?;
+    expect_input_err(
+        dev,
+        &ALL_LOSSES,
+        None,
+        &xd,
+        None,
+        &yd,
+        &["D >= 1", "[3, 0]"],
+    )?;
     Ok(())
 }
+
+/// Error texts show the shapes the caller passed: a (10, 2) input is `[10, 2]`, never with the
+/// batch axis added inside (`[1, 10, 2]`).
+fn error_shapes_are_the_callers(dev: &Device) -> Result<()> {
+    let dt = float(dev);
+    let x = Tensor::zeros((10, 2), dt, dev)?;
+    let y = Tensor::zeros((12, 3), dt, dev)?;
+    expect_input_err(
+        dev,
+        &ALL_LOSSES,
+        None,
+        &x,
+        None,
+        &y,
+        &["x [10, 2]", "y [12, 3]"],
+    )?;
+    Ok(())
+}
+test_device!(
+    error_shapes_are_the_callers,
+    error_shapes_are_the_callers_cpu,
+    error_shapes_are_the_callers_cuda,
+    error_shapes_are_the_callers_metal
+);
 
 fn mismatched_shapes(dev: &Device) -> Result<()> {
     let dt = float(dev);
@@ -1301,5 +1333,59 @@ fn errors_can_be_matched_and_are_one_line() -> Result<()> {
     // Candle's own errors are not ours.
     let e = x.matmul(&x).unwrap_err();
     assert_eq!(OtError::from_candle(&e), None);
+    Ok(())
+}
+
+/// Options that do not apply to the loss are reported (they used to be ignored silently):
+/// `SamplesLossOptions::ignored` lists `reach` or `p = 1` on a kernel loss and `diameter` or
+/// `tol` on a loss other than sinkhorn (the builder warns about each through `tracing`);
+/// `max_iter(0)` with `tol` is an error (SamplesLoss and ImagesLoss).
+#[test]
+fn options_that_do_not_apply_are_reported() -> Result<()> {
+    let ignored = |b: candle_ot::SamplesLossBuilder| -> Vec<&'static str> {
+        b.build()
+            .expect("valid options")
+            .options()
+            .ignored()
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect()
+    };
+    for k in [Loss::Energy, Loss::Gaussian, Loss::Laplacian] {
+        assert_eq!(ignored(SamplesLoss::builder(k).reach(0.5)), ["reach"]);
+        assert_eq!(ignored(SamplesLoss::builder(k).p(1)), ["p"]);
+        assert!(ignored(SamplesLoss::builder(k).blur(0.3)).is_empty());
+    }
+    for k in [Loss::Hausdorff, Loss::Energy] {
+        assert_eq!(ignored(SamplesLoss::builder(k).diameter(1.0)), ["diameter"]);
+        assert_eq!(ignored(SamplesLoss::builder(k).tol(1e-6)), ["tol"]);
+    }
+    assert!(ignored(SamplesLoss::builder(Loss::Hausdorff).reach(0.5).p(1)).is_empty());
+    assert!(ignored(
+        SamplesLoss::builder(Loss::Sinkhorn)
+            .reach(0.5)
+            .p(1)
+            .diameter(2.0)
+            .tol(1e-6)
+    )
+    .is_empty());
+    let e = SamplesLoss::builder(Loss::Sinkhorn)
+        .tol(1e-6)
+        .max_iter(0)
+        .build()
+        .expect_err("max_iter 0 with tol")
+        .to_string();
+    assert!(e.contains("max_iter"), "{e}");
+    assert!(SamplesLoss::builder(Loss::Sinkhorn)
+        .max_iter(0)
+        .build()
+        .is_ok());
+    let e = candle_ot::ImagesLoss::builder(2)
+        .tol(1e-6)
+        .max_iter(0)
+        .build()
+        .expect_err("max_iter 0 with tol")
+        .to_string();
+    assert!(e.contains("max_iter"), "{e}");
     Ok(())
 }

@@ -549,19 +549,26 @@ fn run(cli: Cli) -> Result<()> {
                 tol,
                 ..Default::default()
             };
+            for (_, why) in opts.ignored() {
+                eprintln!("warning: {why}");
+            }
             let l = SamplesLoss::from_options(opts)?;
             let dt: DType = dtype.into();
             let xs = io::read_points(&x, key.as_deref())?.to_dtype(dt)?;
             let ys = io::read_points(&y, key.as_deref())?.to_dtype(dt)?;
             if xs.rank() != ys.rank() {
                 bail!(
-                    "x is {:?} but y is {:?}: both (N, D) or both (B, N, D)",
+                    "{} is {:?} but {} is {:?}: both (N, D) or both (B, N, D)",
+                    x.display(),
                     xs.dims(),
+                    y.display(),
                     ys.dims()
                 );
             }
+            // The library names its arguments x and y: say which files they are.
             let v = l
-                .forward(&xs, &ys)?
+                .forward(&xs, &ys)
+                .map_err(|e| anyhow::anyhow!("{e} (x = {}, y = {})", x.display(), y.display()))?
                 .to_dtype(DType::F64)?
                 .flatten_all()?
                 .to_vec1::<f64>()?;

@@ -672,3 +672,34 @@ fn bench_grid_reports_pixel_pairs() {
     }
     assert!(v["peak_rss_bytes"].as_u64().is_some(), "{v}");
 }
+
+/// `distance` names the files in the library's errors (which say x and y), and warns on stderr
+/// about options the loss ignores (#17, item 7).
+#[test]
+fn distance_names_files_and_warns_about_ignored_options() {
+    let s = Scratch::new("distance-names");
+    let p2 = s.path("two.csv");
+    let p3 = s.path("three.csv");
+    std::fs::write(&p2, "1,2\n3,4\n").unwrap();
+    std::fs::write(&p3, "1,2,3\n3,4,5\n").unwrap();
+    let o = run(&["distance", p2.to_str().unwrap(), p3.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("two.csv") && e.contains("three.csv") && e.contains("dimension"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    let o = run(&[
+        "distance",
+        p2.to_str().unwrap(),
+        p2.to_str().unwrap(),
+        "--loss",
+        "energy",
+        "--reach",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.starts_with("warning: reach = 1 is ignored"), "{e}");
+}

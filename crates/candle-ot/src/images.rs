@@ -125,6 +125,12 @@ impl ImagesLossOptions {
         }
         if let Some(t) = self.tol {
             pos("tol", t)?;
+            if self.max_iter == 0 {
+                return opt_err(
+                    "max_iter",
+                    "must be at least 1 when tol is set (the iterations tol may take), got 0",
+                );
+            }
         }
         if let Some(e) = &self.extent {
             if e.len() != self.dims {

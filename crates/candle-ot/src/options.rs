@@ -182,7 +182,61 @@ impl SamplesLossOptions {
         if let Some(t) = self.tol {
             pos("tol", t)?;
         }
+        if self.tol.is_some() && self.max_iter == 0 {
+            return opt_err(
+                "max_iter",
+                "must be at least 1 when tol is set (the iterations tol may take), got 0",
+            );
+        }
         Ok(())
+    }
+}
+
+impl SamplesLossOptions {
+    /// The options set away from their defaults that this loss ignores, as `(option, why)`:
+    /// `reach` or `p = 1` on a kernel loss (energy, gaussian, laplacian: fixed kernels, no
+    /// transport), `diameter` or `tol` on a loss other than sinkhorn (no ε schedule, no
+    /// iterations). [`SamplesLossBuilder::build`] and [`crate::SamplesLoss::from_options`] warn
+    /// about each through `tracing` (target `candle_ot`); the CLI prints them as `warning:`
+    /// lines.
+    pub fn ignored(&self) -> Vec<(&'static str, String)> {
+        let name = self.loss.name();
+        let mut out = vec![];
+        if self.loss.is_kernel() {
+            if let Some(r) = self.reach {
+                out.push((
+                    "reach",
+                    format!("reach = {r} is ignored: it applies to sinkhorn and hausdorff (unbalanced transport), not to {name}"),
+                ));
+            }
+            if self.p != 2 {
+                out.push((
+                    "p",
+                    format!("p = {} is ignored: it applies to sinkhorn and hausdorff (the cost |x − y|^p / p); the {name} kernel is fixed", self.p),
+                ));
+            }
+        }
+        if self.loss != Loss::Sinkhorn {
+            if let Some(d) = self.diameter {
+                out.push((
+                    "diameter",
+                    format!("diameter = {d} is ignored: it applies to the sinkhorn loss (its ε schedule), not to {name}"),
+                ));
+            }
+            if let Some(t) = self.tol {
+                out.push((
+                    "tol",
+                    format!("tol = {t} is ignored: it applies to the sinkhorn loss (its iterations), not to {name}"),
+                ));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn warn_ignored(&self) {
+        for (option, why) in self.ignored() {
+            tracing::warn!(target: "candle_ot", option, "{why}");
+        }
     }
 }
 
@@ -260,6 +314,7 @@ impl SamplesLossBuilder {
     /// Validates the options.
     pub fn build(self) -> Result<crate::SamplesLoss> {
         self.opts.validate()?;
+        self.opts.warn_ignored();
         Ok(crate::SamplesLoss::from_options_unchecked(self.opts))
     }
 }

@@ -153,6 +153,7 @@ impl SamplesLoss {
     /// From options, validated.
     pub fn from_options(opts: SamplesLossOptions) -> Result<Self> {
         opts.validate()?;
+        opts.warn_ignored();
         Ok(Self { opts })
     }
 
@@ -277,6 +278,8 @@ impl SamplesLoss {
             ))
             .into());
         }
+        // Shapes in messages are the caller's own (no batch axis added for (N, D) inputs).
+        let (x_dims, y_dims) = (x.dims().to_vec(), y.dims().to_vec());
         let (x, y) = if batched {
             (x.clone(), y.clone())
         } else {
@@ -286,31 +289,35 @@ impl SamplesLoss {
         let (by, m, dy) = y.dims3()?;
         if bx != by {
             return Err(OtError::Mismatch(format!(
-                "x and y must have the same batch size, got x {:?} and y {:?}",
-                x.dims(),
-                y.dims()
+                "x and y must have the same batch size, got x {x_dims:?} and y {y_dims:?}"
             ))
             .into());
         }
         if d != dy {
             return Err(OtError::Mismatch(format!(
-                "x and y must have the same dimension D, got x {:?} and y {:?}",
-                x.dims(),
-                y.dims()
+                "x and y must have the same dimension D, got x {x_dims:?} and y {y_dims:?}"
             ))
             .into());
         }
-        if n == 0 || d == 0 || bx == 0 {
+        if d == 0 {
+            return Err(OtError::Shape {
+                name: "x, y",
+                expected: "points of dimension D >= 1".into(),
+                got: x_dims,
+            }
+            .into());
+        }
+        if n == 0 || bx == 0 {
             return Err(OtError::Empty {
                 name: "x",
-                got: x.dims().to_vec(),
+                got: x_dims,
             }
             .into());
         }
         if m == 0 {
             return Err(OtError::Empty {
                 name: "y",
-                got: y.dims().to_vec(),
+                got: y_dims,
             }
             .into());
         }
