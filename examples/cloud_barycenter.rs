@@ -18,7 +18,7 @@
 //! ε = 4e-4, GeomLoss's schedule with scaling 0.5) and `.debias(false)` for the biased one,
 //! `FreeSupportBarycenter::new(loss)?.tol(1e-4)?.max_iter(50)?`: the loop stops once the RMS
 //! displacement of the support is below 1e-4. Both converge: the debiased one in 14
-//! iterations (0.3 s), the biased one in 43 (0.6 s).
+//! iterations (0.3–0.4 s), the biased one in 43 (0.6–0.9 s).
 //!
 //! The debiased barycenter sits at the mean of the four centres and mixes the shapes: a
 //! rounded, ring-like cloud with a hole, spread as evenly as the inputs (mean distance to the

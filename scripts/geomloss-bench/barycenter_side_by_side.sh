@@ -25,14 +25,17 @@ PYEOF
 IMGS=("$OUT"/img0.npy "$OUT"/img1.npy "$OUT"/img2.npy "$OUT"/img3.npy)
 CLOUDS=("$OUT"/cloud0.npy "$OUT"/cloud1.npy "$OUT"/cloud2.npy "$OUT"/cloud3.npy)
 run() { echo "load: $(cat /proc/loadavg)" >&2; "$@"; }
-# Images: GeomLoss's defaults (blur one pixel, scaling_N 10).
+# Images: GeomLoss's defaults (blur one pixel, scaling_N 10). GeomLoss takes ~5 min: SKIP_GEOMLOSS=1
+# skips it.
 run $BIN barycenter "${IMGS[@]}" --grid 2 --out "$OUT/cot_geomloss.npy" --threads 2
-run "$PY" scripts/geomloss-bench/geomloss_barycenter.py "$OUT"
-# Images, converged debiased, blur 4 px (POT's case conv4; one pixel: POT's scalings overflow).
+[ -n "${SKIP_GEOMLOSS:-}" ] || run "$PY" scripts/geomloss-bench/geomloss_barycenter.py "$OUT"
+# Images, converged debiased, blur 4 px (POT's case conv4; one pixel: POT's scalings overflow),
+# 1000 iterations at most (the errors reached are in the JSON; a "not converged" warning is
+# expected: the iteration is sublinear, see the guide).
 run $BIN barycenter "${IMGS[@]}" --grid 2 --mode converged --blur 0.015625 --tol 1e-6 \
-  --out "$OUT/cot_conv4.npy" --threads 2
-run $BIN barycenter "${IMGS[@]}" --grid 2 --mode converged --tol 1e-6 --max-iter 2000 \
-  --out "$OUT/cot_conv1.npy" --threads 2 || true
+  --max-iter 1000 --out "$OUT/cot_conv4.npy" --threads 2
+run $BIN barycenter "${IMGS[@]}" --grid 2 --mode converged --tol 1e-6 --max-iter 1000 \
+  --out "$OUT/cot_conv1.npy" --threads 2
 # Free support, debiased, blur 0.05, displacement 1e-3 (RMS).
 run $BIN barycenter "${CLOUDS[@]}" --init "$OUT/support.npy" --blur 0.05 --tol 1e-3 \
   --out "$OUT/cot_free.npy" --threads 2
