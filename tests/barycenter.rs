@@ -392,8 +392,9 @@ fn converged_barycenter_is_optimal_with_mass_one() -> Result<()> {
     let (m, w) = (&c.t["measures"], &c.t["weights"]);
     let m = m.broadcast_div(&m.sum_keepdim((2, 3))?)?;
     let wv = common::flat(w);
-    // (blur, tol): the default blur (one pixel). At blur 0.05 this case needs more than 10⁴
-    // iterations for 1e-6 (the barycenter keeps sharpening below the blur scale; module docs).
+    // The default blur (one pixel). At blur 0.05 this case needs more than 10⁴ iterations for
+    // 1e-6 (the barycenter keeps sharpening below the blur scale; module docs).
+    #[allow(clippy::single_element_loop)] // a table of cases, kept open for more
     for (blur, tol) in [(1.0 / 32.0, 1e-6)] {
         let t0 = std::time::Instant::now();
         let sol = ImagesBarycenter::builder(2)
