@@ -15,14 +15,16 @@ const FD_STEP: f64 = 1e-5;
 /// Relative agreement of the directional derivatives.
 const FD_TOL: f64 = 1e-6;
 
-fn check(p: u32, debias: bool, backend: Backend) -> Result<()> {
+/// `mass_b`: the total mass of b (a has mass 1).
+fn check(p: u32, debias: bool, backend: Backend, mass_b: f64) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7 + p as u64 + 10 * debias as u64);
     let (n, m, d) = (7, 9, 2);
     let x = rand_tensor(&mut rng, &[n, d], 0.0, 1.0)?;
     let y = rand_tensor(&mut rng, &[m, d], 0.2, 1.2)?;
     let a = rand_tensor(&mut rng, &[n], 0.5, 1.5)?;
     let a = (&a / a.sum_all()?.to_scalar::<f64>()?)?;
-    let b = (rand_tensor(&mut rng, &[m], 0.5, 1.5)? * 0.1)?; // unequal masses: unbalanced
+    let b = rand_tensor(&mut rng, &[m], 0.5, 1.5)?;
+    let b = (&b * (mass_b / b.sum_all()?.to_scalar::<f64>()?))?; // unequal masses: unbalanced
     let loss = SamplesLoss::builder(Loss::Sinkhorn)
         .p(p)
         .blur(0.3)
@@ -76,7 +78,7 @@ fn check(p: u32, debias: bool, backend: Backend) -> Result<()> {
         };
         let ad = (g.expect("gradient") * dt)?.sum_all()?.to_scalar::<f64>()?;
         let rel = (ad - fd).abs() / fd.abs().max(1e-12);
-        println!("p={p} debias={debias} {backend:?} d/d{name}: autograd {ad:.10e} fd {fd:.10e} rel {rel:.1e}");
+        println!("p={p} debias={debias} {backend:?} mass_b={mass_b} d/d{name}: autograd {ad:.10e} fd {fd:.10e} rel {rel:.1e}");
         assert!(
             rel < FD_TOL,
             "p={p} debias={debias} {backend:?} d/d{name}: autograd {ad:.12e} vs finite differences {fd:.12e} (rel {rel:.2e})"
@@ -91,7 +93,10 @@ fn unbalanced_gradients_match_finite_differences() -> Result<()> {
     for backend in [Backend::Online, Backend::Tensorized] {
         for p in [1, 2] {
             for debias in [false, true] {
-                check(p, debias, backend)?;
+                // b of mass 0.9 (as before), and b scaled by 3 (#17, item 12).
+                for mass_b in [0.9, 3.0] {
+                    check(p, debias, backend, mass_b)?;
+                }
             }
         }
     }
