@@ -197,6 +197,8 @@ pub(crate) fn solve(
         } else {
             0.0
         },
+        exact_update_error: None,
+        fell_back_to_online: false,
     };
     Ok((pot, diag, ms_diag))
 }

@@ -74,6 +74,14 @@ pub struct MultiscaleDiagnostics {
     pub kept_pairs_sym: u64,
     /// `kept_pairs_sym / (B·(N² + M²))` (0 when not debiased).
     pub kept_fraction_sym: f64,
+    /// With `tol`: `max |f̃ − f| / ε` of one exact (untruncated, online) update from the
+    /// multiscale potentials, over every potential. `None` without `tol`.
+    pub exact_update_error: Option<f64>,
+    /// With `tol`: the multiscale potentials failed the exact check (not converged, or an exact
+    /// update error above `max(10·tol, MULTISCALE_EXACT_CHECK)` = 1e-2: the truncation dropped
+    /// pairs the converged plan needs), and the solution is the online backend's
+    /// (`Solution::backend` says `Online`).
+    pub fell_back_to_online: bool,
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
