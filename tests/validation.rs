@@ -1389,3 +1389,57 @@ fn options_that_do_not_apply_are_reported() -> Result<()> {
     assert!(e.contains("max_iter"), "{e}");
     Ok(())
 }
+
+/// The conveniences of #17, item 9: `Display` and case-insensitive parsing of `Loss` and
+/// `Backend` (round trips), `SamplesLoss::default()` (GeomLoss's `SamplesLoss()`), and the free
+/// functions of `candle_ot::loss`, equal to the builder's values.
+#[test]
+fn display_parse_default_and_free_functions() -> Result<()> {
+    for l in ALL_LOSSES {
+        assert_eq!(l.to_string().parse::<Loss>()?, l);
+        assert_eq!(l.to_string().to_uppercase().parse::<Loss>()?, l);
+    }
+    for b in [
+        Backend::Auto,
+        Backend::Tensorized,
+        Backend::Online,
+        Backend::Multiscale,
+    ] {
+        assert_eq!(b.to_string().parse::<Backend>()?, b);
+        assert_eq!(format!("{b}").to_uppercase().parse::<Backend>()?, b);
+    }
+    assert!("sinkhorn2".parse::<Loss>().is_err());
+    assert_eq!(SamplesLoss::default(), SamplesLoss::new(Loss::Sinkhorn));
+    let mut r = rng(5);
+    let x = uniform(&mut r, &[40, 2], 0.0, 1.0, DType::F64, &Device::Cpu)?;
+    let y = uniform(&mut r, &[30, 2], 0.2, 1.2, DType::F64, &Device::Cpu)?;
+    let by = |l: Loss, blur: f64| -> Result<f64> {
+        SamplesLoss::builder(l)
+            .blur(blur)
+            .build()?
+            .forward(&x, &y)?
+            .to_scalar::<f64>()
+    };
+    let s = |t: Tensor| t.to_scalar::<f64>();
+    assert_eq!(
+        s(candle_ot::loss::sinkhorn(&x, &y, 0.1)?)?,
+        by(Loss::Sinkhorn, 0.1)?
+    );
+    assert_eq!(
+        s(candle_ot::loss::hausdorff(&x, &y, 0.1)?)?,
+        by(Loss::Hausdorff, 0.1)?
+    );
+    assert_eq!(
+        s(candle_ot::loss::energy(&x, &y)?)?,
+        by(Loss::Energy, 0.05)?
+    );
+    assert_eq!(
+        s(candle_ot::loss::gaussian(&x, &y, 0.3)?)?,
+        by(Loss::Gaussian, 0.3)?
+    );
+    assert_eq!(
+        s(candle_ot::loss::laplacian(&x, &y, 0.3)?)?,
+        by(Loss::Laplacian, 0.3)?
+    );
+    Ok(())
+}

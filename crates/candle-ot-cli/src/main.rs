@@ -141,6 +141,16 @@ enum Cmd {
         no_debias: bool,
         #[arg(long)]
         tol: Option<f64>,
+        /// The most extra iterations `--tol` may take (default 1000).
+        #[arg(long)]
+        max_iter: Option<usize>,
+        /// Point clouds: the weights of x, (N,) or (B, N) (.npy, .safetensors or .csv; default
+        /// uniform).
+        #[arg(long)]
+        a: Option<PathBuf>,
+        /// Point clouds: the weights of y, (M,) or (B, M) (default uniform).
+        #[arg(long)]
+        b: Option<PathBuf>,
         /// Point clouds only (grids run ImagesLoss's exact separable softmin).
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
@@ -382,6 +392,7 @@ struct GridDistance<'a> {
     scaling: f64,
     no_debias: bool,
     tol: Option<f64>,
+    max_iter: Option<usize>,
     backend: BackendArg,
     dtype: DType,
     json: bool,
@@ -434,6 +445,9 @@ fn distance_grid(g: &GridDistance) -> Result<()> {
         .scaling(g.scaling)
         .debias(!g.no_debias)
         .tol(g.tol);
+    if let Some(m) = g.max_iter {
+        builder = builder.max_iter(m);
+    }
     if let Some(a) = g.axes {
         let axes = parse_axes(a)?;
         if axes.len() != dims {
@@ -502,6 +516,9 @@ fn run(cli: Cli) -> Result<()> {
             scaling,
             no_debias,
             tol,
+            max_iter,
+            a,
+            b,
             backend,
             dtype,
             threads,
@@ -514,7 +531,13 @@ fn run(cli: Cli) -> Result<()> {
                 candle_ot::set_num_threads(t)?;
             }
             if grid.is_some() || io::is_image(&x) || io::is_image(&y) {
+                if a.is_some() || b.is_some() {
+                    bail!(
+                        "--a and --b apply to point clouds: a grid's pixel values are its masses"
+                    );
+                }
                 return distance_grid(&GridDistance {
+                    max_iter,
                     x: &x,
                     y: &y,
                     key: key.as_deref(),
@@ -547,6 +570,7 @@ fn run(cli: Cli) -> Result<()> {
                 debias: !no_debias,
                 backend: backend.into(),
                 tol,
+                max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
                 ..Default::default()
             };
             for (_, why) in opts.ignored() {
@@ -565,10 +589,27 @@ fn run(cli: Cli) -> Result<()> {
                     ys.dims()
                 );
             }
-            // The library names its arguments x and y: say which files they are.
-            let v = l
-                .forward(&xs, &ys)
-                .map_err(|e| anyhow::anyhow!("{e} (x = {}, y = {})", x.display(), y.display()))?
+            // Weights: (N,) / (B, N) tensors, or one-column text files.
+            let weights = |p: &Option<PathBuf>| -> Result<Option<candle_core::Tensor>> {
+                let Some(p) = p else { return Ok(None) };
+                let w = io::read_points(p, key.as_deref())?;
+                let w = if w.rank() == 2 && w.dim(1)? == 1 && xs.rank() == 2 {
+                    w.squeeze(1)?
+                } else {
+                    w
+                };
+                Ok(Some(w.to_dtype(dt)?))
+            };
+            let (wa, wb) = (weights(&a)?, weights(&b)?);
+            // The library names its arguments x and y (a, b): say which files they are.
+            let sol = l
+                .solve(wa.as_ref(), &xs, wb.as_ref(), &ys)
+                .map_err(|e| anyhow::anyhow!("{e} (x = {}, y = {})", x.display(), y.display()))?;
+            if let Some(d) = &sol.diagnostics {
+                warn_not_converged(d);
+            }
+            let v = sol
+                .loss
                 .to_dtype(DType::F64)?
                 .flatten_all()?
                 .to_vec1::<f64>()?;

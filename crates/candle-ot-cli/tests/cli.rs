@@ -703,3 +703,57 @@ fn distance_names_files_and_warns_about_ignored_options() {
     let e = stderr(&o);
     assert!(e.starts_with("warning: reach = 1 is ignored"), "{e}");
 }
+
+/// `distance` takes weights (`--a`, `--b`: one-column text or (N,) arrays) and `--max-iter`,
+/// and warns when `--tol` is not met (#17, item 9).
+#[test]
+fn distance_takes_weights_and_max_iter() {
+    let s = Scratch::new("distance-weights");
+    let write = |name: &str, text: &str| {
+        let p = s.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let x = write("x.csv", "0\n1\n3\n");
+    let y = write("y.csv", "0.5\n2\n");
+    let a = write("a.csv", "0.2\n0.3\n0.5\n");
+    let b = write("b.csv", "0.6\n0.4\n");
+    let o = run(&[
+        "distance",
+        x.to_str().unwrap(),
+        y.to_str().unwrap(),
+        "--a",
+        a.to_str().unwrap(),
+        "--b",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let t = |v: &[f64], shape: &[usize]| Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap();
+    let want = SamplesLoss::new(Loss::Sinkhorn)
+        .forward_weighted(
+            &t(&[0.2, 0.3, 0.5], &[3]),
+            &t(&[0.0, 1.0, 3.0], &[3, 1]),
+            &t(&[0.6, 0.4], &[2]),
+            &t(&[0.5, 2.0], &[2, 1]),
+        )
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((got - want).abs() <= 1e-10 * want.abs(), "{got} vs {want}");
+    let o = run(&[
+        "distance",
+        x.to_str().unwrap(),
+        y.to_str().unwrap(),
+        "--tol",
+        "1e-12",
+        "--max-iter",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("warning: not converged after 3"),
+        "{}",
+        stderr(&o)
+    );
+}

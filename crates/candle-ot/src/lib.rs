@@ -85,6 +85,7 @@ pub mod error;
 pub mod free_support;
 pub mod images;
 pub mod kernel_loss;
+pub mod loss;
 mod multiscale;
 pub mod options;
 pub mod plan;

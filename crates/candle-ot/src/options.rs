@@ -40,8 +40,9 @@ impl Loss {
 
 impl std::str::FromStr for Loss {
     type Err = candle_core::Error;
+    /// GeomLoss's names, case-insensitive (`"Sinkhorn"`, `"SINKHORN"`).
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
+        Ok(match s.to_ascii_lowercase().as_str() {
             "sinkhorn" => Loss::Sinkhorn,
             "hausdorff" => Loss::Hausdorff,
             "energy" => Loss::Energy,
@@ -56,6 +57,13 @@ impl std::str::FromStr for Loss {
                 )
             }
         })
+    }
+}
+
+impl std::fmt::Display for Loss {
+    /// GeomLoss's name (`sinkhorn`, …), which `parse` reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -79,10 +87,30 @@ pub enum Backend {
     Multiscale,
 }
 
+impl Backend {
+    /// The backend's name (`auto`, `tensorized`, `online`, `multiscale`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Tensorized => "tensorized",
+            Backend::Online => "online",
+            Backend::Multiscale => "multiscale",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    /// The backend's name, which `parse` reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Backend {
     type Err = candle_core::Error;
+    /// The backend's name, case-insensitive.
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
+        Ok(match s.to_ascii_lowercase().as_str() {
             "auto" => Backend::Auto,
             "tensorized" => Backend::Tensorized,
             "online" => Backend::Online,

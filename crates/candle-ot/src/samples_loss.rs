@@ -37,6 +37,14 @@ pub struct SamplesLoss {
     opts: SamplesLossOptions,
 }
 
+impl Default for SamplesLoss {
+    /// GeomLoss's `SamplesLoss()`: the debiased Sinkhorn divergence, p = 2, blur 0.05,
+    /// scaling 0.5, backend `Auto`.
+    fn default() -> Self {
+        Self::from_options_unchecked(SamplesLossOptions::default())
+    }
+}
+
 /// Everything [`SamplesLoss::solve`] computes. Tensors have no batch axis when the inputs
 /// had none.
 #[derive(Clone, Debug)]
