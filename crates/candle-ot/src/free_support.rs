@@ -95,7 +95,7 @@ pub struct Cloud<'a> {
 /// let x1 = Tensor::rand(0f32, 1., (200, 2), &dev)?; // (N1, D)
 /// let x2 = (Tensor::rand(0f32, 1., (300, 2), &dev)? + 2.0)?; // (N2, D)
 /// let loss = SamplesLoss::builder(Loss::Sinkhorn).blur(0.05).build()?;
-/// let bary = FreeSupportBarycenter::new(loss)?;
+/// let bary = FreeSupportBarycenter::new(loss)?.max_iter(5)?; // at most 5 iterations
 /// let z0 = Tensor::rand(0f32, 1., (100, 2), &dev)?; // (M, D)
 /// let clouds = [Cloud { x: &x1, a: None }, Cloud { x: &x2, a: None }];
 /// let sol = bary.solve(&clouds, &[0.5, 0.5], &z0, None)?;
