@@ -144,6 +144,7 @@ use candle_core::{DType, Result, Tensor};
 
 /// Options of [`ImagesBarycenter`], GeomLoss's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ImagesBarycenterOptions {
     /// Grid dimension: 2 (images) or 3 (volumes); the last `dims` axes of the measures.
     pub dims: usize,

@@ -69,6 +69,7 @@ use candle_core::{DType, Result, Tensor};
 
 /// Options of [`ImagesLoss`], GeomLoss's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ImagesLossOptions {
     /// Grid dimension: 2 (images) or 3 (volumes); the last `dims` axes of the densities.
     pub dims: usize,

@@ -6,6 +6,8 @@ use candle_core::Result;
 
 /// Which loss [`crate::SamplesLoss`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Loss {
     /// The Sinkhorn divergence `S_ε` (debiased, the default) or the raw `OT_ε`.
     #[default]
@@ -69,6 +71,8 @@ impl std::fmt::Display for Loss {
 
 /// How the reductions over all pairs (x_i, y_j) are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Backend {
     /// Picks `Online` where its kernels are compiled in, else `Tensorized`; on the CPU and on
     /// CUDA, `Multiscale` for the Sinkhorn loss in f32 with no `tol`, D ≤ 3 and `B·N·M` at
@@ -127,6 +131,7 @@ impl std::str::FromStr for Backend {
 
 /// The validated options of a [`crate::SamplesLoss`].
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SamplesLossOptions {
     /// The loss.
     pub loss: Loss,

@@ -438,7 +438,8 @@ impl PointSoftmin for BlockSparse {
 
 /// GeomLoss's jump index: the iteration after which the loop moves to the points, i.e. the
 /// last ε before the first ε of `eps_list[2..]` below `cluster_scale^p`
-/// (`len − 1` when there is none).
+/// (`len − 1` when there is none). Internal, hidden from the API docs.
+#[doc(hidden)]
 pub fn jump_index(eps_list: &[f64], cluster_scale: f64, p: u32) -> usize {
     let cp = cluster_scale.powi(p as i32);
     for (i, &eps) in eps_list.iter().enumerate().skip(2) {

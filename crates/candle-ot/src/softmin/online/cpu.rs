@@ -558,10 +558,12 @@ pub(crate) fn softmin<T: Real>(
 // roofline
 // ---------------------------------------------------------------------------------------
 
-/// The instruction mix of the roofline micro-benchmark ([`roofline`]).
+/// The instruction mix of the roofline micro-benchmark ([`roofline`]). Internal: used by the
+/// `roofline` example and `docs/performance.md`, hidden from the API docs.
+#[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RooflineMix {
-    /// The mix, per pair: the distance (D subtractions and D multiply-adds), the
+    /// The softmin's mix, per pair: the distance (D subtractions and D multiply-adds), the
     /// exponent `z = h − C/ε` (one FMA), the running max, the exponential, the accumulate.
     Distance,
     /// The mix of the softmin kernel's squared-Euclidean path: the exponent `z = H + X·Y`
@@ -660,7 +662,8 @@ fn roofline_dist_body<T: Real, const F: bool>(
 /// columns held in L1, with none of the kernel's memory traffic (no stored exponents, no
 /// tiles, no rescale). Runs about `n × m` pairs (`n` rounded up to blocks, `m` to
 /// `ROOF_COLS`) over the thread pool, on the instruction set of [`simd_level`]. Returns
-/// `(pairs run, checksum)`.
+/// `(pairs run, checksum)`. Internal (benchmarks), hidden from the API docs.
+#[doc(hidden)]
 pub fn roofline(
     mix: RooflineMix,
     dtype: candle_core::DType,
