@@ -267,12 +267,14 @@ pub struct ImagesBarycenter {
     opts: ImagesBarycenterOptions,
 }
 
-/// The checked inputs: batch size, number of measures, grid and compute dtype.
+/// The checked inputs: batch size, number of measures, grid, compute dtype and the mass of
+/// every measure (B·K, batch-major).
 struct Checked {
     b: usize,
     k: usize,
     grid: Vec<usize>,
     dtype: DType,
+    masses: Vec<f64>,
 }
 
 impl ImagesBarycenter {
@@ -334,7 +336,7 @@ impl ImagesBarycenter {
             return Err(OtError::NonFinite { name: "weights" }.into());
         }
         let grid = measures.dims()[2..].to_vec();
-        density_masses("measures", measures, b * k, |i| {
+        let masses = density_masses("measures", measures, b * k, |i| {
             format!(
                 "measure {} of batch item {} sums to 0: every measure needs mass",
                 i % k,
@@ -364,7 +366,13 @@ impl ImagesBarycenter {
                 .into());
             }
         }
-        Ok(Checked { b, k, grid, dtype })
+        Ok(Checked {
+            b,
+            k,
+            grid,
+            dtype,
+            masses,
+        })
     }
 
     /// GeomLoss's `ImagesBarycenter(measures, weights)` (module docs): the barycenter of the
@@ -391,10 +399,9 @@ impl ImagesBarycenter {
     pub fn solve(&self, measures: &Tensor, weights: &Tensor) -> Result<ImagesBarycenterSolution> {
         let o = &self.opts;
         let c = self.check(measures, weights)?;
-        let masses = density_masses("measures", measures, c.b * c.k, |_| String::new())?;
         let n: usize = c.grid.iter().product();
         let rel = 1e-5 + n as f64 * unit_roundoff(measures.dtype());
-        for (i, m) in masses.chunks(c.k).enumerate() {
+        for (i, m) in c.masses.chunks(c.k).enumerate() {
             let (lo, hi) = m
                 .iter()
                 .fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
@@ -413,15 +420,12 @@ impl ImagesBarycenter {
         let eps = run.eps;
         let cost = &run.cost;
         let (b, k) = (c.b, c.k);
-        let mut full = vec![b * k];
-        full.extend_from_slice(&c.grid);
-        let a = measures.detach().to_dtype(c.dtype)?.reshape(full.clone())?; // (B·K, grid…)
-        let w = weights.detach().to_dtype(c.dtype)?.reshape((b, k, 1))?; // (B, K, 1)
+        let (a, w) = (&run.a, &run.w); // (B·K, grid…), (B, K, 1)
         let it = Janati {
             cost,
             eps,
             log_a: &a.log()?,
-            w: &w,
+            w,
             b,
             k,
         };
@@ -441,7 +445,7 @@ impl ImagesBarycenter {
         while diag.iterations < o.max_iter {
             let s = it.lse(&lv)?; // log K v_k
             let err_a = match &lu {
-                Some(lu) => it.mass_error(&a, &(lu + &s)?, b * k)?,
+                Some(lu) => it.mass_error(a, &(lu + &s)?, b * k)?,
                 None => f64::INFINITY,
             };
             let (lv2, ld2, lu2, bl, err_d) = it.step(&s, &ld)?;
@@ -457,7 +461,7 @@ impl ImagesBarycenter {
         let tracked = measures.track_op() || weights.track_op();
         if tracked && o.backward_iterations > 0 {
             // Unrolled from the converged (detached) state with the inputs attached.
-            let a = measures.to_dtype(c.dtype)?.reshape(full)?;
+            let a = measures.to_dtype(c.dtype)?.reshape(a.shape())?;
             let pos = a.gt(0.0)?;
             let tiny = Tensor::full(f64::MIN_POSITIVE, a.shape(), a.device())?.to_dtype(c.dtype)?;
             let ninf = Tensor::full(f64::NEG_INFINITY, a.shape(), a.device())?.to_dtype(c.dtype)?;
@@ -489,8 +493,7 @@ impl ImagesBarycenter {
     /// iteration.
     fn schedule(&self, measures: &Tensor, weights: &Tensor, c: &Checked) -> Result<Schedule> {
         let o = &self.opts;
-        let Checked { b, k, grid, dtype } = c;
-        let (b, k, dtype) = (*b, *k, *dtype);
+        let (b, k, grid, dtype) = (c.b, c.k, &c.grid, c.dtype);
         let dev = measures.device();
         let mut full = vec![b * k];
         full.extend_from_slice(grid);
@@ -548,6 +551,8 @@ impl ImagesBarycenter {
         }
         let bar_log = bar_log.expect("scaling_n >= 1 runs at least one iteration");
         Ok(Schedule {
+            a,
+            w,
             f,
             d_log,
             bar_log,
@@ -588,8 +593,10 @@ pub struct BarycenterDiagnostics {
     pub blur: f64,
 }
 
-/// The state after GeomLoss's schedule on the finest level.
+/// The state after GeomLoss's schedule on the finest level, and its detached inputs.
 struct Schedule {
+    a: Tensor,       // (B·K, grid…): the measures in the compute dtype
+    w: Tensor,       // (B, K, 1): the weights
     f: Tensor,       // (B·K, grid…): potentials on the barycenter's side
     d_log: Tensor,   // (B, grid…)
     bar_log: Tensor, // (B, grid…)
@@ -615,11 +622,8 @@ impl Janati<'_> {
         Grid.softmin(self.eps, self.cost, h)? / -self.eps
     }
 
-    /// `t` (B, grid…) broadcast over the K measures and added to `u` (B·K, grid…).
     fn per_measure(&self, t: &Tensor, u: &Tensor) -> Result<Tensor> {
-        u.reshape((self.b, self.k, ()))?
-            .broadcast_add(&t.reshape((self.b, 1, ()))?)?
-            .reshape(u.dims())
+        per_measure(t, u, self.b, self.k)
     }
 
     /// `max` over the `rows` rows of `Σ_i |a_i − exp(l_i)|`.
@@ -639,13 +643,7 @@ impl Janati<'_> {
         let (b, k) = (self.b, self.k);
         let lu = (self.log_a - s)?; // (B·K, grid…)
         let lktu = self.lse(&lu)?; // log Kᵀu_k
-        let gshape = ld.dims().to_vec();
-        let weighted = lktu
-            .reshape((b, k, ()))?
-            .broadcast_mul(self.w)?
-            .sum(1)?
-            .reshape(gshape.as_slice())?; // (B, grid…)
-        let bar_log = (ld + weighted)?;
+        let bar_log = (ld + weighted_sum(&lktu, self.w, b, k)?)?; // (B, grid…)
         let kd = self.lse(ld)?; // log K d
         let err_d = self.mass_error(&bar_log.exp()?, &(ld + &kd)?, b)?;
         let lv = self.per_measure(&bar_log, &lktu.neg()?)?;
@@ -668,15 +666,8 @@ impl Iteration<'_> {
         Grid.softmin_no_grad(eps, self.cost, h)
     }
 
-    /// `Σ_k w_k t_k` for `t` (B·K, grid…): (B, grid…).
     fn weighted(&self, t: &Tensor) -> Result<Tensor> {
-        let shape = t.dims()[1..].to_vec();
-        let mut out = vec![self.b];
-        out.extend_from_slice(&shape);
-        t.reshape((self.b, self.k, ()))?
-            .broadcast_mul(self.w)?
-            .sum(1)?
-            .reshape(out)
+        weighted_sum(t, self.w, self.b, self.k)
     }
 
     /// GeomLoss's `barycenter_iteration` (module docs): the new `f_k`, `g_k`, `log d` and
@@ -694,10 +685,7 @@ impl Iteration<'_> {
         let ft = self.smin(eps, &(self.ak_log + (g / eps)?)?)?;
         let bar_log = (d_log - self.weighted(&(&ft / eps)?)?)?;
         // From the barycenter to the measures: log β broadcast over the K measures.
-        let h = (f / eps)?
-            .reshape((b, k, ()))?
-            .broadcast_add(&bar_log.reshape((b, 1, ()))?)?
-            .reshape(f.dims())?;
+        let h = per_measure(&bar_log, &(f / eps)?, b, k)?;
         let gt = self.smin(eps, &h)?;
         let f = ((f + ft)? / 2.0)?;
         let g = ((g + gt)? / 2.0)?;
@@ -706,4 +694,21 @@ impl Iteration<'_> {
         let d_log = (((d_log + &bar_log)? + (self.smin(eps, d_log)? / eps)?)? * 0.5)?;
         Ok((f, g, d_log, bar_log))
     }
+}
+
+/// `Σ_k w_k t_k` for `t` (B·K, grid…) and `w` (B, K, 1): (B, grid…).
+fn weighted_sum(t: &Tensor, w: &Tensor, b: usize, k: usize) -> Result<Tensor> {
+    let mut out = vec![b];
+    out.extend_from_slice(&t.dims()[1..]);
+    t.reshape((b, k, ()))?
+        .broadcast_mul(w)?
+        .sum(1)?
+        .reshape(out)
+}
+
+/// `t` (B, grid…) broadcast over the K measures and added to `u` (B·K, grid…).
+fn per_measure(t: &Tensor, u: &Tensor, b: usize, k: usize) -> Result<Tensor> {
+    u.reshape((b, k, ()))?
+        .broadcast_add(&t.reshape((b, 1, ()))?)?
+        .reshape(u.dims())
 }

@@ -6,17 +6,7 @@ use candle_core::{Result, Tensor};
 /// The diameter of `x ∪ y`: the Euclidean length of the diagonal of their common bounding box,
 /// over all batch items together (GeomLoss's `max_diameter`). x (.., D), y (.., D).
 pub fn estimate_diameter(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let pts = Tensor::cat(&[x.reshape(((), d))?, y.reshape(((), d))?], 0)?; // (B·N + B·M, D)
-    let pts = pts.detach().to_dtype(candle_core::DType::F64)?;
-    let lo = pts.min(0)?.to_vec1::<f64>()?;
-    let hi = pts.max(0)?.to_vec1::<f64>()?;
-    Ok(lo
-        .iter()
-        .zip(&hi)
-        .map(|(l, h)| (h - l) * (h - l))
-        .sum::<f64>()
-        .sqrt())
+    box_diagonal(&points(x, y)?, None)
 }
 
 /// The diameter of the points of `x ∪ y` with positive weight: [`estimate_diameter`] over the
@@ -25,21 +15,33 @@ pub fn estimate_diameter(x: &Tensor, y: &Tensor) -> Result<f64> {
 /// x (B, N, D), a (B, N), y (B, M, D), b (B, M). Every batch item has a positive weight
 /// (checked by the caller), so the box is never empty.
 pub fn estimate_diameter_weighted(x: &Tensor, a: &Tensor, y: &Tensor, b: &Tensor) -> Result<f64> {
+    let w = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    box_diagonal(&points(x, y)?, Some(&w.detach().gt(0.0)?))
+}
+
+/// The points of x and y stacked, detached, in f64: (B·N + B·M, D).
+fn points(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
-    let f64_ = candle_core::DType::F64;
-    let pts = Tensor::cat(&[x.reshape(((), d))?, y.reshape(((), d))?], 0)?
+    Tensor::cat(&[x.reshape(((), d))?, y.reshape(((), d))?], 0)?
         .detach()
-        .to_dtype(f64_)?; // (B·N + B·M, D)
-    let w = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?
-        .detach()
-        .to_dtype(f64_)?;
-    let keep = w.gt(0.0)?.unsqueeze(1)?.broadcast_as(pts.shape())?; // (P, D)
-    let inf = Tensor::full(f64::INFINITY, pts.shape(), pts.device())?;
-    let lo = keep.where_cond(&pts, &inf)?.min(0)?.to_vec1::<f64>()?;
-    let hi = keep
-        .where_cond(&pts, &inf.neg()?)?
-        .max(0)?
-        .to_vec1::<f64>()?;
+        .to_dtype(candle_core::DType::F64)
+}
+
+/// The diagonal of the bounding box of `pts` (P, D), over the rows where `keep` (P,) is
+/// nonzero (all rows without it).
+fn box_diagonal(pts: &Tensor, keep: Option<&Tensor>) -> Result<f64> {
+    let (lo, hi) = match keep {
+        None => (pts.min(0)?, pts.max(0)?),
+        Some(keep) => {
+            let keep = keep.unsqueeze(1)?.broadcast_as(pts.shape())?; // (P, D)
+            let inf = Tensor::full(f64::INFINITY, pts.shape(), pts.device())?;
+            (
+                keep.where_cond(pts, &inf)?.min(0)?,
+                keep.where_cond(pts, &inf.neg()?)?.max(0)?,
+            )
+        }
+    };
+    let (lo, hi) = (lo.to_vec1::<f64>()?, hi.to_vec1::<f64>()?);
     Ok(lo
         .iter()
         .zip(&hi)
