@@ -271,18 +271,15 @@ fn run(args: &Args) -> Result<()> {
 mod tests {
     #[test]
     fn quick_run_writes_the_figures() -> anyhow::Result<()> {
-        let dir = candle_ot_examples::test_out("epsilon_scaling");
-        super::run(&candle_ot_examples::Args::with(dir.clone(), true)?)?;
-        for f in [
-            "0.5_debias_off",
-            "0.5_debias_on",
-            "0.7_debias_off",
-            "0.7_debias_on",
-        ] {
-            let path = dir.join(format!("eps_scaling_{f}.png"));
-            assert!(path.metadata()?.len() > 1000, "{}", path.display());
-        }
-        std::fs::remove_dir_all(dir)?;
-        Ok(())
+        candle_ot_examples::quick_run_writes(
+            "epsilon_scaling",
+            &[
+                "eps_scaling_0.5_debias_off",
+                "eps_scaling_0.5_debias_on",
+                "eps_scaling_0.7_debias_off",
+                "eps_scaling_0.7_debias_on",
+            ],
+            super::run,
+        )
     }
 }

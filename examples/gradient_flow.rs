@@ -216,13 +216,10 @@ fn run(args: &Args) -> Result<()> {
 mod tests {
     #[test]
     fn quick_run_writes_the_figures() -> anyhow::Result<()> {
-        let dir = candle_ot_examples::test_out("gradient_flow");
-        super::run(&candle_ot_examples::Args::with(dir.clone(), true)?)?;
-        for f in ["gradient_flow", "flow_sinkhorn_0.01", "flow_energy"] {
-            let path = dir.join(format!("{f}.png"));
-            assert!(path.metadata()?.len() > 1000, "{}", path.display());
-        }
-        std::fs::remove_dir_all(dir)?;
-        Ok(())
+        candle_ot_examples::quick_run_writes(
+            "gradient_flow",
+            &["gradient_flow", "flow_sinkhorn_0.01", "flow_energy"],
+            super::run,
+        )
     }
 }

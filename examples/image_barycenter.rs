@@ -418,14 +418,11 @@ fn run(args: &Args) -> Result<()> {
 mod tests {
     #[test]
     fn quick_run_writes_the_figures() -> anyhow::Result<()> {
-        let dir = candle_ot_examples::test_out("image_barycenter");
-        super::run(&candle_ot_examples::Args::with(dir.clone(), true)?)?;
-        for f in ["image_barycenter_square", "image_barycenter_modes"] {
-            let path = dir.join(format!("{f}.png"));
-            assert!(path.metadata()?.len() > 1000, "{}", path.display());
-        }
-        std::fs::remove_dir_all(dir)?;
-        Ok(())
+        candle_ot_examples::quick_run_writes(
+            "image_barycenter",
+            &["image_barycenter_square", "image_barycenter_modes"],
+            super::run,
+        )
     }
 
     #[test]

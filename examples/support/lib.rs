@@ -119,6 +119,24 @@ pub fn test_out(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("candle-ot-examples-{name}-{}", std::process::id()))
 }
 
+/// The examples' smoke test: runs `run` with `--quick` into a scratch folder, checks that each
+/// of `figures` (file stems, `.png` added) was written with more than 1000 bytes, then removes
+/// the folder.
+pub fn quick_run_writes(
+    name: &str,
+    figures: &[&str],
+    run: impl FnOnce(&Args) -> Result<()>,
+) -> Result<()> {
+    let dir = test_out(name);
+    run(&Args::with(dir.clone(), true)?)?;
+    for f in figures {
+        let path = dir.join(format!("{f}.png"));
+        assert!(path.metadata()?.len() > 1000, "{}", path.display());
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
 /// Registers DejaVu Sans (shipped in `assets/`, see `assets/DejaVuSans-LICENSE.txt`) as
 /// plotters' `sans-serif` family, so that text renders without fontconfig or system fonts.
 pub fn register_font() -> Result<()> {
