@@ -757,3 +757,35 @@ fn distance_takes_weights_and_max_iter() {
         stderr(&o)
     );
 }
+
+/// GeomLoss's fixed schedule says on stderr that its value may be far from the converged one;
+/// a converged `--tol` run says nothing (#17, item 3).
+#[test]
+fn distance_warns_about_the_fixed_schedule() {
+    let s = Scratch::new("distance-accuracy");
+    let px = s.path("x.csv");
+    let py = s.path("y.csv");
+    std::fs::write(&px, "0\n1\n3\n").unwrap();
+    std::fs::write(&py, "0.5\n2\n").unwrap();
+    let (x, y) = (px.to_str().unwrap(), py.to_str().unwrap());
+    let o = run(&["distance", x, y, "--blur", "0.1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("warning: the value comes from GeomLoss's fixed ε schedule"),
+        "{e}"
+    );
+    let o = run(&[
+        "distance",
+        x,
+        y,
+        "--blur",
+        "0.1",
+        "--tol",
+        "1e-9",
+        "--max-iter",
+        "100000",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "a converged run is silent");
+}

@@ -106,5 +106,7 @@ pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolutio
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
 pub use samples_loss::{SamplesLoss, Solution};
-pub use sinkhorn::{DualPotentials, SinkhornDiagnostics};
+pub use sinkhorn::{
+    DualPotentials, SinkhornDiagnostics, ValueErrorBound, ACCURACY_WARNING_THRESHOLD,
+};
 pub use threads::{num_threads, set_num_threads};

@@ -1,7 +1,7 @@
 //! The public front: shapes, weights, dtypes, batches, backend choice.
 
 use crate::cost::{CostKind, KernelKind};
-use crate::divergence::{sinkhorn_cost, sinkhorn_potentials};
+use crate::divergence::{converged_value_interval, sinkhorn_cost, sinkhorn_potentials};
 use crate::error::OtError;
 use crate::kernel_loss::{hausdorff_loss, kernel_loss};
 use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
@@ -9,7 +9,7 @@ use crate::plan::TransportPlan;
 use crate::schedule::{
     epsilon_schedule, estimate_diameter, estimate_diameter_weighted, schedule_len, MAX_SCHEDULE_LEN,
 };
-use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
+use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics, ValueErrorBound};
 use crate::softmin::multiscale::{
     self, cluster::default_cluster_scale, MultiscaleDiagnostics, MultiscaleParams,
 };
@@ -74,6 +74,9 @@ pub struct Solution {
     /// other backends.
     pub multiscale: Option<MultiscaleDiagnostics>,
     plan: Option<TransportPlan>,
+    /// `C_max = diameter^p / p` over the points of positive weight, for the value certificate
+    /// (balanced Sinkhorn only).
+    c_max: Option<f64>,
 }
 
 /// The size `B·N·M` from which `Backend::Auto` takes the multiscale backend on the CPU (with
@@ -526,6 +529,7 @@ impl SamplesLoss {
             diagnostics,
             multiscale: None,
             plan: None,
+            c_max: None,
         };
         match o.loss {
             Loss::Sinkhorn => {
@@ -627,6 +631,19 @@ impl SamplesLoss {
                     g_ab: pot.g_ab.detach(),
                     batched: p.batched,
                 });
+                if rho.is_none() {
+                    sol.c_max = Some(p.diameter.powf(o.p as f64) / o.p as f64);
+                }
+                if o.tol.is_some() {
+                    // With tol the six certifying passes are cheap next to the iterations.
+                    let bound = sol.value_error_bound_batched(true)?;
+                    if let Some(d) = sol.diagnostics.as_mut() {
+                        d.value_error_bound = bound;
+                    }
+                }
+                if let Some(w) = sol.diagnostics.as_ref().and_then(|d| d.accuracy_warning()) {
+                    warn_rate_limited(&w);
+                }
                 Ok(sol)
             }
             Loss::Hausdorff => {
@@ -653,6 +670,31 @@ impl SamplesLoss {
                 Ok(solution(loss, f, g, None, None))
             }
         }
+    }
+}
+
+/// The bound of [`ValueErrorBound`] from the values (B,) and the certified intervals.
+fn value_error_bound(values: &[f64], interval: &[(f64, f64)]) -> ValueErrorBound {
+    let (mut absolute, mut relative) = (0.0f64, 0.0f64);
+    for (v, (lo, hi)) in values.iter().zip(interval) {
+        let e = (v - lo).abs().max((hi - v).abs());
+        let e = if e.is_nan() { f64::INFINITY } else { e };
+        absolute = absolute.max(e);
+        relative = relative.max(if e == 0.0 { 0.0 } else { e / v.abs() });
+    }
+    ValueErrorBound { absolute, relative }
+}
+
+/// Emits an accuracy warning through `tracing`: the first one of the process at `WARN`, the
+/// next ones at `DEBUG`, as Python's `warnings` shows a warning once per location (a training
+/// loop would otherwise repeat it every step). [`SinkhornDiagnostics::accuracy_warning`] gives
+/// it for every call.
+fn warn_rate_limited(msg: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!(target: "candle_ot", "{msg}");
+    } else {
+        tracing::warn!(target: "candle_ot", "{msg} (later warnings of this kind are logged at DEBUG level)");
     }
 }
 
@@ -709,6 +751,55 @@ impl Solution {
         self.plan.as_ref().ok_or_else(|| {
             OtError::Unsupported("a transport plan exists for the sinkhorn loss only".into()).into()
         })
+    }
+
+    /// A certified bound on how far [`Solution::loss`] may be from the converged divergence
+    /// (balanced Sinkhorn only; `None` otherwise): see [`ValueErrorBound`] for the interval and
+    /// its proof. It costs six exact softmin passes over all pairs (two per OT term, on the
+    /// online backend for a multiscale solve). With `tol`, [`SinkhornDiagnostics`] already
+    /// holds it; with GeomLoss's fixed schedule it is computed only here, on demand.
+    pub fn value_error_bound(&self) -> Result<Option<ValueErrorBound>> {
+        if let Some(b) = self.diagnostics.as_ref().and_then(|d| d.value_error_bound) {
+            return Ok(Some(b));
+        }
+        let batched = self.plan.as_ref().is_none_or(|p| p.batched);
+        self.value_error_bound_batched(batched)
+    }
+
+    /// [`Solution::value_error_bound`]; `batched`: whether the loss and potentials have their
+    /// batch axis (inside `run_with` they always do).
+    fn value_error_bound_batched(&self, batched: bool) -> Result<Option<ValueErrorBound>> {
+        let (Some(c_max), Some(plan)) = (self.c_max, self.plan.as_ref()) else {
+            return Ok(None);
+        };
+        let batch = |t: &Tensor| {
+            if batched {
+                Ok(t.clone())
+            } else {
+                t.unsqueeze(0)
+            }
+        };
+        let loss = batch(&self.loss)?;
+        let batch = |t: &Option<Tensor>| t.as_ref().map(batch).transpose();
+        let pot = crate::sinkhorn::DualPotentials {
+            f_ba: plan.f_ba.clone(),
+            g_ab: plan.g_ab.clone(),
+            f_aa: batch(&self.f_aa)?,
+            g_bb: batch(&self.g_bb)?,
+        };
+        let (xa, yb) = ((&plan.x, &plan.log_a), (&plan.y, &plan.log_b));
+        let interval = match plan.backend {
+            Backend::Tensorized => {
+                let t = Tensorized { cost: plan.cost };
+                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot)?
+            }
+            _ => {
+                let t = Online { cost: plan.cost };
+                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot)?
+            }
+        };
+        let values = loss.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(Some(value_error_bound(&values, &interval)))
     }
 
     /// Soft transfer of values through the plan:
