@@ -239,6 +239,77 @@ test_device!(
     sinkhorn_converged_directional_fd_metal
 );
 
+/// Relative agreement of the exact Hausdorff gradient and finite differences (one-sided at a
+/// zero weight, hence looser than the kernel losses' central differences).
+const TOL_FD_HAUSDORFF: f64 = 1e-5;
+
+/// Hausdorff with `exact_hausdorff_gradient`: every partial derivative (a, x, b, y) against
+/// finite differences of the value, for p ∈ {1, 2}, balanced and with a reach, with a zero
+/// weight in a (forward differences there: weights must stay ≥ 0). GeomLoss's gradient (the
+/// default) is far from them: issue #17, item 4.
+fn hausdorff_exact_gradient_fd(dev: &Device) -> Result<()> {
+    if !dtype_supported(DType::F64, dev) {
+        return Ok(());
+    }
+    let mut failures = vec![];
+    let mut d0 = data(5, 1.0, 1.0)?;
+    d0.a[3] = 0.0; // a point of zero weight
+    for backend in BACKENDS {
+        if !backend_ok(backend, dev) {
+            continue;
+        }
+        for (p, blur, reach) in [(2, 0.3, None), (2, 0.1, Some(0.5)), (1, 0.2, None)] {
+            let builder = SamplesLoss::builder(Loss::Hausdorff)
+                .p(p)
+                .blur(blur)
+                .reach(reach)
+                .backend(backend);
+            let loss = builder.clone().exact_hausdorff_gradient(true).build()?;
+            let geomloss = builder.build()?;
+            let (v, mut ad) = value_and_grads(&loss, &d0, dev)?;
+            let (v_geomloss, mut gd) = value_and_grads(&geomloss, &d0, dev)?;
+            assert_eq!(v, v_geomloss, "the option changes the gradient only");
+            for (k, fname) in FIELDS.iter().enumerate() {
+                let base = field(&mut d0.clone(), k).clone();
+                let mut fd = vec![0.0; base.len()];
+                for (i, out) in fd.iter_mut().enumerate() {
+                    let mut dp = d0.clone();
+                    field(&mut dp, k)[i] += FD_STEP;
+                    let mut dm = d0.clone();
+                    let one_sided = (k == 0 || k == 2) && base[i] < FD_STEP;
+                    if !one_sided {
+                        field(&mut dm, k)[i] -= FD_STEP;
+                    }
+                    let h = if one_sided { FD_STEP } else { 2.0 * FD_STEP };
+                    *out = (value(&loss, &dp, dev)? - value(&loss, &dm, dev)?) / h;
+                }
+                let err = rel_err_vec(field(&mut ad, k), &fd);
+                if err.is_nan() || err > TOL_FD_HAUSDORFF {
+                    failures.push(format!(
+                        "p={p} reach={reach:?} {backend:?} grad_{fname}: rel err {err:.3e} > {TOL_FD_HAUSDORFF:.0e}"
+                    ));
+                }
+                // GeomLoss's gradient is not the derivative of the value.
+                let err_geomloss = rel_err_vec(field(&mut gd, k), &fd);
+                if err_geomloss < 0.05 {
+                    failures.push(format!(
+                        "p={p} reach={reach:?} {backend:?} grad_{fname}: GeomLoss's gradient agrees ({err_geomloss:.3e}): the test cannot tell them apart"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+test_device!(
+    hausdorff_exact_gradient_fd,
+    hausdorff_exact_gradient_fd_cpu,
+    hausdorff_exact_gradient_fd_cuda,
+    hausdorff_exact_gradient_fd_metal
+);
+
 /// Dense f64 Hausdorff divergence (see the module docs of `kernel_loss`).
 fn dense_hausdorff(p: u32, blur: f64, reach: Option<f64>, d: &Data) -> f64 {
     let eps = blur.powi(p as i32);

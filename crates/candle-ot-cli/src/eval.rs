@@ -107,6 +107,13 @@ pub fn parse_params(params: Option<&str>) -> Result<SamplesLossOptions> {
         }
         o.reach = json_f64(&v, "reach")?;
     }
+    if o.loss == Loss::Hausdorff {
+        if let Some(e) = v.get("exact_hausdorff_gradient").filter(|e| !e.is_null()) {
+            o.exact_hausdorff_gradient = e.as_bool().ok_or_else(|| {
+                anyhow!("params.exact_hausdorff_gradient must be true or false, got {e}")
+            })?;
+        }
+    }
     if o.loss == Loss::Sinkhorn {
         o.diameter = json_f64(&v, "diameter")?;
         if let Some(s) = json_f64(&v, "scaling")? {

@@ -161,6 +161,12 @@ pub struct SamplesLossOptions {
     pub tol: Option<f64>,
     /// The most extra iterations `tol` may take. Default 1000.
     pub max_iter: usize,
+    /// Hausdorff only: differentiate the value exactly (in x, y, a and b) instead of
+    /// GeomLoss's gradient, which flows through each softmin's rows only and is not the
+    /// derivative of the value (83 % off in x on a 30-point case). Costs four more softmin
+    /// passes. Default `false` (GeomLoss's).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub exact_hausdorff_gradient: bool,
 }
 
 impl Default for SamplesLossOptions {
@@ -178,6 +184,7 @@ impl Default for SamplesLossOptions {
             backend: Backend::Auto,
             tol: None,
             max_iter: 1000,
+            exact_hausdorff_gradient: false,
         }
     }
 }
@@ -263,6 +270,12 @@ impl SamplesLossOptions {
                 ));
             }
         }
+        if self.exact_hausdorff_gradient && self.loss != Loss::Hausdorff {
+            out.push((
+                "exact_hausdorff_gradient",
+                format!("exact_hausdorff_gradient is ignored: it applies to the hausdorff loss, not to {name}"),
+            ));
+        }
         out
     }
 
@@ -339,6 +352,12 @@ impl SamplesLossBuilder {
         self.opts.tol = tol.into();
         self
     }
+    /// See [`SamplesLossOptions::exact_hausdorff_gradient`].
+    pub fn exact_hausdorff_gradient(mut self, exact: bool) -> Self {
+        self.opts.exact_hausdorff_gradient = exact;
+        self
+    }
+
     /// The most extra iterations for `tol` (default 1000).
     pub fn max_iter(mut self, max_iter: usize) -> Self {
         self.opts.max_iter = max_iter;

@@ -651,6 +651,7 @@ impl SamplesLoss {
                     backend,
                     eps,
                     rho,
+                    o.exact_hausdorff_gradient,
                     &p.a,
                     &p.x,
                     &log(&p.a)?,
