@@ -105,7 +105,7 @@ pub use free_support::{Cloud, FreeSupportBarycenter, FreeSupportDiagnostics, Fre
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
-pub use samples_loss::{SamplesLoss, Solution};
+pub use samples_loss::{SamplesLoss, Solution, F32_PROMOTION_EXPONENT};
 pub use sinkhorn::{
     DualPotentials, SinkhornDiagnostics, ValueErrorBound, ACCURACY_WARNING_THRESHOLD,
 };

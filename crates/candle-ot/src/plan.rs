@@ -34,6 +34,9 @@ pub struct TransportPlan {
     pub(crate) f_ba: Tensor,  // (B, N)
     pub(crate) g_ab: Tensor,  // (B, M)
     pub(crate) batched: bool,
+    /// The dtype of every output: the solve's own, or f32 for an f32 problem solved in f64
+    /// (see [`crate::samples_loss::F32_PROMOTION_EXPONENT`]).
+    pub(crate) out_dtype: candle_core::DType,
 }
 
 impl TransportPlan {
@@ -78,11 +81,8 @@ impl TransportPlan {
     }
 
     fn unbatch(&self, t: Tensor) -> Result<Tensor> {
-        if self.batched {
-            Ok(t)
-        } else {
-            t.squeeze(0)
-        }
+        let t = if self.batched { t } else { t.squeeze(0)? };
+        t.to_dtype(self.out_dtype)
     }
 
     /// $(\pi v)\_i = \sum_j \pi_{ij} v_j$: v (M, K) or (B, M, K) → (N, K) or (B, N, K).

@@ -73,6 +73,9 @@ pub struct Solution {
     /// What the multiscale backend did (clusters, the jump, the kept blocks); `None` on the
     /// other backends.
     pub multiscale: Option<MultiscaleDiagnostics>,
+    /// The dtype the solve ran in: the inputs' (f32 for f16 / bf16), or f64 for an f32 problem
+    /// too ill-conditioned for f32 ([`F32_PROMOTION_EXPONENT`]; outputs are f32 all the same).
+    pub compute_dtype: DType,
     plan: Option<TransportPlan>,
     /// `C_max = diameter^p / p` over the points of positive weight, for the value certificate
     /// (balanced Sinkhorn only).
@@ -111,6 +114,9 @@ struct Prepared {
     y: Tensor, // (B, M, D)
     batched: bool,
     in_dtype: DType,
+    /// The dtype of the outputs (f32 for f16 / bf16 / f32 inputs): the solve runs in f64 when
+    /// an f32 problem is promoted ([`F32_PROMOTION_EXPONENT`]).
+    out_dtype: DType,
     /// The diameter of the points of x ∪ y with positive weight, over all batch items
     /// (estimated even when one is given).
     diameter: f64,
@@ -430,6 +436,7 @@ impl SamplesLoss {
             ))
             .into());
         }
+        let (a_given, b_given) = (a.is_some(), b.is_some());
         let a = weights(a, "a", n)?;
         let b = weights(b, "b", m)?;
         // The ε schedule and the cluster scale see the points of positive weight only: a
@@ -453,6 +460,27 @@ impl SamplesLoss {
                 }
             }
         }
+        // An f32 problem whose largest exponent (cost / ε, or the kernel's) is below 1 loses
+        // its digits in f32 (exp(−C/ε) ≈ 1 − tiny): solve it in f64 (#17, item 11).
+        let promote = dtype == DType::F32
+            && !x.device().is_metal()
+            && self.opts.largest_exponent(diameter) < F32_PROMOTION_EXPONENT;
+        let (a, x, b, y) = if promote {
+            // In this regime a mass error δ moves the value by ~εδ, far more than the value
+            // itself: uniform weights are rebuilt in f64, and for balanced Sinkhorn b is
+            // rescaled to a's mass (they agree within the rounding the mass check allows).
+            let f = |t: &Tensor| t.to_dtype(DType::F64);
+            let uniform = |k: usize| Tensor::full(1.0 / k as f64, (bx, k), x.device());
+            let a64 = if a_given { f(&a)? } else { uniform(n)? };
+            let mut b64 = if b_given { f(&b)? } else { uniform(m)? };
+            if self.opts.loss == Loss::Sinkhorn && self.opts.reach.is_none() {
+                let ratio = (a64.sum_keepdim(1)? / b64.sum_keepdim(1)?)?; // (B, 1)
+                b64 = b64.broadcast_mul(&ratio)?;
+            }
+            (a64, f(&x)?, b64, f(&y)?)
+        } else {
+            (a, x, b, y)
+        };
         Ok(Prepared {
             a,
             x,
@@ -460,6 +488,7 @@ impl SamplesLoss {
             y,
             batched,
             in_dtype,
+            out_dtype: dtype,
             diameter,
         })
     }
@@ -502,6 +531,13 @@ impl SamplesLoss {
         if sol.loss.dtype() != prep.in_dtype {
             sol.loss = sol.loss.to_dtype(prep.in_dtype)?;
         }
+        for t in [&mut sol.f, &mut sol.g].into_iter().chain(
+            [&mut sol.f_ba, &mut sol.g_ab, &mut sol.f_aa, &mut sol.g_bb]
+                .into_iter()
+                .flatten(),
+        ) {
+            *t = t.to_dtype(prep.out_dtype)?;
+        }
         Ok(sol)
     }
 
@@ -528,6 +564,7 @@ impl SamplesLoss {
             backend: resolved,
             diagnostics,
             multiscale: None,
+            compute_dtype: p.x.dtype(),
             plan: None,
             c_max: None,
         };
@@ -630,6 +667,7 @@ impl SamplesLoss {
                     f_ba: pot.f_ba.detach(),
                     g_ab: pot.g_ab.detach(),
                     batched: p.batched,
+                    out_dtype: p.out_dtype,
                 });
                 if rho.is_none() {
                     sol.c_max = Some(p.diameter.powf(o.p as f64) / o.p as f64);
@@ -670,6 +708,29 @@ impl SamplesLoss {
                 let (loss, f, g) = kernel_loss(backend, kind, o.blur, &p.a, &p.x, &p.b, &p.y)?;
                 Ok(solution(loss, f, g, None, None))
             }
+        }
+    }
+}
+
+/// f32 problems are solved in f64 when the largest exponent the loss forms is below this
+/// value: `diameter^p / (p ε)` for Sinkhorn and Hausdorff, `diameter² / (2σ²)` for the gaussian
+/// kernel, `diameter / σ` for the laplacian (the energy kernel has no scale). There every
+/// `exp(−C/ε)` is within a factor e of 1, the value lives in its deviations from 1, and f32
+/// keeps about `1e-7 / exponent` of it: measured 1e-5 to 1e-4 relative at an exponent of 0.06
+/// and every digit lost at 1e-5 (docs/reliability.md). Above it f32 stays within 1e-5 of f64.
+/// Not on Metal (no f64 there).
+pub const F32_PROMOTION_EXPONENT: f64 = 1.0;
+
+impl SamplesLossOptions {
+    /// The largest exponent the loss forms on data of this diameter (see
+    /// [`F32_PROMOTION_EXPONENT`]); ∞ for the energy kernel.
+    fn largest_exponent(&self, diameter: f64) -> f64 {
+        let pf = self.p as f64;
+        match self.loss {
+            Loss::Sinkhorn | Loss::Hausdorff => diameter.powf(pf) / pf / self.blur.powf(pf),
+            Loss::Gaussian => diameter * diameter / (2.0 * self.blur * self.blur),
+            Loss::Laplacian => diameter / self.blur,
+            Loss::Energy => f64::INFINITY,
         }
     }
 }
