@@ -12,10 +12,10 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_ot::images::ImagesLoss;
-use candle_ot::sinkhorn::{
-    sinkhorn_multilevel, CostSet, DualPotentials, Level, LoopParams, Multilevel, Refined,
-    SoftminLevel,
+use candle_ot::internals::{
+    sinkhorn_multilevel, CostSet, Level, Multilevel, Refined, SoftminLevel,
 };
+use candle_ot::sinkhorn::{DualPotentials, LoopParams};
 use candle_ot::softmin::grid::{self, GridCost};
 use candle_ot::softmin::Softmin;
 use candle_ot::{Loss, SamplesLoss};

@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_ot::softmin::multiscale::BlockSparse;
+use candle_ot::internals::BlockSparse;
 use candle_ot::softmin::{Online, PointSoftmin, Softmin};
 use candle_ot::{Backend, CostKind, Loss, SamplesLoss, SamplesLossBuilder, Solution};
 use common::{rel_err, rng, scalar, uniform};

@@ -1443,3 +1443,25 @@ fn display_parse_default_and_free_functions() -> Result<()> {
     );
     Ok(())
 }
+
+/// `SamplesLoss::with_target` is a Candle `Module` (#17, item 9): its forward equals
+/// `forward_weighted` against the target, and gradients flow into x, not into the target.
+#[test]
+fn target_loss_is_a_module() -> Result<()> {
+    use candle_core::Module;
+    let mut r = rng(9);
+    let x = candle_core::Var::from_tensor(&rand_tensor(&mut r, &[17, 2], 0.0, 1.0)?)?;
+    let y = candle_core::Var::from_tensor(&rand_tensor(&mut r, &[29, 2], 0.2, 1.2)?)?;
+    let b = rand_tensor(&mut r, &[29], 0.1, 1.0)?;
+    let b = (&b / b.sum_all()?.to_scalar::<f64>()?)?;
+    let loss = SamplesLoss::builder(Loss::Sinkhorn).blur(0.1).build()?;
+    let fit = loss.with_target(y.as_tensor(), Some(&b));
+    let v = fit.forward(x.as_tensor())?;
+    let a = Tensor::full(1.0 / 17.0, 17, &Device::Cpu)?;
+    let want = loss.forward_weighted(&a, x.as_tensor(), &b, y.as_tensor())?;
+    assert!((scalar(&v) - scalar(&want)).abs() < 1e-15);
+    let g = v.backward()?;
+    assert!(g.get(x.as_tensor()).is_some());
+    assert!(g.get(y.as_tensor()).is_none(), "the target is detached");
+    Ok(())
+}

@@ -154,7 +154,7 @@ enum Cmd {
         /// Point clouds only (grids run ImagesLoss's exact separable softmin).
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
-        #[arg(long, value_enum, default_value = "f64")]
+        #[arg(long, value_enum, default_value = "f32")]
         dtype: DtypeArg,
         /// Number of CPU threads (default: all cores).
         #[arg(long)]

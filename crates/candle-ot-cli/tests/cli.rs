@@ -348,6 +348,20 @@ fn distance_reads_csv_and_npy() {
     ] {
         let mut args = vec!["distance", csv.to_str().unwrap(), npy.to_str().unwrap()];
         args.extend_from_slice(&extra);
+        let want = SamplesLoss::new(loss)
+            .forward(&x, &y)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        // The default dtype is f32, as for `eval` (#17, item 9): within f32's tolerance.
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = stdout_number(&o);
+        assert!(
+            ((got - want) / want).abs() < 1e-5,
+            "{loss:?} f32: {got} vs {want}"
+        );
+        args.extend_from_slice(&["--dtype", "f64"]);
         let o = run(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         let stdout = String::from_utf8_lossy(&o.stdout);
@@ -355,11 +369,6 @@ fn distance_reads_csv_and_npy() {
             .trim()
             .parse()
             .unwrap_or_else(|e| panic!("not a number: {stdout:?} ({e})"));
-        let want = SamplesLoss::new(loss)
-            .forward(&x, &y)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
         assert!(
             ((got - want) / want).abs() < 1e-10,
             "{loss:?}: {got} vs {want}"
@@ -565,7 +574,7 @@ fn distance_on_png_images() {
         (vec![], want(&a, &b)),
         (vec!["--invert"], want(&a_inv, &b_inv)),
     ] {
-        let mut args = vec!["distance", pa_s, pb_s];
+        let mut args = vec!["distance", pa_s, pb_s, "--dtype", "f64"];
         args.extend_from_slice(&extra);
         let o = run(&args);
         assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
@@ -589,7 +598,7 @@ fn distance_on_png_images() {
     })
     .save(&rgb)
     .unwrap();
-    let o = run(&["distance", rgb.to_str().unwrap(), pb_s]);
+    let o = run(&["distance", rgb.to_str().unwrap(), pb_s, "--dtype", "f64"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("grayscale"), "{}", stderr(&o));
     let got = stdout_number(&o);
@@ -601,7 +610,15 @@ fn distance_on_png_images() {
     // The same density as an .npy grid (float gray levels in [0, 1]).
     let npy = s.path("b.npy");
     (b.clone() * 7.0).unwrap().write_npy(&npy).unwrap();
-    let o = run(&["distance", pa_s, npy.to_str().unwrap(), "--grid", "2"]);
+    let o = run(&[
+        "distance",
+        pa_s,
+        npy.to_str().unwrap(),
+        "--grid",
+        "2",
+        "--dtype",
+        "f64",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = stdout_number(&o);
     assert!(
@@ -610,7 +627,16 @@ fn distance_on_png_images() {
     );
 
     // --json: the loss, the grid and the work.
-    let o = run(&["distance", pa_s, pb_s, "--json", "--scaling", "0.9"]);
+    let o = run(&[
+        "distance",
+        pa_s,
+        pb_s,
+        "--json",
+        "--scaling",
+        "0.9",
+        "--dtype",
+        "f64",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line");
@@ -726,6 +752,8 @@ fn distance_takes_weights_and_max_iter() {
         a.to_str().unwrap(),
         "--b",
         b.to_str().unwrap(),
+        "--dtype",
+        "f64",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
@@ -785,6 +813,8 @@ fn distance_warns_about_the_fixed_schedule() {
         "1e-9",
         "--max-iter",
         "100000",
+        "--dtype",
+        "f64",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "a converged run is silent");

@@ -21,7 +21,8 @@
 //! is the minimum over REPS runs (a lower envelope: a run is only ever slowed by interference).
 
 use candle_core::{DType, Device, Tensor};
-use candle_ot::softmin::online::{roofline, simd_level, softmin, RooflineMix};
+use candle_ot::internals::{roofline, RooflineMix};
+use candle_ot::softmin::online::{simd_level, softmin};
 use candle_ot::CostKind;
 use std::time::{Duration, Instant};
 

@@ -45,7 +45,7 @@
 //! # Gradients
 //!
 //! The value is computed from the detached potentials with the weights entering explicitly
-//! ([`crate::divergence::sinkhorn_cost`]), so `∂S/∂a = F` in the balanced case (the envelope
+//! (as for point clouds, GeomLoss's `sinkhorn_cost`), so `∂S/∂a = F` in the balanced case (the envelope
 //! theorem at convergence; GeomLoss's gradient too) and the exact unbalanced derivative
 //! `(ρ + ε)(e^{−f_aa/ρ} − e^{−f_ba/ρ})` (debiased) where GeomLoss's grid code returns
 //! `(ρ + ε/2)(…)` (see docs/geomloss-differences.md).

@@ -38,10 +38,20 @@
 //! (images, volumes), where the costs are separable and every softmin is a few 1-D
 //! log-sum-exps ([`softmin::grid`]); see [`images`].
 //!
-//! [`sinkhorn`] runs GeomLoss's ε-scaling loop over a list of levels (one for point clouds,
-//! two for the multiscale backend, a pyramid for grids) against any [`softmin::Softmin`];
-//! [`divergence`] turns potentials into values; [`kernel_loss`] has the kernel norms and the
-//! Hausdorff divergence.
+//! [`sinkhorn`] runs GeomLoss's ε-scaling loop ([`sinkhorn::sinkhorn_loop`]) against any
+//! [`softmin::PointSoftmin`]: the building block for a loss of your own.
+//!
+//! ## The public surface
+//!
+//! - **The losses and solvers** (crate root): [`SamplesLoss`] (with [`Solution`],
+//!   [`TransportPlan`], the diagnostics), [`ImagesLoss`], [`ImagesBarycenter`],
+//!   [`FreeSupportBarycenter`], the one-liners of [`loss`], [`OtError`], the thread count.
+//! - **The building blocks**: the differentiable softmin ops and backends of [`softmin`]
+//!   (online, tensorized, grid), the loop of [`sinkhorn`], the ε schedule of [`schedule`],
+//!   the costs of [`cost`].
+//! - [`internals`]: the multiscale machinery, the loop's multilevel traits and the roofline
+//!   benchmark's kernels, public for this project's tests, benches and CLI only: no
+//!   stability promise.
 //!
 //! ## Quick start
 //!
@@ -71,7 +81,8 @@
 //! - [`Backend::Online`]: streaming custom ops with a `(max, sum)` log-sum-exp, O(N + M)
 //!   memory, multi-threaded and vectorised on the CPU.
 //! - [`Backend::Multiscale`]: GeomLoss's coarse-to-fine scheme (voxel-grid clusters, kernel
-//!   truncation, block-sparse streaming softmins) for 10⁵–10⁶ points in D ≤ 3; CPU only.
+//!   truncation, block-sparse streaming softmins) for 10⁵–10⁶ points in D ≤ 3; kernels on the
+//!   CPU, CUDA and Metal (the clustering and truncation run on the host).
 //! - [`Backend::Auto`]: online on the CPU (multiscale for large f32 Sinkhorn problems in
 //!   D ≤ 3), tensorized elsewhere.
 //!
@@ -80,11 +91,11 @@
 
 pub mod barycenter;
 pub mod cost;
-pub mod divergence;
+mod divergence;
 pub mod error;
 pub mod free_support;
 pub mod images;
-pub mod kernel_loss;
+mod kernel_loss;
 pub mod loss;
 mod multiscale;
 pub mod options;
@@ -105,8 +116,24 @@ pub use free_support::{Cloud, FreeSupportBarycenter, FreeSupportDiagnostics, Fre
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
-pub use samples_loss::{SamplesLoss, Solution, F32_PROMOTION_EXPONENT};
+pub use samples_loss::{SamplesLoss, Solution, TargetLoss, F32_PROMOTION_EXPONENT};
 pub use sinkhorn::{
     DualPotentials, SinkhornDiagnostics, ValueErrorBound, ACCURACY_WARNING_THRESHOLD,
 };
 pub use threads::{num_threads, set_num_threads};
+
+/// Internals, public for this project's own tests, benches and CLI: the multiscale backend's
+/// block-sparse softmin and jump rule, the Sinkhorn loop's multilevel traits (how the
+/// multiscale backend and grids plug their levels in), and the roofline benchmark's kernels.
+/// Not a stable API: use the crate root, [`softmin`], [`sinkhorn::sinkhorn_loop`] and
+/// [`schedule`] instead.
+pub mod internals {
+    #[doc(inline)]
+    pub use crate::sinkhorn::{
+        sinkhorn_multilevel, CostSet, Level, Multilevel, Pair, Refined, SoftminLevel, TrackFn,
+    };
+    #[doc(inline)]
+    pub use crate::softmin::multiscale::{block_softmin, jump_index, BlockCost, BlockSparse};
+    #[doc(inline)]
+    pub use crate::softmin::online::{roofline, RooflineMix};
+}

@@ -45,6 +45,23 @@ impl Default for SamplesLoss {
     }
 }
 
+/// A [`SamplesLoss`] against a fixed target cloud, as a Candle [`Module`](candle_core::Module):
+/// see [`SamplesLoss::with_target`].
+#[derive(Clone, Debug)]
+pub struct TargetLoss {
+    loss: SamplesLoss,
+    y: Tensor,         // (M, D) or (B, M, D), detached
+    b: Option<Tensor>, // (M,) or (B, M), detached
+}
+
+impl candle_core::Module for TargetLoss {
+    /// The loss between uniform weights on x (N, D) or (B, N, D) and the target: a scalar or
+    /// (B,), differentiable in x.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.loss.run(None, x, self.b.as_ref(), &self.y)?.loss)
+    }
+}
+
 /// Everything [`SamplesLoss::solve`] computes. Tensors have no batch axis when the inputs
 /// had none.
 #[derive(Clone, Debug)]
@@ -222,6 +239,29 @@ impl SamplesLoss {
         y: &Tensor,
     ) -> Result<Solution> {
         self.run(a, x, b, y)
+    }
+
+    /// This loss against a fixed target `β = Σ_j b_j δ_{y_j}` (y (M, D) or (B, M, D), b (M,) or
+    /// (B, M), default uniform), as a Candle [`Module`](candle_core::Module):
+    /// `forward(x)` is `self.forward_weighted(uniform, x, b, y)`. For fitting a cloud to a
+    /// target inside a model (`candle_nn`'s `Module`-based layers compose with it); the target
+    /// is detached from the graph.
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use candle_ot::SamplesLoss;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let y = Tensor::new(&[[0.0f64, 0.0], [1.0, 0.0]], &Device::Cpu)?; // (M, D)
+    /// let fit = SamplesLoss::default().with_target(&y, None);
+    /// assert!(fit.forward(&y)?.to_scalar::<f64>()?.abs() < 1e-12);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_target(&self, y: &Tensor, b: Option<&Tensor>) -> TargetLoss {
+        TargetLoss {
+            loss: self.clone(),
+            y: y.detach(),
+            b: b.map(Tensor::detach),
+        }
     }
 
     /// The backend `Auto` resolves to on `device` (an error for unavailable combinations).

@@ -176,6 +176,7 @@ fn percent(r: f64) -> String {
     }
 }
 
+#[doc(hidden)]
 /// Which of a level's four costs a softmin runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pair {
@@ -189,6 +190,7 @@ pub enum Pair {
     Yy,
 }
 
+#[doc(hidden)]
 /// One resolution of the loop: the softmins of its costs and its log-weights.
 pub trait Level {
     /// log a, detached, −∞ for zero weights: (B, N) (grids: `(B, n_1, …, n_D)`).
@@ -203,6 +205,7 @@ pub trait Level {
     fn softmin_last(&self, eps: f64, pair: Pair, h: &Tensor) -> Result<Tensor>;
 }
 
+#[doc(hidden)]
 /// The four costs of one level: `C_xy`, `C_yx` and, debiased, `C_xx`, `C_yy`.
 #[derive(Clone, Debug)]
 pub struct CostSet<C> {
@@ -229,10 +232,12 @@ impl<C> CostSet<C> {
     }
 }
 
+#[doc(hidden)]
 /// The costs of the last update whose first argument is tracked by autograd: given the pair
 /// and the loop's (detached) cost, `Some(tracked cost)`, or `None` to use the loop's own.
 pub type TrackFn<'a, C> = Box<dyn Fn(Pair, &C) -> Result<Option<C>> + 'a>;
 
+#[doc(hidden)]
 /// A [`Level`] from any [`Softmin`]: its costs, log-weights and, for the last update, the
 /// tracked costs.
 pub struct SoftminLevel<'a, S: Softmin> {
@@ -268,6 +273,7 @@ impl<S: Softmin> Level for SoftminLevel<'_, S> {
     }
 }
 
+#[doc(hidden)]
 /// The result of a jump: the next finer level, the potentials extrapolated to it, and the
 /// softmin passes the extrapolation took.
 pub struct Refined<'a> {
@@ -279,6 +285,7 @@ pub struct Refined<'a> {
     pub passes: usize,
 }
 
+#[doc(hidden)]
 /// The levels of a multi-level solve (GeomLoss's `a_logs`, `C_xys`, …, `jumps`,
 /// `kernel_truncation` and `extrapolate` arguments).
 pub trait Multilevel<'a> {
@@ -476,6 +483,7 @@ impl Updates<'_> {
     }
 }
 
+#[doc(hidden)]
 /// Runs the multi-level loop of the module docs over `levels`.
 pub fn sinkhorn_multilevel<'a>(
     levels: &mut dyn Multilevel<'a>,

@@ -324,6 +324,7 @@ fn block_grad(
     )
 }
 
+#[doc(hidden)]
 /// Block-sparse streaming softmin over the kept blocks of `c`, differentiable with respect to
 /// `c.x`, `c.y` and `h`. x (B, N, D), y (B, M, D), h (B, M) → (B, N).
 pub fn block_softmin(cost: CostKind, eps: f64, c: &BlockCost, h: &Tensor) -> Result<Tensor> {
@@ -341,6 +342,7 @@ pub fn block_softmin(cost: CostKind, eps: f64, c: &BlockCost, h: &Tensor) -> Res
 
 // ---------------------------------------------------------------------------------------
 
+#[doc(hidden)]
 /// The block-sparse softmin of the fine level. Its [`PointSoftmin::cost`] keeps every pair (one
 /// block), which makes it the online softmin; the truncated costs come from the multiscale
 /// solve. Kernel products and plans are the online backend's (exact).
@@ -350,6 +352,7 @@ pub struct BlockSparse {
     pub cost: CostKind,
 }
 
+#[doc(hidden)]
 /// A block-sparse cost: rows x (B, N, D), columns y (B, M, D), both sorted cluster by cluster,
 /// and the kept pattern per batch item with its transpose.
 #[derive(Clone, Debug)]
