@@ -242,3 +242,58 @@ fn unbalanced_without_bound() -> Result<()> {
     assert!(d.accuracy_warning().unwrap().contains("may be up to"));
     Ok(())
 }
+
+/// #19: the over-relaxed `tol` iterations (the default) reach the plain iteration's fixed
+/// point, in fewer iterations, balanced and unbalanced, debiased and raw, p = 1 and 2.
+#[test]
+fn overrelaxation_reaches_the_plain_fixed_point() -> Result<()> {
+    use candle_ot::Acceleration;
+    let mut r = rng(19);
+    let x = rand_tensor(&mut r, &[300, 3], 0., 1.)?;
+    let y = rand_tensor(&mut r, &[250, 3], 0., 1.)?;
+    let mut fewer = 0;
+    let configs = [
+        (2, None, true),
+        (2, None, false),
+        (1, None, true),
+        (2, Some(0.5), true),
+    ];
+    for (p, reach, debias) in configs {
+        let solve = |acc: Acceleration| -> Result<_> {
+            SamplesLoss::builder(Loss::Sinkhorn)
+                .p(p)
+                .reach(reach)
+                .debias(debias)
+                .blur(0.05)
+                .tol(1e-10)
+                .max_iter(100_000)
+                .acceleration(acc)
+                .build()?
+                .solve(None, &x, None, &y)
+        };
+        let (fast, plain) = (
+            solve(Acceleration::Overrelaxation)?,
+            solve(Acceleration::Plain)?,
+        );
+        let (df, dp) = (fast.diagnostics.unwrap(), plain.diagnostics.unwrap());
+        assert_eq!((df.converged, dp.converged), (Some(true), Some(true)));
+        let (vf, vp) = (scalar(&fast.loss), scalar(&plain.loss));
+        assert!(
+            ((vf - vp) / vp).abs() < 1e-9,
+            "p={p} reach={reach:?} debias={debias}: {vf} vs {vp}"
+        );
+        // Balanced potentials are defined up to a constant: compare them centred.
+        let centred = |t: &Tensor| -> Result<Tensor> { t.broadcast_sub(&t.mean_all()?) };
+        let e = rel_err(&centred(&fast.f)?, &centred(&plain.f)?);
+        assert!(e < 1e-7, "p={p} reach={reach:?}: F differs by {e:e}");
+        if df.extra_iterations < dp.extra_iterations {
+            fewer += 1;
+        }
+    }
+    assert_eq!(
+        fewer,
+        configs.len(),
+        "over-relaxation saved iterations everywhere"
+    );
+    Ok(())
+}

@@ -66,6 +66,11 @@ pub struct BenchResult {
     /// Multiscale only: kept point pairs of C_xy (block-sparse), and their fraction of N·M.
     pub kept_pairs: Option<u64>,
     pub kept_fraction: Option<f64>,
+    /// Sinkhorn only: the softmin passes of one solve (`SinkhornDiagnostics::softmin_passes`),
+    /// its extra `tol` iterations, and whether `tol` was met.
+    pub softmin_passes: Option<usize>,
+    pub extra_iterations: Option<usize>,
+    pub converged: Option<bool>,
 }
 
 /// Uniform points in the unit cube, a fixed function of (seed, n, m, d): (x (N, D), y (M, D)) in f64.
@@ -146,6 +151,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let mut value = 0.0;
     let mut k_passes = 0usize;
     let mut kept = None;
+    let mut diag = None;
     for rep in 0..cfg.warmup + cfg.reps {
         cfg.device.synchronize()?;
         let t0 = Instant::now();
@@ -190,6 +196,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
                 value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if let Some(d) = &sol.diagnostics {
                     k_passes = d.eps_list.len() + d.extra_iterations;
+                    diag = Some((d.softmin_passes, d.extra_iterations, d.converged));
                 }
                 kept = sol
                     .multiscale
@@ -233,6 +240,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         times_s: times,
         kept_pairs: kept.map(|k| k.0),
         kept_fraction: kept.map(|k| k.1),
+        softmin_passes: diag.map(|d| d.0),
+        extra_iterations: diag.map(|d| d.1),
+        converged: diag.and_then(|d| d.2),
     })
 }
 

@@ -131,6 +131,12 @@ pub fn parse_params(params: Option<&str>) -> Result<SamplesLossOptions> {
             }
             o.max_iter = m as usize;
         }
+        if let Some(acc) = v.get("acceleration").filter(|a| !a.is_null()) {
+            o.acceleration = acc
+                .as_str()
+                .ok_or_else(|| anyhow!("params.acceleration must be a string, got {acc}"))?
+                .parse()?;
+        }
     }
     o.validate()?;
     Ok(o)

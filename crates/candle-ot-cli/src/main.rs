@@ -144,6 +144,9 @@ enum Cmd {
         /// The most extra iterations `--tol` may take (default 1000).
         #[arg(long)]
         max_iter: Option<usize>,
+        /// How the `--tol` iterations run: overrelaxation (default) or plain.
+        #[arg(long, default_value = "overrelaxation")]
+        acceleration: candle_ot::Acceleration,
         /// Point clouds: the weights of x, (N,) or (B, N) (.npy, .safetensors or .csv; default
         /// uniform).
         #[arg(long)]
@@ -272,6 +275,12 @@ enum Cmd {
         reach: Option<f64>,
         #[arg(long)]
         tol: Option<f64>,
+        /// The most extra iterations `--tol` may take (default 1000).
+        #[arg(long)]
+        max_iter: Option<usize>,
+        /// How the `--tol` iterations run: overrelaxation (default) or plain.
+        #[arg(long, default_value = "overrelaxation")]
+        acceleration: candle_ot::Acceleration,
         #[arg(long, value_enum, default_value = "online")]
         backend: BackendArg,
         /// Multiscale kernel truncation, in units of ε (default 5).
@@ -516,6 +525,7 @@ fn run(cli: Cli) -> Result<()> {
             no_debias,
             tol,
             max_iter,
+            acceleration,
             a,
             b,
             backend,
@@ -570,6 +580,7 @@ fn run(cli: Cli) -> Result<()> {
                 backend: backend.into(),
                 tol,
                 max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
+                acceleration,
                 ..Default::default()
             };
             for (_, why) in opts.ignored() {
@@ -683,6 +694,8 @@ fn run(cli: Cli) -> Result<()> {
             no_debias,
             reach,
             tol,
+            max_iter,
+            acceleration,
             backend,
             truncate,
             cluster_scale,
@@ -745,6 +758,8 @@ fn run(cli: Cli) -> Result<()> {
                     debias: !no_debias,
                     reach,
                     tol,
+                    max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
+                    acceleration,
                     backend: backend.into(),
                     truncate: truncate.unwrap_or(5.0),
                     cluster_scale,
@@ -773,6 +788,13 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     _ => String::new(),
                 };
+                let mut kept = kept;
+                if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
+                    kept.push_str(&format!(",\"softmin_passes\":{p},\"extra_iterations\":{e}"));
+                }
+                if let Some(c) = r.converged {
+                    kept.push_str(&format!(",\"converged\":{c}"));
+                }
                 println!(
                     "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}{kept}}}",
                     r.median_s, r.pairs, r.pairs_per_s, r.peak_rss_bytes, r.loss
@@ -790,6 +812,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.loss,
                     candle_ot::num_threads()
                 );
+                if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
+                    println!(
+                        "sinkhorn: {p} softmin passes, {e} extra tol iterations (converged: {:?})",
+                        r.converged
+                    );
+                }
                 if let (Some(k), Some(f)) = (r.kept_pairs, r.kept_fraction) {
                     println!(
                         "multiscale: kept {k} point pairs of C_xy ({:.2} % of N·M)",

@@ -722,6 +722,7 @@ impl ImagesLoss {
             debias: o.debias,
             tol: o.tol,
             max_iter: o.max_iter,
+            acceleration: crate::sinkhorn::Acceleration::Overrelaxation,
         };
         levels.ends = levels.grid_jumps(&params.eps_list).1;
         let (pot, diagnostics) = sinkhorn_multilevel(&mut levels, &params)?;

@@ -167,6 +167,10 @@ pub struct SamplesLossOptions {
     /// passes. Default `false` (GeomLoss's).
     #[cfg_attr(feature = "serde", serde(default))]
     pub exact_hausdorff_gradient: bool,
+    /// How the `tol` iterations run: over-relaxed (default) or plain. See
+    /// [`crate::sinkhorn::Acceleration`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub acceleration: crate::sinkhorn::Acceleration,
 }
 
 impl Default for SamplesLossOptions {
@@ -185,6 +189,7 @@ impl Default for SamplesLossOptions {
             tol: None,
             max_iter: 1000,
             exact_hausdorff_gradient: false,
+            acceleration: crate::sinkhorn::Acceleration::Overrelaxation,
         }
     }
 }
@@ -352,6 +357,12 @@ impl SamplesLossBuilder {
         self.opts.tol = tol.into();
         self
     }
+    /// See [`SamplesLossOptions::acceleration`].
+    pub fn acceleration(mut self, acceleration: crate::sinkhorn::Acceleration) -> Self {
+        self.opts.acceleration = acceleration;
+        self
+    }
+
     /// See [`SamplesLossOptions::exact_hausdorff_gradient`].
     pub fn exact_hausdorff_gradient(mut self, exact: bool) -> Self {
         self.opts.exact_hausdorff_gradient = exact;

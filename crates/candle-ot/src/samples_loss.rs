@@ -628,6 +628,7 @@ impl SamplesLoss {
                     debias: o.debias,
                     tol: o.tol,
                     max_iter: o.max_iter,
+                    acceleration: o.acceleration,
                 };
                 let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
                 let mut ms_diag = None;
