@@ -241,57 +241,183 @@ fn unbalanced_without_bound() -> Result<()> {
     Ok(())
 }
 
-/// #19: the over-relaxed `tol` iterations (the default) reach the plain iteration's fixed
-/// point, in fewer iterations, balanced and unbalanced, debiased and raw, p = 1 and 2.
+/// #19: the accelerated `tol` iterations (over-relaxation and Anderson) reach the plain
+/// iteration's fixed point, in fewer iterations, balanced and unbalanced, debiased and raw,
+/// p = 1 and 2.
 #[test]
-fn overrelaxation_reaches_the_plain_fixed_point() -> Result<()> {
+fn acceleration_reaches_the_plain_fixed_point() -> Result<()> {
     use candle_ot::Acceleration;
     let mut r = rng(19);
     let x = rand_tensor(&mut r, &[300, 3], 0., 1.)?;
     let y = rand_tensor(&mut r, &[250, 3], 0., 1.)?;
-    let mut fewer = 0;
     let configs = [
         (2, None, true),
         (2, None, false),
         (1, None, true),
         (2, Some(0.5), true),
     ];
-    for (p, reach, debias) in configs {
-        let solve = |acc: Acceleration| -> Result<_> {
-            SamplesLoss::builder(Loss::Sinkhorn)
-                .p(p)
-                .reach(reach)
-                .debias(debias)
-                .blur(0.05)
-                .tol(1e-10)
-                .max_iter(100_000)
-                .acceleration(acc)
-                .build()?
-                .solve(None, &x, None, &y)
-        };
-        let (fast, plain) = (
-            solve(Acceleration::Overrelaxation)?,
-            solve(Acceleration::Plain)?,
-        );
-        let (df, dp) = (fast.diagnostics.unwrap(), plain.diagnostics.unwrap());
-        assert_eq!((df.converged, dp.converged), (Some(true), Some(true)));
-        let (vf, vp) = (scalar(&fast.loss), scalar(&plain.loss));
-        assert!(
-            ((vf - vp) / vp).abs() < 1e-9,
-            "p={p} reach={reach:?} debias={debias}: {vf} vs {vp}"
-        );
-        // Balanced potentials are defined up to a constant: compare them centred.
-        let centred = |t: &Tensor| -> Result<Tensor> { t.broadcast_sub(&t.mean_all()?) };
-        let e = rel_err(&centred(&fast.f)?, &centred(&plain.f)?);
-        assert!(e < 1e-7, "p={p} reach={reach:?}: F differs by {e:e}");
-        if df.extra_iterations < dp.extra_iterations {
-            fewer += 1;
+    for acc in [Acceleration::Overrelaxation, Acceleration::Anderson] {
+        let mut fewer = 0;
+        for (p, reach, debias) in configs {
+            let solve = |acc: Acceleration| -> Result<_> {
+                SamplesLoss::builder(Loss::Sinkhorn)
+                    .p(p)
+                    .reach(reach)
+                    .debias(debias)
+                    .blur(0.05)
+                    .tol(1e-10)
+                    .max_iter(100_000)
+                    .acceleration(acc)
+                    .build()?
+                    .solve(None, &x, None, &y)
+            };
+            let (fast, plain) = (solve(acc)?, solve(Acceleration::Plain)?);
+            let (df, dp) = (fast.diagnostics.unwrap(), plain.diagnostics.unwrap());
+            assert_eq!((df.converged, dp.converged), (Some(true), Some(true)));
+            let (vf, vp) = (scalar(&fast.loss), scalar(&plain.loss));
+            assert!(
+                ((vf - vp) / vp).abs() < 1e-9,
+                "{acc} p={p} reach={reach:?} debias={debias}: {vf} vs {vp}"
+            );
+            // Balanced potentials are defined up to a constant: compare them centred.
+            let centred = |t: &Tensor| -> Result<Tensor> { t.broadcast_sub(&t.mean_all()?) };
+            let e = rel_err(&centred(&fast.f)?, &centred(&plain.f)?);
+            assert!(e < 1e-7, "{acc} p={p} reach={reach:?}: F differs by {e:e}");
+            if df.extra_iterations < dp.extra_iterations {
+                fewer += 1;
+            }
         }
+        assert_eq!(fewer, configs.len(), "{acc} saved iterations everywhere");
     }
+    Ok(())
+}
+
+/// #19: the observer sees the schedule, then every `tol` iteration, in order, with the
+/// update error the loop compares with `tol`; breaking stops the loop there, and
+/// `require_convergence` turns the unconverged result into an error.
+#[test]
+fn observer_sees_progress_and_can_stop() -> Result<()> {
+    use candle_ot::sinkhorn::{Observer, Phase, Progress};
+    use std::ops::ControlFlow;
+    use std::sync::{Arc, Mutex};
+    let mut r = rng(5);
+    let x = rand_tensor(&mut r, &[200, 2], 0., 1.)?;
+    let y = rand_tensor(&mut r, &[150, 2], 0., 1.)?;
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let log = seen.clone();
+    const STOP_AT: usize = 7;
+    let observer = Observer::new(move |p| {
+        log.lock().unwrap().push(p.clone());
+        match p.phase {
+            Phase::Tol { iteration, .. } if iteration >= STOP_AT => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    });
+    let builder = SamplesLoss::builder(Loss::Sinkhorn)
+        .blur(0.01)
+        .tol(1e-12)
+        .max_iter(10_000)
+        .observer(observer);
+    let s = builder.clone().build()?.solve(None, &x, None, &y)?;
+    let d = s.diagnostics.unwrap();
     assert_eq!(
-        fewer,
-        configs.len(),
-        "over-relaxation saved iterations everywhere"
+        (d.converged, d.stopped, d.extra_iterations),
+        (Some(false), true, STOP_AT)
+    );
+    assert!(scalar(&s.loss).is_finite());
+    let seen = seen.lock().unwrap().clone();
+    let steps = d.eps_list.len();
+    assert_eq!(seen.len(), steps + STOP_AT);
+    for (k, p) in seen.iter().enumerate() {
+        let expected = if k < steps {
+            Phase::Schedule { step: k + 1, steps }
+        } else {
+            Phase::Tol {
+                iteration: k + 1 - steps,
+                max_iter: 10_000,
+            }
+        };
+        assert_eq!(p.phase, expected);
+        assert_eq!(p.update_error.is_some(), k >= steps);
+        assert_eq!(p.eps, d.eps_list[k.min(steps - 1)]);
+        assert!(k == 0 || p.softmin_passes > seen[k - 1].softmin_passes);
+    }
+    // The unconverged value is an error on request, naming what to change.
+    let e = builder
+        .require_convergence(true)
+        .build()?
+        .solve(None, &x, None, &y)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not converged") && e.contains("stopped by the observer"),
+        "{e}"
+    );
+    // max_iter reached first: an error with require_convergence, a value and a warning
+    // without.
+    let few = SamplesLoss::builder(Loss::Sinkhorn)
+        .blur(0.01)
+        .tol(1e-12)
+        .max_iter(3);
+    let d = few
+        .clone()
+        .build()?
+        .solve(None, &x, None, &y)?
+        .diagnostics
+        .unwrap();
+    assert_eq!((d.converged, d.stopped), (Some(false), false));
+    assert!(d.accuracy_warning().unwrap().starts_with("not converged"));
+    let e = few
+        .require_convergence(true)
+        .build()?
+        .solve(None, &x, None, &y)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not converged") && e.contains("raise max_iter"),
+        "{e}"
     );
     Ok(())
 }
+
+/// #19: the diagnostics' L1 marginal error is that of the returned plan (checked against the
+/// dense plan), vanishes at convergence, and is large on GeomLoss's fixed schedule.
+fn marginal_error_of_the_plan(dev: &Device) -> Result<()> {
+    let mut r = rng(8);
+    let x = rand_tensor(&mut r, &[60, 2], 0., 1.)?.to_device(dev)?;
+    let y = rand_tensor(&mut r, &[45, 2], 0., 1.)?.to_device(dev)?;
+    let w = rand_tensor(&mut r, &[45], 0.2, 1.0)?.to_device(dev)?;
+    let b = (&w / w.sum_all()?.to_scalar::<f64>()?)?;
+    let builder = SamplesLoss::builder(Loss::Sinkhorn).blur(0.02);
+    let fixed = builder.clone().build()?.solve(None, &x, Some(&b), &y)?;
+    assert_eq!(fixed.diagnostics.as_ref().unwrap().marginal_error, None);
+    let m_fixed = fixed.marginal_error()?.unwrap();
+    // Against the dense plan.
+    let pi = fixed.plan()?.dense()?; // (N, M)
+    let a = Tensor::full(1.0 / 60.0, 60, dev)?;
+    let direct = (pi.sum(1)? - &a)?.abs()?.sum_all()?.to_scalar::<f64>()?
+        + (pi.sum(0)? - &b)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+    assert!(
+        (m_fixed - direct).abs() < 1e-10,
+        "{m_fixed} vs the dense plan's {direct}"
+    );
+    assert!(
+        m_fixed > 1e-3,
+        "the fixed schedule's plan is off: {m_fixed}"
+    );
+    let conv = builder
+        .tol(1e-9)
+        .max_iter(100_000)
+        .build()?
+        .solve(None, &x, Some(&b), &y)?;
+    let m = conv.diagnostics.as_ref().unwrap().marginal_error.unwrap();
+    assert!(m < 1e-7, "converged plan: marginal error {m}");
+    assert_eq!(conv.marginal_error()?, Some(m));
+    Ok(())
+}
+test_device!(
+    marginal_error_of_the_plan,
+    marginal_error_of_the_plan_cpu,
+    marginal_error_of_the_plan_cuda,
+    marginal_error_of_the_plan_metal
+);

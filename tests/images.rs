@@ -332,6 +332,7 @@ fn converged_l1_images_loss_equals_the_dense_l1_twin() -> Result<()> {
             tol: Some(1e-13),
             max_iter: 1000,
             acceleration: candle_ot::Acceleration::Overrelaxation,
+            observer: None,
         };
         let (pot, diag) = sinkhorn_multilevel(&mut OneLevel(Some(Box::new(level))), &params)?;
         assert_eq!(diag.converged, Some(true));

@@ -71,6 +71,10 @@ pub struct BenchResult {
     pub softmin_passes: Option<usize>,
     pub extra_iterations: Option<usize>,
     pub converged: Option<bool>,
+    /// Sinkhorn with `tol`: the update error (units of ε) and the L1 marginal error of the
+    /// returned plan (`SinkhornDiagnostics::update_error`, `marginal_error`).
+    pub update_error: Option<f64>,
+    pub marginal_error: Option<f64>,
 }
 
 /// Uniform points in the unit cube, a fixed function of (seed, n, m, d): (x (N, D), y (M, D)) in f64.
@@ -196,7 +200,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
                 value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if let Some(d) = &sol.diagnostics {
                     k_passes = d.eps_list.len() + d.extra_iterations;
-                    diag = Some((d.softmin_passes, d.extra_iterations, d.converged));
+                    diag = Some((
+                        d.softmin_passes,
+                        d.extra_iterations,
+                        d.converged,
+                        d.update_error,
+                        d.marginal_error,
+                    ));
                 }
                 kept = sol
                     .multiscale
@@ -243,6 +253,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         softmin_passes: diag.map(|d| d.0),
         extra_iterations: diag.map(|d| d.1),
         converged: diag.and_then(|d| d.2),
+        update_error: diag.and_then(|d| d.2.map(|_| d.3)),
+        marginal_error: diag.and_then(|d| d.4),
     })
 }
 

@@ -137,6 +137,11 @@ pub fn parse_params(params: Option<&str>) -> Result<SamplesLossOptions> {
                 .ok_or_else(|| anyhow!("params.acceleration must be a string, got {acc}"))?
                 .parse()?;
         }
+        if let Some(r) = v.get("require_convergence").filter(|r| !r.is_null()) {
+            o.require_convergence = r.as_bool().ok_or_else(|| {
+                anyhow!("params.require_convergence must be true or false, got {r}")
+            })?;
+        }
     }
     o.validate()?;
     Ok(o)
@@ -348,6 +353,9 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
         Backend::Auto => Backend::Online,
         b => b,
     };
+    if let Some(tol) = opts.tol {
+        opts.observer = Some(crate::progress_observer(tol, opts.max_iter));
+    }
     let loss = SamplesLoss::from_options(opts)?;
     let get = |name: &str| case.tensors.get(name);
     let x = get("x").ok_or_else(|| anyhow!("the case has no tensor `x`"))?;

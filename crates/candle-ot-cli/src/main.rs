@@ -144,9 +144,13 @@ enum Cmd {
         /// The most extra iterations `--tol` may take (default 1000).
         #[arg(long)]
         max_iter: Option<usize>,
-        /// How the `--tol` iterations run: overrelaxation (default) or plain.
-        #[arg(long, default_value = "overrelaxation")]
+        /// How the `--tol` iterations run: overrelaxation, anderson or plain.
+        #[arg(long, default_value_t = candle_ot::Acceleration::default())]
         acceleration: candle_ot::Acceleration,
+        /// With `--tol`: fail (exit 1) instead of printing `warning: not converged` when
+        /// `--max-iter` is reached first.
+        #[arg(long)]
+        require_convergence: bool,
         /// Point clouds: the weights of x, (N,) or (B, N) (.npy, .safetensors or .csv; default
         /// uniform).
         #[arg(long)]
@@ -278,9 +282,13 @@ enum Cmd {
         /// The most extra iterations `--tol` may take (default 1000).
         #[arg(long)]
         max_iter: Option<usize>,
-        /// How the `--tol` iterations run: overrelaxation (default) or plain.
-        #[arg(long, default_value = "overrelaxation")]
+        /// How the `--tol` iterations run: overrelaxation, anderson or plain.
+        #[arg(long, default_value_t = candle_ot::Acceleration::default())]
         acceleration: candle_ot::Acceleration,
+        /// With `--tol`: fail (exit 1) instead of printing `warning: not converged` when
+        /// `--max-iter` is reached first.
+        #[arg(long)]
+        require_convergence: bool,
         #[arg(long, value_enum, default_value = "online")]
         backend: BackendArg,
         /// Multiscale kernel truncation, in units of ε (default 5).
@@ -526,6 +534,7 @@ fn run(cli: Cli) -> Result<()> {
             tol,
             max_iter,
             acceleration,
+            require_convergence,
             a,
             b,
             backend,
@@ -581,6 +590,13 @@ fn run(cli: Cli) -> Result<()> {
                 tol,
                 max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
                 acceleration,
+                require_convergence,
+                observer: tol.map(|t| {
+                    candle_ot_cli::progress_observer(
+                        t,
+                        max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
+                    )
+                }),
                 ..Default::default()
             };
             for (_, why) in opts.ignored() {
@@ -696,6 +712,7 @@ fn run(cli: Cli) -> Result<()> {
             tol,
             max_iter,
             acceleration,
+            require_convergence,
             backend,
             truncate,
             cluster_scale,
@@ -760,6 +777,7 @@ fn run(cli: Cli) -> Result<()> {
                     tol,
                     max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
                     acceleration,
+                    require_convergence,
                     backend: backend.into(),
                     truncate: truncate.unwrap_or(5.0),
                     cluster_scale,
@@ -781,6 +799,13 @@ fn run(cli: Cli) -> Result<()> {
                 input,
             };
             let r = bench::run(&cfg)?;
+            if r.converged == Some(false) {
+                eprintln!(
+                    "warning: not converged after {} extra iterations (tol {:e}); raise --max-iter or --tol",
+                    r.extra_iterations.unwrap_or(0),
+                    cfg.options.tol.unwrap_or(f64::NAN)
+                );
+            }
             if json {
                 let kept = match (r.kept_pairs, r.kept_fraction) {
                     (Some(k), Some(f)) => {
@@ -794,6 +819,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(c) = r.converged {
                     kept.push_str(&format!(",\"converged\":{c}"));
+                }
+                if let Some(e) = r.update_error {
+                    kept.push_str(&format!(",\"update_error\":{e:e}"));
+                }
+                if let Some(e) = r.marginal_error {
+                    kept.push_str(&format!(",\"marginal_error\":{e:e}"));
                 }
                 println!(
                     "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}{kept}}}",
@@ -814,8 +845,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
                     println!(
-                        "sinkhorn: {p} softmin passes, {e} extra tol iterations (converged: {:?})",
-                        r.converged
+                        "sinkhorn: {p} softmin passes, {e} extra tol iterations (converged: {:?}, update error {:?}, marginal L1 error {:?})",
+                        r.converged, r.update_error, r.marginal_error
                     );
                 }
                 if let (Some(k), Some(f)) = (r.kept_pairs, r.kept_fraction) {

@@ -819,3 +819,65 @@ fn distance_warns_about_the_fixed_schedule() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "a converged run is silent");
 }
+
+/// #19: `tol` never fails silently. When `--max-iter` comes first, `distance` and `bench`
+/// print a line starting `warning: not converged`, and `--require-convergence` makes it an
+/// error (exit status 1).
+#[test]
+fn not_converged_warns_or_fails() {
+    let s = Scratch::new("not-converged");
+    let px = s.path("x.csv");
+    let py = s.path("y.csv");
+    std::fs::write(&px, "0\n1\n3\n0.2\n2.5\n").unwrap();
+    std::fs::write(&py, "0.5\n2\n1.1\n").unwrap();
+    let (x, y) = (px.to_str().unwrap(), py.to_str().unwrap());
+    let args = [
+        "distance",
+        x,
+        y,
+        "--blur",
+        "0.05",
+        "--tol",
+        "1e-12",
+        "--max-iter",
+        "2",
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("warning: not converged"),
+        "{}",
+        stderr(&o)
+    );
+    let mut strict = args.to_vec();
+    strict.push("--require-convergence");
+    let o = run(&strict);
+    assert!(!o.status.success(), "an unconverged run fails on request");
+    assert!(stderr(&o).contains("not converged"), "{}", stderr(&o));
+    let o = run(&[
+        "bench",
+        "--n",
+        "40",
+        "--m",
+        "30",
+        "--d",
+        "2",
+        "--blur",
+        "0.02",
+        "--tol",
+        "1e-12",
+        "--max-iter",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("warning: not converged"),
+        "{}",
+        stderr(&o)
+    );
+}

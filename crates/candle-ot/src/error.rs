@@ -68,6 +68,18 @@ pub enum OtError {
     /// A dtype, device or backend combination that is not supported.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// `tol` was not reached (with `require_convergence`).
+    #[error("not converged: update error {update_error:e} ≥ tol {tol:e} after {iterations} extra iterations{}; raise max_iter or tol", if *.stopped { " (stopped by the observer)" } else { "" })]
+    NotConverged {
+        /// The extra iterations run at the last ε.
+        iterations: usize,
+        /// The last update error (units of ε).
+        update_error: f64,
+        /// The tolerance asked for.
+        tol: f64,
+        /// Whether an observer stopped the loop.
+        stopped: bool,
+    },
 }
 
 impl From<OtError> for candle_core::Error {

@@ -722,7 +722,8 @@ impl ImagesLoss {
             debias: o.debias,
             tol: o.tol,
             max_iter: o.max_iter,
-            acceleration: crate::sinkhorn::Acceleration::Overrelaxation,
+            acceleration: crate::sinkhorn::Acceleration::default(),
+            observer: None,
         };
         levels.ends = levels.grid_jumps(&params.eps_list).1;
         let (pot, diagnostics) = sinkhorn_multilevel(&mut levels, &params)?;

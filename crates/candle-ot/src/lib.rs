@@ -118,7 +118,8 @@ pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
 pub use plan::TransportPlan;
 pub use samples_loss::{SamplesLoss, Solution, TargetLoss, F32_PROMOTION_EXPONENT};
 pub use sinkhorn::{
-    Acceleration, DualPotentials, SinkhornDiagnostics, ValueErrorBound, ACCURACY_WARNING_THRESHOLD,
+    Acceleration, DualPotentials, Observer, Phase, Progress, SinkhornDiagnostics, ValueErrorBound,
+    ACCURACY_WARNING_THRESHOLD,
 };
 pub use threads::{num_threads, set_num_threads};
 

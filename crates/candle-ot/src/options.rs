@@ -167,10 +167,20 @@ pub struct SamplesLossOptions {
     /// passes. Default `false` (GeomLoss's).
     #[cfg_attr(feature = "serde", serde(default))]
     pub exact_hausdorff_gradient: bool,
-    /// How the `tol` iterations run: over-relaxed (default) or plain. See
+    /// How the `tol` iterations run: Anderson-accelerated (default), over-relaxed or plain. See
     /// [`crate::sinkhorn::Acceleration`].
     #[cfg_attr(feature = "serde", serde(default))]
     pub acceleration: crate::sinkhorn::Acceleration,
+    /// With `tol`: return [`crate::OtError::NotConverged`] instead of an unconverged value
+    /// when `max_iter` is reached first (or an observer stops the loop). Default `false`: the
+    /// value comes back with `converged: Some(false)` in the diagnostics and a `tracing`
+    /// warning.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub require_convergence: bool,
+    /// Called after every update of the Sinkhorn loop, with typed progress; it can stop the
+    /// `tol` iterations. See [`crate::sinkhorn::Observer`]. Not serialized.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub observer: Option<crate::sinkhorn::Observer>,
 }
 
 impl Default for SamplesLossOptions {
@@ -189,7 +199,9 @@ impl Default for SamplesLossOptions {
             tol: None,
             max_iter: 1000,
             exact_hausdorff_gradient: false,
-            acceleration: crate::sinkhorn::Acceleration::Overrelaxation,
+            acceleration: crate::sinkhorn::Acceleration::Anderson,
+            require_convergence: false,
+            observer: None,
         }
     }
 }
@@ -372,6 +384,16 @@ impl SamplesLossBuilder {
     /// The most extra iterations for `tol` (default 1000).
     pub fn max_iter(mut self, max_iter: usize) -> Self {
         self.opts.max_iter = max_iter;
+        self
+    }
+    /// See [`SamplesLossOptions::require_convergence`].
+    pub fn require_convergence(mut self, require: bool) -> Self {
+        self.opts.require_convergence = require;
+        self
+    }
+    /// See [`SamplesLossOptions::observer`].
+    pub fn observer(mut self, observer: impl Into<Option<crate::sinkhorn::Observer>>) -> Self {
+        self.opts.observer = observer.into();
         self
     }
     /// Validates the options.

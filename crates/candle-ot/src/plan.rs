@@ -134,6 +134,53 @@ impl TransportPlan {
         self.apply_transpose(&ones)?.squeeze(candle_core::D::Minus1)
     }
 
+    /// `‖π 1 − a‖₁ + ‖πᵀ 1 − b‖₁`, the largest over the batch (units of mass): how far the
+    /// plan is from the marginals a, b (zero for a converged balanced plan). Two softmin
+    /// passes: the row masses are `a_i exp((f_ba,i − f̃_i)/ε)` with
+    /// `f̃ = softmin_ε(C_xy, log b + g_ab/ε)`, and likewise the column masses.
+    pub fn marginal_error(&self) -> Result<f64> {
+        let err = match self.backend {
+            Backend::Online | Backend::Multiscale => {
+                self.marginal_l1(&Online { cost: self.cost })?
+            }
+            _ => self.marginal_l1(&Tensorized { cost: self.cost })?,
+        };
+        let err = err.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        Ok(err.into_iter().fold(0.0, f64::max))
+    }
+
+    /// (B,) L1 marginal errors on `backend`.
+    fn marginal_l1<S: PointSoftmin>(&self, backend: &S) -> Result<Tensor> {
+        let eps = self.eps;
+        let side = |p: &Tensor,
+                    pot_p: &Tensor,
+                    log_wp: &Tensor,
+                    q: &Tensor,
+                    pot_q: &Tensor,
+                    log_wq: &Tensor| {
+            let h = (log_wq + (pot_q / eps)?)?; // (B, M)
+            let f_t = backend.softmin_no_grad(eps, &backend.cost(p, q)?, &h)?; // (B, N)
+                                                                               // Zero weights: exp(−∞) = 0 on both sides.
+            let mass = (log_wp + ((pot_p - f_t)? / eps)?)?.exp()?; // (B, N)
+            (mass - log_wp.exp()?)?.abs()?.sum(1) // (B,)
+        };
+        side(
+            &self.x,
+            &self.f_ba,
+            &self.log_a,
+            &self.y,
+            &self.g_ab,
+            &self.log_b,
+        )? + side(
+            &self.y,
+            &self.g_ab,
+            &self.log_b,
+            &self.x,
+            &self.f_ba,
+            &self.log_a,
+        )?
+    }
+
     /// The barycentric map $x_i \mapsto \sum_j \pi_{ij} y_j / \sum_j \pi_{ij}$, (N, D) or (B, N, D).
     ///
     /// It divides by the row mass of the plan, not by `a_i`: the two differ for unbalanced

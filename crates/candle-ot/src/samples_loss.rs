@@ -629,6 +629,7 @@ impl SamplesLoss {
                     tol: o.tol,
                     max_iter: o.max_iter,
                     acceleration: o.acceleration,
+                    observer: o.observer.clone(),
                 };
                 let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
                 let mut ms_diag = None;
@@ -713,11 +714,23 @@ impl SamplesLoss {
                 if rho.is_none() {
                     sol.c_max = Some(p.diameter.powf(o.p as f64) / o.p as f64);
                 }
-                if o.tol.is_some() {
-                    // With tol the six certifying passes are cheap next to the iterations.
+                if let (Some(tol), Some(d)) = (o.tol, sol.diagnostics.as_ref()) {
+                    if o.require_convergence && d.converged == Some(false) {
+                        return Err(OtError::NotConverged {
+                            iterations: d.extra_iterations,
+                            update_error: d.update_error,
+                            tol,
+                            stopped: d.stopped,
+                        }
+                        .into());
+                    }
+                    // With tol the certifying passes (six for the bound, two for the marginal
+                    // error) are cheap next to the iterations.
                     let bound = sol.value_error_bound_batched(true)?;
+                    let marginal = sol.marginal_error_batched()?;
                     if let Some(d) = sol.diagnostics.as_mut() {
                         d.value_error_bound = bound;
+                        d.marginal_error = marginal;
                     }
                 }
                 if let Some(w) = sol.diagnostics.as_ref().and_then(|d| d.accuracy_warning()) {
@@ -903,6 +916,28 @@ impl Solution {
         };
         let values = loss.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
         Ok(Some(value_error_bound(&values, &interval)))
+    }
+
+    /// The L1 marginal error of the returned plan, `‖π 1 − a‖₁ + ‖πᵀ 1 − b‖₁` (units of mass),
+    /// the largest over the batch; balanced Sinkhorn only (`None` otherwise). Two passes over
+    /// all pairs; with `tol`, [`SinkhornDiagnostics::marginal_error`] already holds it.
+    ///
+    /// At a stop with update error `u < tol`, the plan of the previous iterate had marginals
+    /// within a factor `e^{±u}` of a and b, so each L1 error was at most `(e^u − 1)` times the
+    /// mass; the returned plan is one update further (measured in docs/guide.md, "When to set
+    /// `tol`").
+    pub fn marginal_error(&self) -> Result<Option<f64>> {
+        if let Some(m) = self.diagnostics.as_ref().and_then(|d| d.marginal_error) {
+            return Ok(Some(m));
+        }
+        self.marginal_error_batched()
+    }
+
+    fn marginal_error_batched(&self) -> Result<Option<f64>> {
+        let (Some(_), Some(plan)) = (self.c_max, self.plan.as_ref()) else {
+            return Ok(None);
+        };
+        plan.marginal_error().map(Some)
     }
 
     /// Soft transfer of values through the plan:
