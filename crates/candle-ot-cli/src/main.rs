@@ -144,7 +144,7 @@ enum Cmd {
         /// The most extra iterations `--tol` may take (default 1000).
         #[arg(long)]
         max_iter: Option<usize>,
-        /// How the `--tol` iterations run: overrelaxation, anderson or plain.
+        /// How the `--tol` iterations run: anderson (default), overrelaxation or plain.
         #[arg(long, default_value_t = candle_ot::Acceleration::default())]
         acceleration: candle_ot::Acceleration,
         /// With `--tol`: fail (exit 1) instead of printing `warning: not converged` when
@@ -282,7 +282,7 @@ enum Cmd {
         /// The most extra iterations `--tol` may take (default 1000).
         #[arg(long)]
         max_iter: Option<usize>,
-        /// How the `--tol` iterations run: overrelaxation, anderson or plain.
+        /// How the `--tol` iterations run: anderson (default), overrelaxation or plain.
         #[arg(long, default_value_t = candle_ot::Acceleration::default())]
         acceleration: candle_ot::Acceleration,
         /// With `--tol`: fail (exit 1) instead of printing `warning: not converged` when
