@@ -352,3 +352,52 @@ fn converged_l1_images_loss_equals_the_dense_l1_twin() -> Result<()> {
     }
     Ok(())
 }
+
+/// #19 on grids: every acceleration reaches the plain loop's converged value; an observer stops
+/// the `tol` iterations, and `require_convergence` turns an unconverged solve into an error.
+#[test]
+fn images_tol_accelerations_and_convergence_control() -> Result<()> {
+    use candle_ot::{Acceleration, Observer, Phase};
+    use std::ops::ControlFlow;
+    let mut r = common::rng(21);
+    let a = density(&mut r, &[17, 29], false)?;
+    let b = density(&mut r, &[17, 29], true)?;
+    let solve = |acc: Acceleration| -> Result<(f64, usize)> {
+        let s = ImagesLoss::builder(2)
+            .blur(0.05)
+            .tol(1e-10)
+            .max_iter(100_000)
+            .acceleration(acc)
+            .build()?
+            .solve(&a, &b)?;
+        assert_eq!(s.diagnostics.converged, Some(true), "{acc}");
+        Ok((common::scalar(&s.loss), s.diagnostics.extra_iterations))
+    };
+    let (plain, plain_iters) = solve(Acceleration::Plain)?;
+    for acc in [Acceleration::Anderson, Acceleration::Overrelaxation] {
+        let (v, iters) = solve(acc)?;
+        assert!(((v - plain) / plain).abs() < 1e-9, "{acc}: {v} vs {plain}");
+        assert!(
+            iters < plain_iters,
+            "{acc}: {iters} vs {plain_iters} iterations"
+        );
+    }
+    let stop = Observer::new(|p| match p.phase {
+        Phase::Tol { iteration, .. } if iteration >= 3 => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    });
+    let builder = ImagesLoss::builder(2).blur(0.05).tol(1e-12).observer(stop);
+    let d = builder.clone().build()?.solve(&a, &b)?.diagnostics;
+    assert_eq!(
+        (d.converged, d.stopped, d.extra_iterations),
+        (Some(false), true, 3)
+    );
+    let e = builder
+        .require_convergence(true)
+        .build()?
+        .solve(&a, &b)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not converged"), "{e}");
+    Ok(())
+}

@@ -409,6 +409,8 @@ struct GridDistance<'a> {
     no_debias: bool,
     tol: Option<f64>,
     max_iter: Option<usize>,
+    acceleration: candle_ot::Acceleration,
+    require_convergence: bool,
     backend: BackendArg,
     dtype: DType,
     json: bool,
@@ -460,9 +462,17 @@ fn distance_grid(g: &GridDistance) -> Result<()> {
         .reach(g.reach)
         .scaling(g.scaling)
         .debias(!g.no_debias)
-        .tol(g.tol);
+        .tol(g.tol)
+        .acceleration(g.acceleration)
+        .require_convergence(g.require_convergence);
     if let Some(m) = g.max_iter {
         builder = builder.max_iter(m);
+    }
+    if let Some(t) = g.tol {
+        let max_iter = g
+            .max_iter
+            .unwrap_or(builder.clone().build()?.options().max_iter);
+        builder = builder.observer(candle_ot_cli::progress_observer(t, max_iter));
     }
     if let Some(a) = g.axes {
         let axes = parse_axes(a)?;
@@ -556,6 +566,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 return distance_grid(&GridDistance {
                     max_iter,
+                    acceleration,
+                    require_convergence,
                     x: &x,
                     y: &y,
                     key: key.as_deref(),

@@ -91,6 +91,18 @@ pub struct ImagesLossOptions {
     /// The domain's extent along each grid axis (GeomLoss's `axes` as `hi − lo`); `None`: 1
     /// per axis (the unit square / cube).
     pub extent: Option<Vec<f64>>,
+    /// How the `tol` iterations run (default Anderson), as
+    /// [`crate::SamplesLossOptions::acceleration`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub acceleration: crate::sinkhorn::Acceleration,
+    /// With `tol`: an error ([`crate::OtError::NotConverged`]) instead of an unconverged value,
+    /// as [`crate::SamplesLossOptions::require_convergence`].
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub require_convergence: bool,
+    /// Called after every update of the loop (see [`crate::sinkhorn::Observer`]). Not
+    /// serialized.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub observer: Option<crate::sinkhorn::Observer>,
 }
 
 impl ImagesLossOptions {
@@ -192,6 +204,21 @@ impl ImagesLossBuilder {
     /// The most extra iterations for `tol` (default 1000).
     pub fn max_iter(mut self, max_iter: usize) -> Self {
         self.opts.max_iter = max_iter;
+        self
+    }
+    /// See [`ImagesLossOptions::acceleration`].
+    pub fn acceleration(mut self, acceleration: crate::sinkhorn::Acceleration) -> Self {
+        self.opts.acceleration = acceleration;
+        self
+    }
+    /// See [`ImagesLossOptions::require_convergence`].
+    pub fn require_convergence(mut self, require: bool) -> Self {
+        self.opts.require_convergence = require;
+        self
+    }
+    /// See [`ImagesLossOptions::observer`].
+    pub fn observer(mut self, observer: impl Into<Option<crate::sinkhorn::Observer>>) -> Self {
+        self.opts.observer = observer.into();
         self
     }
     /// The domain, GeomLoss's `axes`: one `(lo, hi)` per grid axis. Only `hi − lo` matters
@@ -569,6 +596,9 @@ impl ImagesLoss {
                 tol: None,
                 max_iter: 1000,
                 extent: None,
+                acceleration: crate::sinkhorn::Acceleration::default(),
+                require_convergence: false,
+                observer: None,
             },
         }
     }
@@ -722,11 +752,22 @@ impl ImagesLoss {
             debias: o.debias,
             tol: o.tol,
             max_iter: o.max_iter,
-            acceleration: crate::sinkhorn::Acceleration::default(),
-            observer: None,
+            acceleration: o.acceleration,
+            observer: o.observer.clone(),
         };
         levels.ends = levels.grid_jumps(&params.eps_list).1;
         let (pot, diagnostics) = sinkhorn_multilevel(&mut levels, &params)?;
+        if let (Some(tol), true, Some(false)) =
+            (o.tol, o.require_convergence, diagnostics.converged)
+        {
+            return Err(crate::OtError::NotConverged {
+                iterations: diagnostics.extra_iterations,
+                update_error: diagnostics.update_error,
+                tol,
+                stopped: diagnostics.stopped,
+            }
+            .into());
+        }
         let flat = |t: &Tensor| t.reshape((bsz, ()));
         let pot_flat = DualPotentials {
             f_ba: flat(&pot.f_ba)?,
