@@ -241,6 +241,44 @@ impl SamplesLoss {
         self.run(a, x, b, y)
     }
 
+    /// The loss of every item of a **packed (ragged) batch**: clouds of different sizes in one
+    /// call, as PyTorch's packed sequences. `x` (ΣN_b, D) holds the items' points one after
+    /// the other, `x_lengths` their sizes N_b (each ≥ 1); likewise `y` (ΣM_b, D) and
+    /// `y_lengths`; `a` (ΣN_b,) and `b` (ΣM_b,) are optional packed weights (default uniform
+    /// within each item, `1/N_b`). Returns the loss per item, (B,); gradients flow to the packed
+    /// x, y, a and b through Candle's autograd.
+    ///
+    /// It equals the padded batch call with zero weights on the padding, wherever the padding
+    /// points sit, and the per-item calls when they are given the same `diameter` (the ε
+    /// schedule follows GeomLoss's batched rule: one diameter over all items, from the points
+    /// of positive weight, unless `diameter` is set). Today every backend runs it as that
+    /// padded batch (the padding repeats each item's first point with weight 0, so the bounding
+    /// boxes do not change); the padded pairs are masked but still visited.
+    ///
+    /// Errors: `x must be (ΣN_b, D)` when x is not 2-D, `x_lengths` not summing to x's rows or
+    /// holding a 0, a different number of items on the two sides, weights of the wrong length.
+    pub fn forward_packed(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        x_lengths: &[usize],
+        b: Option<&Tensor>,
+        y: &Tensor,
+        y_lengths: &[usize],
+    ) -> Result<Tensor> {
+        if x_lengths.len() != y_lengths.len() {
+            return Err(OtError::Mismatch(format!(
+                "x_lengths has {} items but y_lengths has {}: a packed batch pairs item b of x with item b of y",
+                x_lengths.len(),
+                y_lengths.len()
+            ))
+            .into());
+        }
+        let (a_pad, x_pad) = pad_packed(x, x_lengths, a, ("x", "x_lengths", "a"))?;
+        let (b_pad, y_pad) = pad_packed(y, y_lengths, b, ("y", "y_lengths", "b"))?;
+        self.forward_weighted(&a_pad, &x_pad, &b_pad, &y_pad)
+    }
+
     /// This loss against a fixed target `β = Σ_j b_j δ_{y_j}` (y (M, D) or (B, M, D), b (M,) or
     /// (B, M), default uniform), as a Candle [`Module`](candle_core::Module):
     /// `forward(x)` is `self.forward_weighted(uniform, x, b, y)`. For fitting a cloud to a
@@ -764,6 +802,68 @@ impl SamplesLoss {
             }
         }
     }
+}
+
+/// A packed cloud `p` (ΣN_b, D) with `lengths` and optional packed weights `w` (ΣN_b,) as a
+/// padded batch: weights (B, N_max) with zeros on the padding, points (B, N_max, D) padded
+/// with each item's first point. Differentiable in `p` and `w`. `names`: (points, lengths,
+/// weights) for the errors.
+fn pad_packed(
+    p: &Tensor,
+    lengths: &[usize],
+    w: Option<&Tensor>,
+    names: (&'static str, &'static str, &'static str),
+) -> Result<(Tensor, Tensor)> {
+    let (pn, ln, wn) = names;
+    if p.rank() != 2 {
+        return Err(OtError::Shape {
+            name: pn,
+            expected: "(ΣN_b, D), the items' points one after the other".into(),
+            got: p.dims().to_vec(),
+        }
+        .into());
+    }
+    let total: usize = lengths.iter().sum();
+    if lengths.is_empty() || lengths.contains(&0) || total != p.dim(0)? {
+        return Err(OtError::Mismatch(format!(
+            "{ln} must hold one size ≥ 1 per item, summing to the {} rows of {pn}; got {lengths:?} (sum {total})",
+            p.dim(0)?
+        ))
+        .into());
+    }
+    if let Some(w) = w {
+        if w.dims() != [total] {
+            return Err(OtError::Shape {
+                name: wn,
+                expected: format!("({total},), one weight per packed point of {pn}"),
+                got: w.dims().to_vec(),
+            }
+            .into());
+        }
+    }
+    let n_max = *lengths.iter().max().expect("non-empty");
+    let (mut points, mut weights, mut off) = (Vec::new(), Vec::new(), 0usize);
+    for &n in lengths {
+        let item = p.narrow(0, off, n)?; // (N_b, D)
+        let wi = match w {
+            Some(w) => w.narrow(0, off, n)?,
+            None => Tensor::full(1.0 / n as f64, n, p.device())?.to_dtype(p.dtype())?,
+        }; // (N_b,)
+        let (item, wi) = if n < n_max {
+            let pad = item.narrow(0, 0, 1)?.repeat((n_max - n, 1))?; // (N_max − N_b, D)
+            let zeros = Tensor::zeros(n_max - n, wi.dtype(), p.device())?;
+            (
+                Tensor::cat(&[&item, &pad], 0)?,
+                Tensor::cat(&[&wi, &zeros], 0)?,
+            )
+        } else {
+            (item, wi)
+        };
+        points.push(item);
+        weights.push(wi);
+        off += n;
+    }
+    Ok((Tensor::stack(&weights, 0)?, Tensor::stack(&points, 0)?)) // (B, N_max), (B, N_max, D)
 }
 
 /// f32 problems are solved in f64 when the largest exponent the loss forms is below this
