@@ -33,7 +33,8 @@ Subcommands (each prints one JSON line on stdout; progress goes to stderr):
       jitted; with `anderson=AndersonAcceleration(memory=MEMORY)` for the xy term (OTT runs the xx
       / yy terms with its symmetric updates and momentum 0.5 either way). Thresholds (OTT's
       `threshold`, marginal error in norm 1, checked every 10 iterations) are tried from the
-      loosest; each is compiled and warmed up once, then timed; the first whose value is within
+      loosest; each is compiled ahead of time (jit(...).lower().compile(), untimed), then timed
+      (a second call is timed when the first took under 30 s: it carries one-off costs); the first whose value is within
       target·|S| of the reference is reported (the others too, in `tries`).
 """
 
@@ -225,47 +226,56 @@ def cmd_ott(args):
         if anderson is not None:
             kw["anderson"] = anderson
 
-        @jax.jit
         def f(x, y):
             div, out = sd.sinkhorn_divergence(pointcloud.PointCloud, x, y, epsilon=eps,
                                               scale_cost=2.0, solve_kwargs=kw)
             return div, out.n_iters, out.converged
-        return f
+        # compiled ahead of time: the timed call runs the compiled executable only
+        return jax.jit(f).lower(x, y).compile()
 
     tries = []
     hit = None
     spent = 0.0
+
+    def emit(hit):
+        res = {"peer": f"OTT-JAX {ott.__version__} sinkhorn_divergence (jax {jax.__version__}, "
+                       f"{jax.devices()[0].platform})",
+               "dtype": "float32", "blur": args.blur, "eps": eps,
+               "anderson_memory": args.anderson, "max_iterations": args.max_iter,
+               "reached": hit is not None, "cap_s": args.cap_s, "tries": tries}
+        if hit is not None:
+            res.update({k: hit[k] for k in ("threshold", "time_s", "value", "rel_err",
+                                            "n_iters")})
+        print(json.dumps(res), flush=True)
     for thr in [float(t) for t in args.thresholds.split(",")]:
-        f = make(thr)
         t0 = time.perf_counter()
-        div, its, conv = jax.block_until_ready(f(x, y))  # compile + warm-up
-        t_warm = time.perf_counter() - t0
+        f = make(thr)
+        t_warm = time.perf_counter() - t0  # compilation only
         load_before = load_avg()
         t0 = time.perf_counter()
         div, its, conv = jax.block_until_ready(f(x, y))
         t = time.perf_counter() - t0
         spent += t_warm + t
+        if t < 30:  # short runs: time a second call (the first one carries one-off costs)
+            t0 = time.perf_counter()
+            div, its, conv = jax.block_until_ready(f(x, y))
+            t = time.perf_counter() - t0
+            spent += t
         val = float(div)
-        row = {"threshold": thr, "time_s": t, "warmup_s": t_warm, "value": val,
+        row = {"threshold": thr, "time_s": t, "compile_s": t_warm, "value": val,
                "rel_err": abs(val - ref) / abs(ref), "n_iters": [int(i) for i in its],
                "converged": [bool(c) for c in conv], "load_before": load_before,
                "load_after": load_avg()}
         log(f"ott anderson={args.anderson} thr {thr:g}: {t:.2f} s, {row['n_iters']} iterations, "
             f"value {val:.9e}, rel err {row['rel_err']:.2e}")
         tries.append(row)
+        emit(None)
         if np.isfinite(val) and abs(val - ref) <= target_abs and all(row["converged"]):
             hit = row
             break
         if spent > args.cap_s:
             break
-    res = {"peer": f"OTT-JAX {ott.__version__} sinkhorn_divergence (jax {jax.__version__}, "
-                   f"{jax.devices()[0].platform})",
-           "dtype": "float32", "blur": args.blur, "eps": eps, "anderson_memory": args.anderson,
-           "max_iterations": args.max_iter, "reached": hit is not None,
-           "cap_s": args.cap_s, "tries": tries}
-    if hit is not None:
-        res.update({k: hit[k] for k in ("threshold", "time_s", "value", "rel_err", "n_iters")})
-    print(json.dumps(res))
+    emit(hit)
 
 
 # ---------------------------------------------------------------------------------------------
