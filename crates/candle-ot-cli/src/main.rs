@@ -590,7 +590,7 @@ fn run(cli: Cli) -> Result<()> {
             if invert || axes.is_some() {
                 bail!("--invert and --axes apply to grids (.png inputs, or --grid 2|3)");
             }
-            let opts = SamplesLossOptions {
+            let mut opts = SamplesLossOptions {
                 loss: loss.unwrap_or(LossArg::Sinkhorn).into(),
                 p,
                 blur: blur.unwrap_or(0.05),
@@ -603,14 +603,9 @@ fn run(cli: Cli) -> Result<()> {
                 max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
                 acceleration,
                 require_convergence,
-                observer: tol.map(|t| {
-                    candle_ot_cli::progress_observer(
-                        t,
-                        max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
-                    )
-                }),
                 ..Default::default()
             };
+            opts.observer = tol.map(|t| candle_ot_cli::progress_observer(t, opts.max_iter));
             for (_, why) in opts.ignored() {
                 eprintln!("warning: {why}");
             }
