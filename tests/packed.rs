@@ -1,13 +1,18 @@
-//! #16 (first step): packed (ragged) batches. `SamplesLoss::forward_packed` gives, for clouds
-//! of different sizes in one call, the same values and gradients as the padded batch with zero
-//! weights (wherever the padding points sit) and as the per-item calls given the batch's
-//! diameter, for every loss, p, debias and reach, on sizes 1, 2, 17 and 120.
+//! #16: packed (ragged) batches. `SamplesLoss::forward_packed` gives, for clouds of different
+//! sizes in one call, the same values and gradients as the padded batch with zero weights
+//! (wherever the padding points sit) and as the per-item calls given the batch's diameter, for
+//! every loss, p, debias and reach, on sizes 1, 2, 17 and 1000. The online backend's ragged
+//! path never reads a padding pair: NaN padding leaves every result finite and unchanged.
 
 #[allow(unused_macros)]
 #[macro_use]
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_ot::cost::{CostKind, KernelKind};
+use candle_ot::schedule::epsilon_schedule;
+use candle_ot::sinkhorn::{sinkhorn_loop, sinkhorn_loop_ragged, LoopParams};
+use candle_ot::softmin::{Lengths, Online, PointSoftmin};
 use candle_ot::{Backend, Loss, SamplesLoss, SamplesLossBuilder};
 use common::*;
 
@@ -19,8 +24,12 @@ const TOL_GRAD: f64 = 1e-10;
 /// point; balanced ∂a = F, ∂b = G are then compared up to their additive constant.
 const TOL_CONVERGED: f64 = 1e-8;
 
-const X_LENGTHS: [usize; 4] = [1, 17, 120, 2];
-const Y_LENGTHS: [usize; 4] = [2, 1, 17, 120];
+/// Item sizes: the online backend (ragged kernels) takes an item of 1000 points, the tensorized
+/// one (padded matrices, B·N_max·M_max of them) stays smaller.
+const X_LENGTHS: [usize; 5] = [1, 17, 1000, 2, 29];
+const Y_LENGTHS: [usize; 5] = [2, 1, 17, 1000, 29];
+const X_LENGTHS_SMALL: [usize; 5] = [1, 17, 120, 2, 29];
+const Y_LENGTHS_SMALL: [usize; 5] = [2, 1, 17, 120, 29];
 
 fn configs() -> Vec<(&'static str, SamplesLossBuilder)> {
     let s = || SamplesLoss::builder(Loss::Sinkhorn).blur(0.1);
@@ -30,6 +39,12 @@ fn configs() -> Vec<(&'static str, SamplesLossBuilder)> {
         ("sinkhorn reach 0.5", s().reach(0.5)),
         ("sinkhorn tol", s().tol(1e-9).max_iter(100_000)),
         ("hausdorff", SamplesLoss::builder(Loss::Hausdorff).blur(0.1)),
+        (
+            "hausdorff exact gradient",
+            SamplesLoss::builder(Loss::Hausdorff)
+                .blur(0.1)
+                .exact_hausdorff_gradient(true),
+        ),
         ("energy", SamplesLoss::builder(Loss::Energy)),
         ("gaussian", SamplesLoss::builder(Loss::Gaussian).blur(0.3)),
         ("laplacian", SamplesLoss::builder(Loss::Laplacian).blur(0.3)),
@@ -65,8 +80,13 @@ fn packed_equals_padded_and_per_item(dev: &Device) -> Result<()> {
         eprintln!("skipping: no f64 on {dev:?}");
         return Ok(());
     }
+    packed_case(dev, Backend::Online, &X_LENGTHS, &Y_LENGTHS)?;
+    packed_case(dev, Backend::Tensorized, &X_LENGTHS_SMALL, &Y_LENGTHS_SMALL)
+}
+
+fn packed_case(dev: &Device, backend: Backend, xls: &[usize], yls: &[usize]) -> Result<()> {
     let mut r = rng(16);
-    let (nx, ny): (usize, usize) = (X_LENGTHS.iter().sum(), Y_LENGTHS.iter().sum());
+    let (nx, ny): (usize, usize) = (xls.iter().sum(), yls.iter().sum());
     let x = rand_tensor(&mut r, &[nx, 3], 0., 1.)?.to_device(dev)?;
     let y = rand_tensor(&mut r, &[ny, 3], 0.2, 1.1)?.to_device(dev)?;
     // Positive weights, each item's summing to 1 (balanced problems need equal masses).
@@ -77,10 +97,10 @@ fn packed_equals_padded_and_per_item(dev: &Device) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     };
-    let wa = normalised(rand_tensor(&mut r, &[nx], 0.2, 1.)?, &X_LENGTHS)?.to_device(dev)?;
-    let wb = normalised(rand_tensor(&mut r, &[ny], 0.2, 1.)?, &Y_LENGTHS)?.to_device(dev)?;
+    let wa = normalised(rand_tensor(&mut r, &[nx], 0.2, 1.)?, xls)?.to_device(dev)?;
+    let wb = normalised(rand_tensor(&mut r, &[ny], 0.2, 1.)?, yls)?.to_device(dev)?;
     let d = diameter(&x, &y)?;
-    for backend in [Backend::Tensorized, Backend::Online] {
+    {
         for (name, builder) in configs() {
             let loss = builder.clone().backend(backend).build()?;
             let (xv, yv, av, bv) = (
@@ -92,12 +112,12 @@ fn packed_equals_padded_and_per_item(dev: &Device) -> Result<()> {
             let packed = loss.forward_packed(
                 Some(av.as_tensor()),
                 xv.as_tensor(),
-                &X_LENGTHS,
+                xls,
                 Some(bv.as_tensor()),
                 yv.as_tensor(),
-                &Y_LENGTHS,
+                yls,
             )?; // (B,)
-            assert_eq!(packed.dims(), [X_LENGTHS.len()]);
+            assert_eq!(packed.dims(), [xls.len()]);
             let grads = packed.sum_all()?.backward()?;
             let g = |v: &Var| grads.get(v).expect("a gradient").clone();
             let (gx, gy, ga, gb) = (g(&xv), g(&yv), g(&av), g(&bv));
@@ -113,26 +133,26 @@ fn packed_equals_padded_and_per_item(dev: &Device) -> Result<()> {
                 }
                 Ok((Tensor::stack(&ws, 0)?, Tensor::stack(&ps, 0)?))
             };
-            let (a_pad, x_pad) = pad(&x, &wa, &X_LENGTHS)?;
-            let (b_pad, y_pad) = pad(&y, &wb, &Y_LENGTHS)?;
+            let (a_pad, x_pad) = pad(&x, &wa, xls)?;
+            let (b_pad, y_pad) = pad(&y, &wb, yls)?;
             let padded = loss.forward_weighted(&a_pad, &x_pad, &b_pad, &y_pad)?;
             let e = max_diff(&packed, &padded)?;
             assert!(e < TOL_PACKED, "{backend:?} {name}: packed vs padded {e:e}");
             // Per item, with the batch's diameter.
             let single = builder.clone().backend(backend).diameter(d).build()?;
             let (xs, ys, was, wbs) = (
-                items(&x, &X_LENGTHS)?,
-                items(&y, &Y_LENGTHS)?,
-                items(&wa, &X_LENGTHS)?,
-                items(&wb, &Y_LENGTHS)?,
+                items(&x, xls)?,
+                items(&y, yls)?,
+                items(&wa, xls)?,
+                items(&wb, yls)?,
             );
             let (gxs, gys, gas, gbs) = (
-                items(&gx, &X_LENGTHS)?,
-                items(&gy, &Y_LENGTHS)?,
-                items(&ga, &X_LENGTHS)?,
-                items(&gb, &Y_LENGTHS)?,
+                items(&gx, xls)?,
+                items(&gy, yls)?,
+                items(&ga, xls)?,
+                items(&gb, yls)?,
             );
-            for k in 0..X_LENGTHS.len() {
+            for k in 0..xls.len() {
                 let (xk, yk, ak, bk) = (
                     Var::from_tensor(&xs[k])?,
                     Var::from_tensor(&ys[k])?,
@@ -186,6 +206,158 @@ test_device!(
     packed_equals_padded_and_per_item_cpu,
     packed_equals_padded_and_per_item_cuda,
     packed_equals_padded_and_per_item_metal
+);
+
+/// NaN in every padding coordinate: the ragged online path never reads a padding pair, so
+/// the ragged loop's potentials on each item's own rows equal the per-item loop's (to f64
+/// rounding; same ε list), the gradient through the last update is finite and equal, and the
+/// padding rows' potentials are 0. Likewise the ragged kernel product (CPU: on CUDA and Metal
+/// it runs masked, which reads the padding). Any pass over a padding pair would give NaN.
+fn ragged_never_reads_padding(dev: &Device) -> Result<()> {
+    if !dtype_supported(DType::F64, dev) {
+        eprintln!("skipping: no f64 on {dev:?}");
+        return Ok(());
+    }
+    let mut r = rng(1616);
+    let (xl, yl) = ([3usize, 40, 1, 17], [29usize, 2, 33, 1]);
+    let (n, m, d) = (40, 33, 2);
+    let nan_pad = |lens: &[usize], rows: usize, r: &mut _| -> Result<(Tensor, Tensor)> {
+        let (mut ps, mut ws) = (vec![], vec![]);
+        for &l in lens {
+            let p = rand_tensor(r, &[l, d], 0., 1.)?;
+            let w = rand_tensor(r, &[l], 0.2, 1.)?;
+            let w = w.broadcast_div(&w.sum_all()?)?;
+            let nan = Tensor::full(f64::NAN, (rows - l, d), &Device::Cpu)?;
+            ps.push(Tensor::cat(&[&p, &nan], 0)?);
+            ws.push(Tensor::cat(
+                &[&w, &Tensor::zeros(rows - l, DType::F64, &Device::Cpu)?],
+                0,
+            )?);
+        }
+        Ok((
+            Tensor::stack(&ws, 0)?.to_device(dev)?,
+            Tensor::stack(&ps, 0)?.to_device(dev)?,
+        ))
+    };
+    let (a, x) = nan_pad(&xl, n, &mut r)?; // (B, N), (B, N, D)
+    let (b, y) = nan_pad(&yl, m, &mut r)?; // (B, M), (B, M, D)
+    let (x_len, y_len) = (Lengths::new(xl), Lengths::new(yl));
+    let online = Online {
+        cost: CostKind::SqEuclidean,
+    };
+    let params = LoopParams {
+        eps_list: epsilon_schedule(2, 2.0, 0.05, 0.7),
+        rho: Some(0.5),
+        debias: true,
+        tol: None,
+        max_iter: 0,
+        acceleration: candle_ot::Acceleration::default(),
+        observer: None,
+    };
+    let xv = Var::from_tensor(&x)?;
+    let (pot, _) = sinkhorn_loop_ragged(
+        &online,
+        xv.as_tensor(),
+        &x_len,
+        &y,
+        &y_len,
+        &a.log()?,
+        &b.log()?,
+        &params,
+    )?;
+    let gx = pot.f_ba.sum_all()?.backward()?;
+    let gx = gx.get(&xv).expect("a gradient");
+    for k in 0..xl.len() {
+        let (nk, mk) = (xl[k], yl[k]);
+        let item = |t: &Tensor, l: usize| t.get(k).and_then(|t| t.narrow(0, 0, l)?.unsqueeze(0));
+        let xk = Var::from_tensor(&item(&x, nk)?)?;
+        let (pk, _) = sinkhorn_loop(
+            &online,
+            xk.as_tensor(),
+            &item(&y, mk)?,
+            &item(&a, nk)?.log()?,
+            &item(&b, mk)?.log()?,
+            &params,
+        )?;
+        for (label, got, want, l, full) in [
+            ("f_ba", &pot.f_ba, &pk.f_ba, nk, n),
+            ("g_ab", &pot.g_ab, &pk.g_ab, mk, m),
+            (
+                "f_aa",
+                pot.f_aa.as_ref().unwrap(),
+                pk.f_aa.as_ref().unwrap(),
+                nk,
+                n,
+            ),
+            (
+                "g_bb",
+                pot.g_bb.as_ref().unwrap(),
+                pk.g_bb.as_ref().unwrap(),
+                mk,
+                m,
+            ),
+        ] {
+            let e = max_diff(&item(got, l)?, want)?;
+            assert!(e < TOL_PACKED, "item {k} {label}: {e:e}");
+            if l < full {
+                let pad = got.get(k)?.narrow(0, l, full - l)?;
+                assert_eq!(
+                    max_diff(&pad, &pad.zeros_like()?)?,
+                    0.0,
+                    "item {k} {label} padding"
+                );
+            }
+        }
+        let gk = pk.f_ba.sum_all()?.backward()?;
+        let e = max_diff(&item(gx, nk)?, gk.get(&xk).expect("a gradient"))?;
+        assert!(e < TOL_GRAD, "item {k} ∂x: {e:e}");
+        if nk < n {
+            let pad = gx.get(k)?.narrow(0, nk, n - nk)?;
+            assert_eq!(
+                max_diff(&pad, &pad.zeros_like()?)?,
+                0.0,
+                "item {k} ∂x padding"
+            );
+        }
+    }
+    if dev.is_cpu() {
+        for kind in [
+            KernelKind::Gaussian,
+            KernelKind::Laplacian,
+            KernelKind::Energy,
+        ] {
+            let xv = Var::from_tensor(&x)?;
+            let u =
+                online.kernel_product_ragged(kind, 0.3, xv.as_tensor(), &x_len, &y, &y_len, &b)?;
+            let g = u.sum_all()?.backward()?;
+            let g = g.get(&xv).expect("a gradient");
+            for k in 0..xl.len() {
+                let (nk, mk) = (xl[k], yl[k]);
+                let item =
+                    |t: &Tensor, l: usize| t.get(k).and_then(|t| t.narrow(0, 0, l)?.unsqueeze(0));
+                let xk = Var::from_tensor(&item(&x, nk)?)?;
+                let want = online.kernel_product(
+                    kind,
+                    0.3,
+                    xk.as_tensor(),
+                    &item(&y, mk)?,
+                    &item(&b, mk)?,
+                )?;
+                let e = max_diff(&item(&u, nk)?, &want)?;
+                assert!(e < TOL_PACKED, "{kind:?} item {k}: {e:e}");
+                let gk = want.sum_all()?.backward()?;
+                let e = max_diff(&item(g, nk)?, gk.get(&xk).expect("a gradient"))?;
+                assert!(e < TOL_GRAD, "{kind:?} item {k} ∂x: {e:e}");
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(
+    ragged_never_reads_padding,
+    ragged_never_reads_padding_cpu,
+    ragged_never_reads_padding_cuda,
+    ragged_never_reads_padding_metal
 );
 
 /// Uniform weights by default (1/N_b within each item), and clear errors for bad lengths.

@@ -75,6 +75,36 @@ pub struct BenchResult {
     /// returned plan (`SinkhornDiagnostics::update_error`, `marginal_error`).
     pub update_error: Option<f64>,
     pub marginal_error: Option<f64>,
+    /// Sinkhorn only: K, the length of the ε list plus the extra `tol` iterations (the K of
+    /// the pair count, see [`loss_pairs`]).
+    pub schedule_steps: Option<usize>,
+}
+
+/// The work of one loss evaluation on an (N, M) problem, in point pairs (the module docs'
+/// convention): `(K + 2)·(2NM + [debias](N² + M²))` for the Sinkhorn loss (K: `schedule_steps`,
+/// the ε list plus the extra `tol` iterations), `2NM + …` once for the other losses, plus
+/// `NM (+ N²` when debiased) with the gradient with respect to x (`grad`).
+pub fn loss_pairs(
+    o: &SamplesLossOptions,
+    n: usize,
+    m: usize,
+    schedule_steps: usize,
+    grad: bool,
+) -> f64 {
+    let (nf, mf) = (n as f64, m as f64);
+    let debias = o.debias && o.loss == Loss::Sinkhorn;
+    let per_pass = 2.0 * nf * mf + if debias { nf * nf + mf * mf } else { 0.0 };
+    let passes = if o.loss == Loss::Sinkhorn {
+        (schedule_steps + 2) as f64
+    } else {
+        1.0
+    };
+    let grad = if grad {
+        nf * mf + if debias { nf * nf } else { 0.0 }
+    } else {
+        0.0
+    };
+    passes * per_pass + grad
 }
 
 /// Uniform points in the unit cube, a fixed function of (seed, n, m, d): (x (N, D), y (M, D)) in f64.
@@ -224,21 +254,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let bf = batch as f64;
     let pairs = match cfg.op {
         BenchOp::Softmin => bf * nf * mf,
-        BenchOp::Loss => {
-            let debias = o.debias && o.loss == candle_ot::Loss::Sinkhorn;
-            let per_pass = 2.0 * nf * mf + if debias { nf * nf + mf * mf } else { 0.0 };
-            let passes = if o.loss == candle_ot::Loss::Sinkhorn {
-                (k_passes + 2) as f64
-            } else {
-                1.0
-            };
-            let grad = if cfg.grad {
-                nf * mf + if debias { nf * nf } else { 0.0 }
-            } else {
-                0.0
-            };
-            bf * (passes * per_pass + grad)
-        }
+        BenchOp::Loss => bf * loss_pairs(o, n, m, k_passes, cfg.grad),
     };
     let median_s = median(&times);
     Ok(BenchResult {
@@ -255,6 +271,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         converged: diag.and_then(|d| d.2),
         update_error: diag.and_then(|d| d.2.map(|_| d.3)),
         marginal_error: diag.and_then(|d| d.4),
+        schedule_steps: diag.map(|_| k_passes),
     })
 }
 
@@ -577,5 +594,318 @@ fn compare_online(
         loss: value,
         peak_rss_bytes: peak_rss_bytes(),
         ratio: median_s / grid_median_s,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Ragged batches.
+
+/// A ragged benchmark (`bench --ragged B`): the Sinkhorn loss (or another loss) plus its
+/// gradient with respect to x on `items` pairs of clouds of different sizes, through
+/// [`SamplesLoss::forward_packed`], next to the same clouds as a padded batch and to one
+/// single cloud (the reference pair rate).
+#[derive(Clone, Debug)]
+pub struct RaggedBenchConfig {
+    /// Loss options (backend included). `diameter: None` is set to √D, the diagonal of the
+    /// unit cube, so that the three runs share one ε schedule; `tol` must be `None` (the
+    /// extra iterations of a batch depend on its worst item, so the pair count is undefined).
+    pub options: SamplesLossOptions,
+    /// Number of items B.
+    pub items: usize,
+    /// Cloud sizes, log-uniform in `[min_size, max_size]`, drawn for x and y independently.
+    pub min_size: usize,
+    pub max_size: usize,
+    pub d: usize,
+    /// N = M of the single cloud that gives the reference pair rate.
+    pub single_size: usize,
+    /// Also time the padded batch (B, N_max, D) with zero weights on the padding.
+    pub padded: bool,
+    pub device: Device,
+    pub dtype: DType,
+    pub reps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+/// What a ragged run measured.
+#[derive(Clone, Debug)]
+pub struct RaggedBenchResult {
+    pub x_lengths: Vec<usize>,
+    pub y_lengths: Vec<usize>,
+    /// Σ_b N_b·M_b.
+    pub total_pairs: f64,
+    /// B·N_max·M_max: the pairs of C_xy in the padded batch.
+    pub padded_pairs: f64,
+    /// The work of the ragged problem in the module docs' convention, [`loss_pairs`] summed
+    /// over the items (gradient with respect to x included).
+    pub pairs: f64,
+    /// The ε schedule's length K (Sinkhorn), shared by the three runs.
+    pub schedule_steps: Option<usize>,
+    pub diameter: Option<f64>,
+    pub ragged_s: f64,
+    pub ragged_times_s: Vec<f64>,
+    /// `pairs / ragged_s`.
+    pub ragged_pairs_per_s: f64,
+    /// The summed loss of the ragged call.
+    pub loss: f64,
+    pub padded_s: Option<f64>,
+    pub padded_times_s: Option<Vec<f64>>,
+    /// `padded_s / ragged_s`.
+    pub speedup_vs_padded: Option<f64>,
+    /// max_b |ragged_b − padded_b| / max_b |padded_b|: the two calls compute the same losses.
+    pub padded_loss_rel_diff: Option<f64>,
+    /// The single cloud N = M = `single_size`: [`run`] with the same options and `--grad`.
+    pub single: BenchResult,
+    /// `ragged_s / (pairs / single.pairs_per_s)`: the ragged call's time over the time the
+    /// same work takes at the single cloud's pair rate.
+    pub vs_single_cloud_rate: f64,
+    /// Peak RSS after every run.
+    pub peak_rss_bytes: u64,
+}
+
+/// A ragged batch drawn by [`random_ragged_clouds`]: packed points (host, f64, row-major) and
+/// the sizes.
+#[derive(Clone, Debug)]
+pub struct RaggedClouds {
+    pub d: usize,
+    /// (ΣN_b · D) values.
+    pub x: Vec<f64>,
+    pub x_lengths: Vec<usize>,
+    /// (ΣM_b · D) values.
+    pub y: Vec<f64>,
+    pub y_lengths: Vec<usize>,
+}
+
+/// `items` pairs of clouds, a fixed function of (seed, items, min_size, max_size, d): sizes
+/// `round(exp(U(ln min_size, ln max_size)))` (log-uniform), N_b and M_b independent; points
+/// uniform in the unit cube.
+pub fn random_ragged_clouds(
+    seed: u64,
+    items: usize,
+    min_size: usize,
+    max_size: usize,
+    d: usize,
+) -> Result<RaggedClouds> {
+    if items == 0 {
+        bail!("--ragged needs at least one item");
+    }
+    if min_size == 0 || min_size > max_size {
+        bail!(
+            "--min-size and --max-size must satisfy 1 ≤ min ≤ max, got {min_size} and {max_size}"
+        );
+    }
+    if d == 0 {
+        bail!("--d must be at least 1");
+    }
+    let key = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (items as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+        ^ (min_size as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ (max_size as u64).wrapping_mul(0x1656_67B1_9E37_79F9)
+        ^ (d as u64).wrapping_mul(0x27D4_EB2F_1656_67C5)
+        ^ 0x5241_4747_4544; // "RAGGED"
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    let (lo, hi) = ((min_size as f64).ln(), (max_size as f64).ln());
+    let size = |rng: &mut rand_chacha::ChaCha8Rng| -> usize {
+        let u: f64 = rng.random();
+        ((lo + u * (hi - lo)).exp().round() as usize).clamp(min_size, max_size)
+    };
+    let mut x_lengths = Vec::with_capacity(items);
+    let mut y_lengths = Vec::with_capacity(items);
+    for _ in 0..items {
+        x_lengths.push(size(&mut rng));
+        y_lengths.push(size(&mut rng));
+    }
+    let sn: usize = x_lengths.iter().sum();
+    let sm: usize = y_lengths.iter().sum();
+    let x: Vec<f64> = (0..sn * d).map(|_| rng.random::<f64>()).collect();
+    let y: Vec<f64> = (0..sm * d).map(|_| rng.random::<f64>()).collect();
+    Ok(RaggedClouds {
+        d,
+        x,
+        x_lengths,
+        y,
+        y_lengths,
+    })
+}
+
+/// A packed cloud as a padded batch: points (B, N_max, D), each item padded with copies of
+/// its first point, and weights (B, N_max), `1/N_b` on the item's points and 0 on the padding.
+pub fn pad_cloud(p: &[f64], lengths: &[usize], d: usize) -> Result<(Tensor, Tensor)> {
+    let b = lengths.len();
+    let n_max = lengths.iter().copied().max().unwrap_or(0);
+    let mut points = Vec::with_capacity(b * n_max * d);
+    let mut weights = Vec::with_capacity(b * n_max);
+    let mut off = 0;
+    for &n in lengths {
+        let item = &p[off * d..(off + n) * d];
+        points.extend_from_slice(item);
+        for _ in n..n_max {
+            points.extend_from_slice(&item[..d]);
+        }
+        weights.extend(std::iter::repeat_n(1.0 / n as f64, n));
+        weights.extend(std::iter::repeat_n(0.0, n_max - n));
+        off += n;
+    }
+    Ok((
+        Tensor::from_vec(points, (b, n_max, d), &Device::Cpu)?,
+        Tensor::from_vec(weights, (b, n_max), &Device::Cpu)?,
+    ))
+}
+
+/// One timed loss + ∂/∂x: `call(x)` returns the losses; returns (the losses in f64, seconds).
+fn timed_loss_grad(
+    device: &Device,
+    x: &Tensor,
+    call: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<(Vec<f64>, f64)> {
+    let xv = Var::from_tensor(x)?;
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let losses = call(xv.as_tensor())?;
+    let sum = losses.sum_all()?;
+    let g = sum.backward()?;
+    let gx = g
+        .get(xv.as_tensor())
+        .ok_or_else(|| anyhow!("no gradient for x"))?;
+    total(gx)?;
+    device.synchronize()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let v = losses
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    Ok((v, dt))
+}
+
+/// Runs `warmup + reps` timed calls; returns the last losses, the median and the timed runs.
+fn repeat_timed(
+    cfg: &RaggedBenchConfig,
+    x: &Tensor,
+    call: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<(Vec<f64>, f64, Vec<f64>)> {
+    let mut times = Vec::with_capacity(cfg.reps);
+    let mut last = Vec::new();
+    for rep in 0..cfg.warmup + cfg.reps {
+        let (v, dt) = timed_loss_grad(&cfg.device, x, &call)?;
+        if rep >= cfg.warmup {
+            times.push(dt);
+        }
+        last = v;
+    }
+    Ok((last, median(&times), times))
+}
+
+/// Runs the ragged benchmark (see [`RaggedBenchConfig`]).
+pub fn run_ragged(cfg: &RaggedBenchConfig) -> Result<RaggedBenchResult> {
+    if cfg.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if cfg.options.tol.is_some() {
+        bail!("--tol does not apply to --ragged: the pair count needs GeomLoss's fixed ε schedule (a batch's extra iterations follow its slowest item)");
+    }
+    if cfg.single_size == 0 {
+        bail!("--single-size must be at least 1");
+    }
+    let mut options = cfg.options.clone();
+    if options.loss == Loss::Sinkhorn && options.diameter.is_none() {
+        options.diameter = Some((cfg.d as f64).sqrt());
+    }
+    let clouds = random_ragged_clouds(cfg.seed, cfg.items, cfg.min_size, cfg.max_size, cfg.d)?;
+    let (xl, yl) = (&clouds.x_lengths, &clouds.y_lengths);
+    let d = cfg.d;
+
+    // The single cloud first: its diagnostics give the schedule's length K.
+    let single = run(&BenchConfig {
+        options: options.clone(),
+        n: cfg.single_size,
+        m: cfg.single_size,
+        d,
+        device: cfg.device.clone(),
+        dtype: cfg.dtype,
+        grad: true,
+        op: BenchOp::Loss,
+        reps: cfg.reps,
+        warmup: cfg.warmup,
+        seed: cfg.seed,
+        input: None,
+    })
+    .context("the single-cloud reference run")?;
+    let k = single.schedule_steps.unwrap_or(0);
+    if options.loss == Loss::Sinkhorn && single.schedule_steps.is_none() {
+        bail!("the single-cloud run returned no Sinkhorn diagnostics: cannot count the pairs");
+    }
+
+    let loss = SamplesLoss::from_options(options.clone())?;
+    let to_dev =
+        |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(cfg.dtype)?.to_device(&cfg.device)?) };
+    let xp = to_dev(Tensor::from_vec(
+        clouds.x.clone(),
+        (clouds.x.len() / d, d),
+        &Device::Cpu,
+    )?)?;
+    let yp = to_dev(Tensor::from_vec(
+        clouds.y.clone(),
+        (clouds.y.len() / d, d),
+        &Device::Cpu,
+    )?)?;
+    let (ragged_losses, ragged_s, ragged_times) = repeat_timed(cfg, &xp, |x| {
+        loss.forward_packed(None, x, xl, None, &yp, yl)
+    })?;
+
+    let (padded_s, padded_times, padded_diff) = if cfg.padded {
+        let (x_pad, a_pad) = pad_cloud(&clouds.x, xl, d)?;
+        let (y_pad, b_pad) = pad_cloud(&clouds.y, yl, d)?;
+        let (x_pad, a_pad, y_pad, b_pad) = (
+            to_dev(x_pad)?,
+            to_dev(a_pad)?,
+            to_dev(y_pad)?,
+            to_dev(b_pad)?,
+        );
+        let (padded_losses, s, times) = repeat_timed(cfg, &x_pad, |x| {
+            loss.forward_weighted(&a_pad, x, &b_pad, &y_pad)
+        })?;
+        let diff = ragged_losses
+            .iter()
+            .zip(&padded_losses)
+            .map(|(r, p)| (r - p).abs())
+            .fold(0.0, f64::max);
+        let scale = padded_losses.iter().map(|p| p.abs()).fold(0.0, f64::max);
+        (
+            Some(s),
+            Some(times),
+            Some(if scale > 0.0 { diff / scale } else { diff }),
+        )
+    } else {
+        (None, None, None)
+    };
+
+    let total_pairs: f64 = xl.iter().zip(yl).map(|(&n, &m)| n as f64 * m as f64).sum();
+    let n_max = xl.iter().copied().max().unwrap_or(0) as f64;
+    let m_max = yl.iter().copied().max().unwrap_or(0) as f64;
+    let pairs: f64 = xl
+        .iter()
+        .zip(yl)
+        .map(|(&n, &m)| loss_pairs(&options, n, m, k, true))
+        .sum();
+    let at_single_rate_s = pairs / single.pairs_per_s;
+    Ok(RaggedBenchResult {
+        x_lengths: xl.clone(),
+        y_lengths: yl.clone(),
+        total_pairs,
+        padded_pairs: cfg.items as f64 * n_max * m_max,
+        pairs,
+        schedule_steps: single.schedule_steps,
+        diameter: options.diameter,
+        ragged_s,
+        ragged_times_s: ragged_times,
+        ragged_pairs_per_s: pairs / ragged_s,
+        loss: ragged_losses.iter().sum(),
+        padded_s,
+        padded_times_s: padded_times,
+        speedup_vs_padded: padded_s.map(|p| p / ragged_s),
+        padded_loss_rel_diff: padded_diff,
+        vs_single_cloud_rate: ragged_s / at_single_rate_s,
+        single,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }

@@ -9,6 +9,13 @@
 //! Output (all f64): `loss` ((1,) or (B,)), `grad_x`, `grad_y`, `grad_a`, `grad_b` (gradients of
 //! the summed loss), `F`, `G`, and `labels_i` when the case holds `l` (M, K).
 //!
+//! Ragged cases (clouds of different sizes, [`SamplesLoss::forward_packed`]): the 1-D integer
+//! tensors `x_lengths` and `y_lengths` (u8, u32, i16, i32 or i64; one size ≥ 1 per item, both
+//! or neither) make `x` the packed points (ΣN_b, D), `y` (ΣM_b, D), and the optional `a`, `b`
+//! packed weights (ΣN_b,), (ΣM_b,) (default uniform within each item). Output (f64): `loss`
+//! (B,), and `grad_x`, `grad_y`, `grad_a`, `grad_b` packed like x, y, a, b; no `F`, `G` (the
+//! packed call returns losses only) and no labels (`l` is an error).
+//!
 //! Grid cases (metadata `kind` = `grid`, `tests/data/reference/grid/`) hold densities `a`, `b`
 //! shaped `(B, n_1, …, n_D)` (any leading batch axes, or none) and run [`ImagesLoss`] with
 //! `D = len(params.shape)` (see [`parse_grid_params`]). Output (f64): `loss` ((1,) or the batch
@@ -360,6 +367,16 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     let get = |name: &str| case.tensors.get(name);
     let x = get("x").ok_or_else(|| anyhow!("the case has no tensor `x`"))?;
     let y = get("y").ok_or_else(|| anyhow!("the case has no tensor `y`"))?;
+    match (get("x_lengths"), get("y_lengths")) {
+        (None, None) => {}
+        (Some(xl), Some(yl)) => return evaluate_ragged(case, &loss, dtype, (x, xl), (y, yl)),
+        (Some(_), None) => bail!(
+            "the case has `x_lengths` but no `y_lengths`: a ragged case needs both (one size per item of x and of y)"
+        ),
+        (None, Some(_)) => bail!(
+            "the case has `y_lengths` but no `x_lengths`: a ragged case needs both (one size per item of x and of y)"
+        ),
+    }
     let batched = x.rank() == 3;
     if !(x.rank() == 2 || batched) {
         bail!("x must be (N, D) or (B, N, D), got {:?}", x.dims());
@@ -416,6 +433,144 @@ pub fn evaluate(case: &Case, dtype: DType, backend: Backend) -> Result<Evaluatio
     Ok(Evaluation {
         outputs: out,
         diagnostics: sol.diagnostics,
+    })
+}
+
+/// The item sizes of a ragged case: the 1-D integer tensor `name` (u8, u32, i16, i32 or i64),
+/// every size at least 1.
+pub fn read_lengths(t: &Tensor, name: &str) -> Result<Vec<usize>> {
+    if t.rank() != 1 {
+        bail!(
+            "`{name}` must be 1-D, one size per item, got shape {:?}",
+            t.dims()
+        );
+    }
+    let v: Vec<i64> = match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I16 => t.to_vec1::<i16>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => t.to_vec1::<i64>()?,
+        other => bail!(
+            "`{name}` must hold integers (u8, u32, i16, i32 or i64), got {}",
+            format!("{other:?}").to_lowercase()
+        ),
+    };
+    if v.is_empty() {
+        bail!("`{name}` is empty: a ragged case needs at least one item");
+    }
+    v.iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            usize::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| anyhow!("`{name}`[{k}] is {n}: every item needs at least one point"))
+        })
+        .collect()
+}
+
+/// Checks a packed cloud `p` (ΣN_b, D) against its sizes and its optional packed weights.
+fn check_packed(
+    p: &Tensor,
+    lengths: &[usize],
+    w: Option<&Tensor>,
+    (pn, ln, wn): (&str, &str, &str),
+) -> Result<()> {
+    if p.rank() != 2 {
+        bail!(
+            "`{pn}` must be (ΣN_b, D) in a ragged case (the items' points one after the other, sizes in `{ln}`), got {:?}",
+            p.dims()
+        );
+    }
+    let total: usize = lengths.iter().sum();
+    if total != p.dim(0)? {
+        bail!(
+            "`{ln}` sums to {total} but `{pn}` has {} rows ({:?}): the sizes must add up to the packed points",
+            p.dim(0)?,
+            p.dims()
+        );
+    }
+    if let Some(w) = w {
+        if w.dims() != [total] {
+            bail!(
+                "`{wn}` must be ({total},) in a ragged case, one weight per packed point of `{pn}`, got {:?}",
+                w.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Uniform weights within each item of a packed cloud: `1/N_b` on the points of item b (f64).
+fn packed_uniform(lengths: &[usize]) -> Result<Tensor> {
+    let w: Vec<f64> = lengths
+        .iter()
+        .flat_map(|&n| std::iter::repeat_n(1.0 / n as f64, n))
+        .collect();
+    let k = w.len();
+    Ok(Tensor::from_vec(w, k, &Device::Cpu)?)
+}
+
+/// A ragged point-cloud case (`x_lengths`, `y_lengths`): [`SamplesLoss::forward_packed`] on
+/// the packed x, y (and a, b), with the packed outputs `loss` (B,), `grad_x` (ΣN_b, D),
+/// `grad_y` (ΣM_b, D), `grad_a` (ΣN_b,), `grad_b` (ΣM_b,).
+fn evaluate_ragged(
+    case: &Case,
+    loss: &SamplesLoss,
+    dtype: DType,
+    (x, xl): (&Tensor, &Tensor),
+    (y, yl): (&Tensor, &Tensor),
+) -> Result<Evaluation> {
+    let get = |name: &str| case.tensors.get(name);
+    let x_lengths = read_lengths(xl, "x_lengths")?;
+    let y_lengths = read_lengths(yl, "y_lengths")?;
+    if x_lengths.len() != y_lengths.len() {
+        bail!(
+            "`x_lengths` has {} items but `y_lengths` has {}: item b of x is compared with item b of y",
+            x_lengths.len(),
+            y_lengths.len()
+        );
+    }
+    check_packed(x, &x_lengths, get("a"), ("x", "x_lengths", "a"))?;
+    check_packed(y, &y_lengths, get("b"), ("y", "y_lengths", "b"))?;
+    if get("l").is_some() {
+        bail!("label transfer (`l`) is not available for ragged cases (`x_lengths`, `y_lengths`)");
+    }
+    let a = match get("a") {
+        Some(a) => a.clone(),
+        None => packed_uniform(&x_lengths)?,
+    };
+    let b = match get("b") {
+        Some(b) => b.clone(),
+        None => packed_uniform(&y_lengths)?,
+    };
+    let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
+    let (va, vx, vb, vy) = (var(&a)?, var(x)?, var(&b)?, var(y)?);
+    let value = loss.forward_packed(
+        Some(va.as_tensor()),
+        vx.as_tensor(),
+        &x_lengths,
+        Some(vb.as_tensor()),
+        vy.as_tensor(),
+        &y_lengths,
+    )?;
+    let grads = value.sum_all()?.backward()?;
+    let grad_of = |v: &Var| -> Result<Tensor> {
+        match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.to_dtype(DType::F64)?),
+            None => Ok(v.as_tensor().zeros_like()?.to_dtype(DType::F64)?),
+        }
+    };
+    let mut out = HashMap::new();
+    out.insert("loss".to_string(), value.to_dtype(DType::F64)?);
+    out.insert("grad_x".to_string(), grad_of(&vx)?);
+    out.insert("grad_y".to_string(), grad_of(&vy)?);
+    out.insert("grad_a".to_string(), grad_of(&va)?);
+    out.insert("grad_b".to_string(), grad_of(&vb)?);
+    Ok(Evaluation {
+        outputs: out,
+        diagnostics: None,
     })
 }
 

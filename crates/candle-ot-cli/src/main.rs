@@ -346,6 +346,29 @@ enum Cmd {
         /// with the masses as weights, and report the ratio. Quadratic in the pixel count.
         #[arg(long)]
         compare_online: bool,
+        /// Time a ragged batch of B pairs of random clouds (sizes log-uniform in [--min-size,
+        /// --max-size], x and y drawn independently, a fixed function of --seed): the loss and
+        /// ∂loss/∂x through forward_packed, the same clouds as a padded batch (zero weights on
+        /// the padding), and one single cloud (--single-size) for the reference pair rate.
+        #[arg(
+            long,
+            value_name = "B",
+            conflicts_with_all = ["grid", "load_npy", "input", "n", "m", "op", "compare_online", "batch", "tol"]
+        )]
+        ragged: Option<usize>,
+        /// --ragged: the smallest cloud size (default 100).
+        #[arg(long, requires = "ragged")]
+        min_size: Option<usize>,
+        /// --ragged: the largest cloud size (default 10000).
+        #[arg(long, requires = "ragged")]
+        max_size: Option<usize>,
+        /// --ragged: N = M of the single cloud that gives the reference pair rate (default
+        /// --max-size).
+        #[arg(long, requires = "ragged")]
+        single_size: Option<usize>,
+        /// --ragged: skip the padded batch (it visits B·N_max·M_max pairs and can be slow).
+        #[arg(long, requires = "ragged")]
+        no_padded: bool,
     },
 }
 
@@ -737,6 +760,11 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             load_npy,
             compare_online,
+            ragged,
+            min_size,
+            max_size,
+            single_size,
+            no_padded,
         } => {
             if let Some(t) = threads {
                 candle_ot::set_num_threads(t)?;
@@ -768,28 +796,49 @@ fn run(cli: Cli) -> Result<()> {
                 print_grid_bench(&r, json);
                 return Ok(());
             }
+            let options = SamplesLossOptions {
+                loss: loss.into(),
+                p,
+                blur: blur.unwrap_or(0.05),
+                scaling: scaling.unwrap_or(0.5),
+                debias: !no_debias,
+                reach,
+                tol,
+                max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
+                acceleration,
+                require_convergence,
+                backend: backend.into(),
+                truncate: truncate.unwrap_or(5.0),
+                cluster_scale,
+                ..Default::default()
+            };
+            if let Some(items) = ragged {
+                let max_size = max_size.unwrap_or(10_000);
+                let cfg = bench::RaggedBenchConfig {
+                    options,
+                    items,
+                    min_size: min_size.unwrap_or(100),
+                    max_size,
+                    d,
+                    single_size: single_size.unwrap_or(max_size),
+                    padded: !no_padded,
+                    device,
+                    dtype: dtype.into(),
+                    reps,
+                    warmup,
+                    seed,
+                };
+                let r = bench::run_ragged(&cfg)?;
+                print_ragged_bench(&cfg, &r, json);
+                return Ok(());
+            }
             if compare_online || batch != 1 {
                 bail!(
                     "--compare-online and --batch apply to grid benchmarks (--grid or --load-npy)"
                 );
             }
             let cfg = bench::BenchConfig {
-                options: SamplesLossOptions {
-                    loss: loss.into(),
-                    p,
-                    blur: blur.unwrap_or(0.05),
-                    scaling: scaling.unwrap_or(0.5),
-                    debias: !no_debias,
-                    reach,
-                    tol,
-                    max_iter: max_iter.unwrap_or(SamplesLossOptions::default().max_iter),
-                    acceleration,
-                    require_convergence,
-                    backend: backend.into(),
-                    truncate: truncate.unwrap_or(5.0),
-                    cluster_scale,
-                    ..Default::default()
-                },
+                options,
                 n,
                 m,
                 d,
@@ -866,6 +915,90 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_ragged_bench(cfg: &bench::RaggedBenchConfig, r: &bench::RaggedBenchResult, json: bool) {
+    let dtype = if cfg.dtype == DType::F64 {
+        "f64"
+    } else {
+        "f32"
+    };
+    let backend = format!("{:?}", cfg.options.backend).to_lowercase();
+    if json {
+        let out = serde_json::json!({
+            "mode": "ragged",
+            "items": cfg.items,
+            "d": cfg.d,
+            "min_size": cfg.min_size,
+            "max_size": cfg.max_size,
+            "seed": cfg.seed,
+            "dtype": dtype,
+            "backend": backend,
+            "threads": candle_ot::num_threads(),
+            "x_lengths": r.x_lengths,
+            "y_lengths": r.y_lengths,
+            "total_pairs": r.total_pairs,
+            "padded_pairs": r.padded_pairs,
+            "pairs": r.pairs,
+            "schedule_steps": r.schedule_steps,
+            "diameter": r.diameter,
+            "median_s": r.ragged_s,
+            "pairs_per_s": r.ragged_pairs_per_s,
+            "ragged_s": r.ragged_s,
+            "ragged_times_s": r.ragged_times_s,
+            "ragged_pairs_per_s": r.ragged_pairs_per_s,
+            "loss": r.loss,
+            "padded_s": r.padded_s,
+            "padded_times_s": r.padded_times_s,
+            "speedup_vs_padded": r.speedup_vs_padded,
+            "padded_loss_rel_diff": r.padded_loss_rel_diff,
+            "single_size": cfg.single_size,
+            "single_s": r.single.median_s,
+            "single_pairs": r.single.pairs,
+            "single_pairs_per_s": r.single.pairs_per_s,
+            "vs_single_cloud_rate": r.vs_single_cloud_rate,
+            "peak_rss_bytes": r.peak_rss_bytes,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "ragged: {} items, sizes {}..{} (log-uniform), D = {}, {dtype}, {backend}, {} threads: Σ N_b·M_b = {:.3e} pairs (padded B·N_max·M_max = {:.3e}), work {:.3e} pairs",
+        cfg.items,
+        cfg.min_size,
+        cfg.max_size,
+        cfg.d,
+        candle_ot::num_threads(),
+        r.total_pairs,
+        r.padded_pairs,
+        r.pairs
+    );
+    println!(
+        "forward_packed + ∂/∂x: median {:.4} s over {} runs ({:?}), {:.3e} pairs/s, summed loss {:.9e}",
+        r.ragged_s,
+        r.ragged_times_s.len(),
+        r.ragged_times_s,
+        r.ragged_pairs_per_s,
+        r.loss
+    );
+    if let (Some(s), Some(t), Some(x), Some(e)) = (
+        r.padded_s,
+        &r.padded_times_s,
+        r.speedup_vs_padded,
+        r.padded_loss_rel_diff,
+    ) {
+        println!(
+            "padded batch (forward_weighted, zero weights on the padding) + ∂/∂x: median {s:.4} s ({t:?}); ragged speedup {x:.2}× (losses agree to {e:.1e})"
+        );
+    }
+    println!(
+        "single cloud N = M = {}: median {:.4} s, {:.3e} pairs/s; ragged time over the same work at that rate: {:.3}",
+        cfg.single_size, r.single.median_s, r.single.pairs_per_s, r.vs_single_cloud_rate
+    );
+    println!(
+        "peak RSS {:.1} MiB",
+        r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+    );
 }
 
 fn print_grid_bench(r: &bench::GridBenchResult, json: bool) {

@@ -881,3 +881,451 @@ fn not_converged_warns_or_fails() {
         stderr(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Ragged (packed) batches, #16.
+
+/// Positive weights summing to 1 within each item of a packed cloud (f64, deterministic).
+fn packed_weights(lengths: &[usize], salt: usize) -> Tensor {
+    let mut w = Vec::new();
+    for &n in lengths {
+        let item: Vec<f64> = (0..n)
+            .map(|k| 1.0 + ((k * 29 + salt * 13) % 17) as f64 / 8.0)
+            .collect();
+        let s: f64 = item.iter().sum();
+        w.extend(item.iter().map(|v| v / s));
+    }
+    let k = w.len();
+    Tensor::from_vec(w, k, &Device::Cpu).unwrap()
+}
+
+/// Per-item library calls (f64, online backend, the options given): the loss of every item
+/// and the gradients of their sum, packed like the inputs.
+fn per_item_reference(
+    opts: &candle_ot::SamplesLossOptions,
+    (a, x, xl): (Option<&Tensor>, &Tensor, &[usize]),
+    (b, y, yl): (Option<&Tensor>, &Tensor, &[usize]),
+) -> HashMap<&'static str, Vec<f64>> {
+    let loss = SamplesLoss::from_options(candle_ot::SamplesLossOptions {
+        backend: candle_ot::Backend::Online,
+        ..opts.clone()
+    })
+    .unwrap();
+    let mut out: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let (mut ox, mut oy) = (0, 0);
+    for (&n, &m) in xl.iter().zip(yl) {
+        let item_w = |w: Option<&Tensor>, off: usize, k: usize| match w {
+            Some(w) => w.narrow(0, off, k).unwrap(),
+            None => Tensor::full(1.0 / k as f64, k, &Device::Cpu).unwrap(),
+        };
+        let var = |t: Tensor| candle_core::Var::from_tensor(&t).unwrap();
+        let va = var(item_w(a, ox, n));
+        let vb = var(item_w(b, oy, m));
+        let vx = var(x.narrow(0, ox, n).unwrap());
+        let vy = var(y.narrow(0, oy, m).unwrap());
+        let l = loss
+            .forward_weighted(
+                va.as_tensor(),
+                vx.as_tensor(),
+                vb.as_tensor(),
+                vy.as_tensor(),
+            )
+            .unwrap();
+        let g = l.sum_all().unwrap().backward().unwrap();
+        out.entry("loss").or_default().extend(flat(&l));
+        for (k, v) in [
+            ("grad_x", &vx),
+            ("grad_y", &vy),
+            ("grad_a", &va),
+            ("grad_b", &vb),
+        ] {
+            out.entry(k)
+                .or_default()
+                .extend(flat(g.get(v.as_tensor()).unwrap()));
+        }
+        ox += n;
+        oy += m;
+    }
+    out
+}
+
+/// `eval` on a ragged case (`x_lengths`, `y_lengths` of several integer dtypes) writes the
+/// loss per item (B,) and the packed gradients, equal in f64 to per-item library calls given
+/// the same diameter: debiased Sinkhorn with uniform weights, unbalanced Sinkhorn and the
+/// energy kernel with given weights.
+#[test]
+fn eval_ragged_case_matches_per_item_calls() {
+    let s = Scratch::new("ragged");
+    let case = s.path("case.safetensors");
+    let out = s.path("out.safetensors");
+    let (xl, yl) = ([7usize, 12, 1, 5], [9usize, 4, 11, 2]);
+    let (sn, sm) = (xl.iter().sum::<usize>(), yl.iter().sum::<usize>());
+    let (x, y) = (points(sn, 2, 0.0), points(sm, 2, 0.3));
+    let (a, b) = (packed_weights(&xl, 1), packed_weights(&yl, 2));
+    let lengths = |l: &[usize], dtype: DType| -> Tensor {
+        let v: Vec<i64> = l.iter().map(|&n| n as i64).collect();
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        match dtype {
+            // Candle casts i64 to u8 / u32 on the CPU.
+            DType::I64 => t,
+            d => t.to_dtype(d).unwrap(),
+        }
+    };
+    let sinkhorn = candle_ot::SamplesLossOptions {
+        blur: 0.1,
+        diameter: Some(2.0),
+        ..Default::default()
+    };
+    for (params, opts, weighted, (dx, dy)) in [
+        (
+            r#"{"loss": "sinkhorn", "blur": 0.1, "diameter": 2.0}"#,
+            sinkhorn.clone(),
+            false,
+            (DType::I64, DType::U32),
+        ),
+        (
+            r#"{"loss": "sinkhorn", "blur": 0.1, "diameter": 2.0, "reach": 0.5}"#,
+            candle_ot::SamplesLossOptions {
+                reach: Some(0.5),
+                ..sinkhorn.clone()
+            },
+            true,
+            (DType::U8, DType::I64),
+        ),
+        (
+            r#"{"loss": "energy"}"#,
+            candle_ot::SamplesLossOptions {
+                loss: Loss::Energy,
+                ..Default::default()
+            },
+            true,
+            (DType::U32, DType::U8),
+        ),
+    ] {
+        let mut tensors = vec![
+            ("x", x.clone()),
+            ("y", y.clone()),
+            ("x_lengths", lengths(&xl, dx)),
+            ("y_lengths", lengths(&yl, dy)),
+        ];
+        if weighted {
+            tensors.push(("a", a.clone()));
+            tensors.push(("b", b.clone()));
+        }
+        write_case(&case, &tensors, Some(params));
+        let o = eval(&case, &out, &["--dtype", "f64"]);
+        assert!(o.status.success(), "{params}: {}", stderr(&o));
+        let got = load(&out);
+        let mut names: Vec<&String> = got.keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["grad_a", "grad_b", "grad_x", "grad_y", "loss"],
+            "{params}"
+        );
+        assert_eq!(got["loss"].dims(), &[xl.len()], "{params}");
+        assert_eq!(got["grad_x"].dims(), &[sn, 2], "{params}");
+        assert_eq!(got["grad_y"].dims(), &[sm, 2], "{params}");
+        assert_eq!(got["grad_a"].dims(), &[sn], "{params}");
+        assert_eq!(got["grad_b"].dims(), &[sm], "{params}");
+        let (wa, wb) = if weighted {
+            (Some(&a), Some(&b))
+        } else {
+            (None, None)
+        };
+        let want = per_item_reference(&opts, (wa, &x, &xl), (wb, &y, &yl));
+        for k in ["loss", "grad_x", "grad_y", "grad_a", "grad_b"] {
+            assert_eq!(got[k].dtype(), DType::F64, "{params} {k}");
+            let e = rel_err(&flat(&got[k]), &want[k]);
+            assert!(e <= TOL_F64, "{params} {k}: rel err {e:.3e}");
+        }
+        // The values are not trivially zero.
+        assert!(want["loss"].iter().all(|v| v.abs() > 1e-6), "{params}");
+    }
+}
+
+/// A named tensor of a case file.
+type Named = (&'static str, Tensor);
+
+/// Malformed ragged cases fail cleanly, naming the tensor at fault.
+#[test]
+fn eval_ragged_bad_cases_fail_cleanly() {
+    let s = Scratch::new("ragged-bad");
+    let case = s.path("case.safetensors");
+    let out = s.path("out.safetensors");
+    let l = |v: &[i64]| Tensor::new(v, &Device::Cpu).unwrap();
+    let (x, y) = (points(10, 2, 0.0), points(8, 2, 0.3));
+    let cases: Vec<(Vec<Named>, Vec<&str>)> = vec![
+        // Only one of the two.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 6])),
+            ],
+            vec!["`x_lengths`", "`y_lengths`"],
+        ),
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`y_lengths`", "`x_lengths`"],
+        ),
+        // Not integers.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                (
+                    "x_lengths",
+                    Tensor::new(&[4.0f32, 6.0], &Device::Cpu).unwrap(),
+                ),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`x_lengths`", "integers", "f32"],
+        ),
+        // Not 1-D.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[3, 5]).reshape((1, 2)).unwrap()),
+            ],
+            vec!["`y_lengths`", "1-D", "[1, 2]"],
+        ),
+        // Not summing to the rows.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 5])),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`x_lengths`", "sums to 9", "10 rows"],
+        ),
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[3, 6])),
+            ],
+            vec!["`y_lengths`", "sums to 9", "8 rows"],
+        ),
+        // A zero and a negative size.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[8, 0])),
+            ],
+            vec!["`y_lengths`[1] is 0"],
+        ),
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[12, -2])),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`x_lengths`[1] is -2"],
+        ),
+        // Different item counts.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[3, 4, 1])),
+            ],
+            vec!["`x_lengths` has 2 items", "`y_lengths` has 3"],
+        ),
+        // Batched x.
+        (
+            vec![
+                ("x", x.reshape((2, 5, 2)).unwrap()),
+                ("y", y.clone()),
+                ("x_lengths", l(&[5, 5])),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`x`", "(ΣN_b, D)"],
+        ),
+        // Weights of the wrong length.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                ("b", Tensor::full(0.25f64, 4, &Device::Cpu).unwrap()),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`b`", "(8,)"],
+        ),
+    ];
+    for (tensors, needles) in cases {
+        write_case(&case, &tensors, None);
+        assert_failed(&eval(&case, &out, &["--dtype", "f64"]), &out, &needles);
+    }
+}
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line")
+}
+
+/// `bench --ragged 4 --min-size 5 --max-size 40`: one JSON line with the sizes, the pair
+/// counts (checked against the sizes and the schedule), finite timings and ratios, and the
+/// loss of the library's packed call on the same clouds.
+#[test]
+fn bench_ragged_reports_pairs_speedup_and_single_rate() {
+    let args = [
+        "bench",
+        "--ragged",
+        "4",
+        "--min-size",
+        "5",
+        "--max-size",
+        "40",
+        "--seed",
+        "7",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let v = bench_json(&args);
+    assert_eq!(v["mode"], "ragged", "{v}");
+    assert_eq!(v["items"], 4, "{v}");
+    let sizes = |k: &str| -> Vec<usize> {
+        v[k].as_array()
+            .unwrap_or_else(|| panic!("no {k} in {v}"))
+            .iter()
+            .map(|n| n.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let (xl, yl) = (sizes("x_lengths"), sizes("y_lengths"));
+    assert_eq!((xl.len(), yl.len()), (4, 4), "{v}");
+    assert!(xl.iter().chain(&yl).all(|n| (5..=40).contains(n)), "{v}");
+    let clouds = candle_ot_cli::bench::random_ragged_clouds(7, 4, 5, 40, 3).unwrap();
+    assert_eq!((&clouds.x_lengths, &clouds.y_lengths), (&xl, &yl));
+    let num = |k: &str| -> f64 {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+        assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+        x
+    };
+    let nm: f64 = xl.iter().zip(&yl).map(|(&n, &m)| (n * m) as f64).sum();
+    assert_eq!(num("total_pairs"), nm, "{v}");
+    let (n_max, m_max) = (*xl.iter().max().unwrap(), *yl.iter().max().unwrap());
+    assert_eq!(num("padded_pairs"), (4 * n_max * m_max) as f64, "{v}");
+    // K: the ε schedule of GeomLoss's defaults at diameter √3.
+    let k = v["schedule_steps"].as_u64().expect("schedule_steps") as usize;
+    let lib = SamplesLoss::from_options(candle_ot::SamplesLossOptions {
+        diameter: Some(3f64.sqrt()),
+        ..Default::default()
+    })
+    .unwrap();
+    let (px, py) = (points(5, 3, 0.0), points(6, 3, 0.1));
+    let sol = lib.solve(None, &px, None, &py).unwrap();
+    assert_eq!(k, sol.diagnostics.unwrap().eps_list.len(), "{v}");
+    let work: f64 = xl
+        .iter()
+        .zip(&yl)
+        .map(|(&n, &m)| {
+            let (n, m) = (n as f64, m as f64);
+            (k + 2) as f64 * (2.0 * n * m + n * n + m * m) + n * m + n * n
+        })
+        .sum();
+    assert!((num("pairs") - work).abs() <= 1e-9 * work, "{v}");
+    let ragged_s = num("ragged_s");
+    assert_eq!(num("median_s"), ragged_s);
+    assert!((num("ragged_pairs_per_s") - work / ragged_s).abs() <= 1e-9 * work / ragged_s);
+    let speedup = num("speedup_vs_padded");
+    assert!(
+        (speedup - num("padded_s") / ragged_s).abs() <= 1e-9 * speedup,
+        "{v}"
+    );
+    assert_eq!(v["single_size"], 40, "{v}");
+    let want_ratio = ragged_s / (work / num("single_pairs_per_s"));
+    let ratio = num("vs_single_cloud_rate");
+    assert!((ratio - want_ratio).abs() <= 1e-9 * ratio, "{v}");
+    num("single_s");
+    assert!(
+        v["padded_loss_rel_diff"]
+            .as_f64()
+            .expect("padded_loss_rel_diff")
+            <= 1e-4,
+        "{v}"
+    );
+    // The summed loss is the library's packed call on the same clouds (f32).
+    let (sx, sy) = (clouds.x.len() / 3, clouds.y.len() / 3);
+    let x = Tensor::from_vec(clouds.x, (sx, 3), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(clouds.y, (sy, 3), &Device::Cpu).unwrap();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let want: f64 = flat(
+        &lib.forward_packed(None, &f32(&x), &xl, None, &f32(&y), &yl)
+            .unwrap(),
+    )
+    .iter()
+    .sum();
+    let e = (num("loss") - want).abs() / want.abs();
+    assert!(e <= 1e-5, "loss {} vs {want}: {e:.2e}", num("loss"));
+
+    // The same seed draws the same clouds; --no-padded skips the padded batch.
+    let mut no_padded = args.to_vec();
+    no_padded.push("--no-padded");
+    let w = bench_json(&no_padded);
+    assert_eq!(w["x_lengths"], v["x_lengths"]);
+    assert_eq!(w["y_lengths"], v["y_lengths"]);
+    for k in ["padded_s", "speedup_vs_padded", "padded_loss_rel_diff"] {
+        assert!(w[k].is_null(), "{k} in {w}");
+    }
+    assert!(w["vs_single_cloud_rate"].as_f64().unwrap().is_finite());
+}
+
+/// The sizes are log-uniform: half of them below the geometric mean of the bounds.
+#[test]
+fn ragged_sizes_are_log_uniform() {
+    let c = candle_ot_cli::bench::random_ragged_clouds(1, 400, 100, 10_000, 1).unwrap();
+    let all: Vec<usize> = c.x_lengths.iter().chain(&c.y_lengths).copied().collect();
+    assert!(all.iter().all(|n| (100..=10_000).contains(n)));
+    for (cut, want) in [(1000, 0.5), (316, 0.25), (3162, 0.75)] {
+        let frac = all.iter().filter(|&&n| n < cut).count() as f64 / all.len() as f64;
+        assert!(
+            (frac - want).abs() < 0.07,
+            "P(N < {cut}) = {frac}, want {want}"
+        );
+    }
+    // x and y sizes are drawn independently.
+    assert_ne!(c.x_lengths, c.y_lengths);
+    assert_eq!(c.x.len(), c.x_lengths.iter().sum::<usize>());
+}
+
+/// Bad ragged bench arguments fail with a message.
+#[test]
+fn bench_ragged_bad_arguments_fail() {
+    for (args, needle) in [
+        (vec!["--ragged", "0"], "at least one item"),
+        (
+            vec!["--ragged", "2", "--min-size", "50", "--max-size", "10"],
+            "--min-size",
+        ),
+        (vec!["--ragged", "2", "--tol", "1e-3"], "--tol"),
+        (vec!["--min-size", "5"], "--ragged"),
+        (vec!["--ragged", "2", "--grid", "8x8"], "--grid"),
+    ] {
+        let mut all = vec!["bench", "--reps", "1", "--warmup", "0", "--max-size", "20"];
+        if args.contains(&"--max-size") {
+            all.truncate(5);
+        }
+        all.extend_from_slice(&args);
+        let o = run(&all);
+        assert!(!o.status.success(), "{all:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{all:?}: {}", stderr(&o));
+    }
+}

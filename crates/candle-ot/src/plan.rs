@@ -207,6 +207,7 @@ impl TransportPlan {
                 &rows,
                 &cols,
                 crate::softmin::online::Weighted::Grad { with_mass: true },
+                None,
             )?; // (B, N, D + 1)
             let t = (&self.x - s.narrow(2, 0, d)?.broadcast_div(&s.narrow(2, d, 1)?)?)?;
             return self.unbatch(t);

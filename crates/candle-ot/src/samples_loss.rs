@@ -9,11 +9,13 @@ use crate::plan::TransportPlan;
 use crate::schedule::{
     epsilon_schedule, estimate_diameter, estimate_diameter_weighted, schedule_len, MAX_SCHEDULE_LEN,
 };
-use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics, ValueErrorBound};
+use crate::sinkhorn::{
+    sinkhorn_loop, sinkhorn_loop_ragged, LoopParams, SinkhornDiagnostics, ValueErrorBound,
+};
 use crate::softmin::multiscale::{
     self, cluster::default_cluster_scale, MultiscaleDiagnostics, MultiscaleParams,
 };
-use crate::softmin::{Online, PointSoftmin, Tensorized};
+use crate::softmin::{Lengths, Online, PointSoftmin, Tensorized};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Losses between weighted point clouds `α = Σ_i a_i δ_{x_i}` and `β = Σ_j b_j δ_{y_j}`,
@@ -251,9 +253,16 @@ impl SamplesLoss {
     /// It equals the padded batch call with zero weights on the padding, wherever the padding
     /// points sit, and the per-item calls when they are given the same `diameter` (the ε
     /// schedule follows GeomLoss's batched rule: one diameter over all items, from the points
-    /// of positive weight, unless `diameter` is set). Today every backend runs it as that
-    /// padded batch (the padding repeats each item's first point with weight 0, so the bounding
-    /// boxes do not change); the padded pairs are masked but still visited.
+    /// of positive weight, unless `diameter` is set).
+    ///
+    /// How it runs: the items are laid out padded, (B, N_max, D), with the per-item lengths
+    /// ([`crate::softmin::Lengths`]) handed to the backend. The online backend never visits a
+    /// padding pair: on the CPU each item's rows stream over that item's columns only (rayon
+    /// balances items of very different sizes), on CUDA and Metal one launch of the
+    /// block-sparse kernels covers the batch with one task table of per-item tiles (the kernel
+    /// losses run masked there). The tensorized and multiscale backends run the padded batch
+    /// with zero weights on the padding (the padding repeats each item's first point, so the
+    /// bounding boxes do not change), which gives the same values.
     ///
     /// Errors: `x must be (ΣN_b, D)` when x is not 2-D, `x_lengths` not summing to x's rows or
     /// holding a 0, a different number of items on the two sides, weights of the wrong length.
@@ -276,7 +285,10 @@ impl SamplesLoss {
         }
         let (a_pad, x_pad) = pad_packed(x, x_lengths, a, ("x", "x_lengths", "a"))?;
         let (b_pad, y_pad) = pad_packed(y, y_lengths, b, ("y", "y_lengths", "b"))?;
-        self.forward_weighted(&a_pad, &x_pad, &b_pad, &y_pad)
+        let lens = (Lengths::new(x_lengths), Lengths::new(y_lengths));
+        Ok(self
+            .run_lens(Some(&a_pad), &x_pad, Some(&b_pad), &y_pad, Some(&lens))?
+            .loss)
     }
 
     /// This loss against a fixed target `β = Σ_j b_j δ_{y_j}` (y (M, D) or (B, M, D), b (M,) or
@@ -332,9 +344,19 @@ impl SamplesLoss {
     /// fixed schedule (no `tol`), D ≤ 3, and `B·N·M` at least the device's measured crossover
     /// ([`auto_multiscale_pairs`]; see docs/performance.md). `Auto` then clusters at
     /// `cluster_scale = blur` unless one is set.
-    fn auto_multiscale(&self, p: &Prepared) -> Result<bool> {
+    fn auto_multiscale(&self, p: &Prepared, lens: Option<&(Lengths, Lengths)>) -> Result<bool> {
         let (bsz, n, d) = p.x.dims3()?;
         let m = p.y.dim(1)?;
+        // A ragged batch does Σ_b N_b·M_b pairs of work, not B·N_max·M_max.
+        let pairs = match lens {
+            Some((xl, yl)) => xl
+                .as_slice()
+                .iter()
+                .zip(yl.as_slice())
+                .map(|(&n, &m)| n as f64 * m as f64)
+                .sum::<f64>(),
+            None => (bsz * n) as f64 * m as f64,
+        };
         let Some(threshold) = auto_multiscale_pairs(p.x.device()) else {
             return Ok(false);
         };
@@ -343,7 +365,7 @@ impl SamplesLoss {
             && self.opts.tol.is_none()
             && p.x.dtype() == DType::F32
             && d <= multiscale::MAX_DIM
-            && (bsz * n) as f64 * m as f64 >= threshold)
+            && pairs >= threshold)
     }
 
     fn prepare(
@@ -578,21 +600,34 @@ impl SamplesLoss {
         b: Option<&Tensor>,
         y: &Tensor,
     ) -> Result<Solution> {
+        self.run_lens(a, x, b, y, None)
+    }
+
+    /// [`Self::run`], for a ragged batch stored padded when `lens` is given (zero weights on the
+    /// padding; the backends that know lengths skip it).
+    fn run_lens(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+        lens: Option<&(Lengths, Lengths)>,
+    ) -> Result<Solution> {
         let prep = self.prepare(a, x, b, y)?;
         let mut backend = self.resolve_backend(prep.x.device())?;
-        if self.opts.backend == Backend::Auto && self.auto_multiscale(&prep)? {
+        if self.opts.backend == Backend::Auto && self.auto_multiscale(&prep, lens)? {
             backend = Backend::Multiscale;
         }
         let cost = CostKind::from_p(self.opts.p).expect("validated p");
         let mut sol = match backend {
-            Backend::Tensorized => self.run_with(&Tensorized { cost }, backend, &prep)?,
-            Backend::Online => self.run_with(&Online { cost }, backend, &prep)?,
+            Backend::Tensorized => self.run_with(&Tensorized { cost }, backend, &prep, lens)?,
+            Backend::Online => self.run_with(&Online { cost }, backend, &prep, lens)?,
             // Multiscale solves the Sinkhorn loss (see `run_with`); the other losses are
             // computed exactly by the online backend, and say so in `Solution::backend`.
             Backend::Multiscale if self.opts.loss == Loss::Sinkhorn => {
-                self.run_with(&Online { cost }, backend, &prep)?
+                self.run_with(&Online { cost }, backend, &prep, lens)?
             }
-            Backend::Multiscale => self.run_with(&Online { cost }, Backend::Online, &prep)?,
+            Backend::Multiscale => self.run_with(&Online { cost }, Backend::Online, &prep, lens)?,
             Backend::Auto => unreachable!("resolved above"),
         };
         if !prep.batched {
@@ -624,8 +659,10 @@ impl SamplesLoss {
         backend: &S,
         resolved: Backend,
         p: &Prepared,
+        lens: Option<&(Lengths, Lengths)>,
     ) -> Result<Solution> {
         let o = &self.opts;
+        let lens_ref = lens.map(|(xl, yl)| (xl, yl));
         let pf = o.p as f64;
         let eps = o.blur.powf(pf);
         let rho = o.reach.map(|r| r.powf(pf));
@@ -722,6 +759,8 @@ impl SamplesLoss {
                             (pot, diag)
                         }
                     }
+                } else if let Some((xl, yl)) = lens {
+                    sinkhorn_loop_ragged(backend, &p.x, xl, &p.y, yl, &log_a, &log_b, &params)?
                 } else {
                     sinkhorn_loop(backend, &p.x, &p.y, &log_a, &log_b, &params)?
                 };
@@ -782,12 +821,9 @@ impl SamplesLoss {
                     eps,
                     rho,
                     o.exact_hausdorff_gradient,
-                    &p.a,
-                    &p.x,
-                    &log(&p.a)?,
-                    &p.b,
-                    &p.y,
-                    &log(&p.b)?,
+                    (&p.a, &p.x, &log(&p.a)?),
+                    (&p.b, &p.y, &log(&p.b)?),
+                    lens_ref,
                 )?;
                 Ok(solution(loss, f, g, Some(eps), None))
             }
@@ -797,7 +833,8 @@ impl SamplesLoss {
                     Loss::Gaussian => KernelKind::Gaussian,
                     _ => KernelKind::Laplacian,
                 };
-                let (loss, f, g) = kernel_loss(backend, kind, o.blur, &p.a, &p.x, &p.b, &p.y)?;
+                let (loss, f, g) =
+                    kernel_loss(backend, kind, o.blur, &p.a, &p.x, &p.b, &p.y, lens_ref)?;
                 Ok(solution(loss, f, g, None, None))
             }
         }

@@ -30,7 +30,7 @@
 //! Zero weights enter as `log a = −∞` and are masked out of every softmin.
 
 use crate::schedule::dampening;
-use crate::softmin::{PointSoftmin, Softmin};
+use crate::softmin::{Lengths, PointSoftmin, Softmin};
 use candle_core::{Result, Tensor};
 
 /// Parameters of one run of the loop.
@@ -1047,25 +1047,75 @@ pub fn sinkhorn_loop<S: PointSoftmin>(
     log_b: &Tensor,
     params: &LoopParams,
 ) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    point_loop(softmin, (x, None), (y, None), log_a, log_b, params)
+}
+
+/// [`sinkhorn_loop`] on a **ragged batch** stored padded: item b of x (B, N, D) owns rows
+/// `0..x_len[b]`, item b of y (B, M, D) rows `0..y_len[b]`; the padding must carry zero weight
+/// (`log_a`, `log_b` = −∞ there). The costs come from [`PointSoftmin::cost_ragged`], so a
+/// backend that knows lengths never visits a padding pair; the potentials are then 0 on the
+/// padding rows (any backend: finite there, and never used, as their weights are 0).
+#[allow(clippy::too_many_arguments)]
+pub fn sinkhorn_loop_ragged<S: PointSoftmin>(
+    softmin: &S,
+    x: &Tensor,
+    x_len: &Lengths,
+    y: &Tensor,
+    y_len: &Lengths,
+    log_a: &Tensor,
+    log_b: &Tensor,
+    params: &LoopParams,
+) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    point_loop(
+        softmin,
+        (x, Some(x_len)),
+        (y, Some(y_len)),
+        log_a,
+        log_b,
+        params,
+    )
+}
+
+fn point_loop<S: PointSoftmin>(
+    softmin: &S,
+    (x, x_len): (&Tensor, Option<&Lengths>),
+    (y, y_len): (&Tensor, Option<&Lengths>),
+    log_a: &Tensor,
+    log_b: &Tensor,
+    params: &LoopParams,
+) -> Result<(DualPotentials, SinkhornDiagnostics)> {
+    // The cost between two clouds, with their lengths when the batch is ragged.
+    let cost =
+        move |p: &Tensor, pl: Option<&Lengths>, q: &Tensor, ql: Option<&Lengths>| match (pl, ql) {
+            (Some(pl), Some(ql)) => softmin.cost_ragged(p, pl, q, ql),
+            _ => softmin.cost(p, q),
+        };
     let (xd, yd) = (x.detach(), y.detach());
     let costs = CostSet {
-        xy: softmin.cost(&xd, &yd)?,
-        yx: softmin.cost(&yd, &xd)?,
-        xx: params.debias.then(|| softmin.cost(&xd, &xd)).transpose()?,
-        yy: params.debias.then(|| softmin.cost(&yd, &yd)).transpose()?,
+        xy: cost(&xd, x_len, &yd, y_len)?,
+        yx: cost(&yd, y_len, &xd, x_len)?,
+        xx: params
+            .debias
+            .then(|| cost(&xd, x_len, &xd, x_len))
+            .transpose()?,
+        yy: params
+            .debias
+            .then(|| cost(&yd, y_len, &yd, y_len))
+            .transpose()?,
     };
     // The last update's costs C(x, y.detach()) etc. differ from the loop's only when their
     // first argument is tracked by autograd; otherwise the loop's detached costs serve.
     let (xt, yt) = (x.clone(), y.clone());
+    let (xl, yl) = (x_len.cloned(), y_len.cloned());
     let track = move |pair: Pair, _: &S::Cost| -> Result<Option<S::Cost>> {
-        let (a, b) = match pair {
-            Pair::Xy => (&xt, &yd),
-            Pair::Yx => (&yt, &xd),
-            Pair::Xx => (&xt, &xd),
-            Pair::Yy => (&yt, &yd),
+        let (a, al, b, bl) = match pair {
+            Pair::Xy => (&xt, &xl, &yd, &yl),
+            Pair::Yx => (&yt, &yl, &xd, &xl),
+            Pair::Xx => (&xt, &xl, &xd, &xl),
+            Pair::Yy => (&yt, &yl, &yd, &yl),
         };
         if a.track_op() {
-            Ok(Some(softmin.cost(a, b)?))
+            Ok(Some(cost(a, al.as_ref(), b, bl.as_ref())?))
         } else {
             Ok(None)
         }

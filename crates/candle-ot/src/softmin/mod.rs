@@ -43,6 +43,7 @@ pub mod tensorized;
 
 use crate::cost::{CostKind, KernelKind};
 use candle_core::{Result, Tensor};
+use std::sync::Arc;
 
 pub use grid::Grid;
 pub use tensorized::Tensorized;
@@ -72,6 +73,24 @@ pub trait PointSoftmin: Softmin {
     /// flow into whichever of `x`, `y` is tracked by autograd (the loop detaches `y`).
     fn cost(&self, x: &Tensor, y: &Tensor) -> Result<Self::Cost>;
 
+    /// The cost between two **ragged** batches stored padded: x (B, N, D) whose item b owns
+    /// rows `0..x_len[b]` (the rest is padding), likewise y (B, M, D) and `y_len`. A backend
+    /// that knows lengths never visits a padding pair: its softmin leaves padding rows at 0 and
+    /// ignores padding columns whatever their `h`. The default ignores the lengths and returns
+    /// [`PointSoftmin::cost`], which is equivalent only when the padding carries zero weight
+    /// (`h = −∞` on padding columns) and the padding rows' outputs are not used; the
+    /// Sinkhorn loop's ragged entry ([`crate::sinkhorn::sinkhorn_loop_ragged`]) guarantees both.
+    fn cost_ragged(
+        &self,
+        x: &Tensor,
+        x_len: &Lengths,
+        y: &Tensor,
+        y_len: &Lengths,
+    ) -> Result<Self::Cost> {
+        let _ = (x_len, y_len);
+        self.cost(x, y)
+    }
+
     /// The kernel product $u_i = \sum_j k(x_i, y_j) b_j$, differentiable in x, y and b.
     /// x (B, N, D), y (B, M, D), b (B, M) → (B, N).
     fn kernel_product(
@@ -82,6 +101,25 @@ pub trait PointSoftmin: Softmin {
         y: &Tensor,
         b: &Tensor,
     ) -> Result<Tensor>;
+
+    /// [`PointSoftmin::kernel_product`] on ragged batches stored padded (see
+    /// [`PointSoftmin::cost_ragged`]): `u_i = Σ_{j < y_len[b]} k(x_i, y_j) b_j` for rows
+    /// `i < x_len[b]`, 0 on padding rows. The default ignores the lengths (equivalent when
+    /// `b` is 0 on padding columns and padding rows are not used).
+    #[allow(clippy::too_many_arguments)]
+    fn kernel_product_ragged(
+        &self,
+        kind: KernelKind,
+        sigma: f64,
+        x: &Tensor,
+        x_len: &Lengths,
+        y: &Tensor,
+        y_len: &Lengths,
+        b: &Tensor,
+    ) -> Result<Tensor> {
+        let _ = (x_len, y_len);
+        self.kernel_product(kind, sigma, x, y, b)
+    }
 
     /// The plan applied to values,
     /// $\mathrm{out}_i = \sum_j \exp\big(f_i/\varepsilon + h_j - C(x_i, y_j)/\varepsilon\big) v_j$,
@@ -108,6 +146,49 @@ pub struct Online {
     pub cost: CostKind,
 }
 
+/// The per-item sizes of a **ragged batch** stored padded: item b of a (B, N_max, ·) tensor
+/// owns rows `0..len[b]`; the rows after them are padding. Cheap to clone (shared).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lengths(Arc<[usize]>);
+
+impl Lengths {
+    /// One size per batch item.
+    pub fn new(sizes: impl Into<Vec<usize>>) -> Self {
+        Self(sizes.into().into())
+    }
+
+    /// The sizes, one per item.
+    pub fn as_slice(&self) -> &[usize] {
+        &self.0
+    }
+
+    /// The number of items B.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no items.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The largest size (0 for no items): the padded extent.
+    pub fn max(&self) -> usize {
+        self.0.iter().copied().max().unwrap_or(0)
+    }
+
+    /// A clear error unless there is one size per item of a (B, `n`, ·) tensor, each ≤ `n`.
+    pub(crate) fn check(&self, b: usize, n: usize, what: &str) -> Result<()> {
+        if self.0.len() != b || self.0.iter().any(|&l| l > n) {
+            candle_core::bail!(
+                "candle-ot: the lengths of {what} must give one size ≤ {n} per item of {b}, got {:?}",
+                self.0
+            )
+        }
+        Ok(())
+    }
+}
+
 /// The online backend's cost: the two clouds, contiguous. x (B, N, D), y (B, M, D).
 #[derive(Clone, Debug)]
 pub struct PointPair {
@@ -115,17 +196,20 @@ pub struct PointPair {
     pub x: Tensor,
     /// Columns of the cost, (B, M, D).
     pub y: Tensor,
+    /// For a ragged batch stored padded, the sizes of the items of x and of y
+    /// ([`PointSoftmin::cost_ragged`]); `None`: every row and column is a point.
+    pub lengths: Option<(Lengths, Lengths)>,
 }
 
 impl Softmin for Online {
     type Cost = PointPair;
 
     fn softmin(&self, eps: f64, c: &PointPair, h: &Tensor) -> Result<Tensor> {
-        online::softmin(self.cost, eps, &c.x, &c.y, h)
+        online::softmin_ragged(self.cost, eps, &c.x, &c.y, h, c.lengths.as_ref())
     }
 
     fn softmin_no_grad(&self, eps: f64, c: &PointPair, h: &Tensor) -> Result<Tensor> {
-        online::softmin_no_bwd(self.cost, eps, &c.x, &c.y, h)
+        online::softmin_no_bwd(self.cost, eps, &c.x, &c.y, h, c.lengths.as_ref())
     }
 }
 
@@ -134,7 +218,39 @@ impl PointSoftmin for Online {
         Ok(PointPair {
             x: x.contiguous()?,
             y: y.contiguous()?,
+            lengths: None,
         })
+    }
+
+    fn cost_ragged(
+        &self,
+        x: &Tensor,
+        x_len: &Lengths,
+        y: &Tensor,
+        y_len: &Lengths,
+    ) -> Result<PointPair> {
+        x_len.check(x.dim(0)?, x.dim(1)?, "x")?;
+        y_len.check(y.dim(0)?, y.dim(1)?, "y")?;
+        Ok(PointPair {
+            x: x.contiguous()?,
+            y: y.contiguous()?,
+            lengths: Some((x_len.clone(), y_len.clone())),
+        })
+    }
+
+    fn kernel_product_ragged(
+        &self,
+        kind: KernelKind,
+        sigma: f64,
+        x: &Tensor,
+        x_len: &Lengths,
+        y: &Tensor,
+        y_len: &Lengths,
+        b: &Tensor,
+    ) -> Result<Tensor> {
+        x_len.check(x.dim(0)?, x.dim(1)?, "x")?;
+        y_len.check(y.dim(0)?, y.dim(1)?, "y")?;
+        online::kernel_product_ragged(kind, sigma, x, y, b, Some(&(x_len.clone(), y_len.clone())))
     }
 
     fn kernel_product(

@@ -75,7 +75,7 @@ fn launch<T: Float>(
 }
 
 /// `block_softmin_{cost}_{t}`: x (B, N, D), y (B, M, D), h (B, M) → (B, N).
-pub(super) fn block_softmin_fwd(
+pub(crate) fn block_softmin_fwd(
     cost: CostKind,
     eps: f64,
     (sx, lx): (&CudaStorage, &Layout),
@@ -101,7 +101,7 @@ pub(super) fn block_softmin_fwd(
 
 /// `block_lse_grad_{cost}_{t}`: rows [p, α] (B, N, D+1), cols [q, h, w] (B, M, D+2) →
 /// (B, N, D+1).
-pub(super) fn block_grad_fwd(
+pub(crate) fn block_grad_fwd(
     cost: CostKind,
     eps: f64,
     (sr, lr): (&CudaStorage, &Layout),

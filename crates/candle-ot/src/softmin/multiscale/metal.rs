@@ -118,7 +118,7 @@ fn block_lse_grad_entry(cost: CostKind) -> &'static str {
 }
 
 /// `block_softmin_{cost}_f32`: x (B, N, D), y (B, M, D), h (B, M) → (B, N).
-pub(super) fn block_softmin_fwd(
+pub(crate) fn block_softmin_fwd(
     cost: CostKind,
     eps: f64,
     (sx, lx): (&MetalStorage, &Layout),
@@ -157,7 +157,7 @@ pub(super) fn block_softmin_fwd(
 
 /// `block_lse_grad_{cost}_f32`: rows [p, α] (B, N, D+1), cols [q, h, w] (B, M, D+2) →
 /// (B, N, D+1).
-pub(super) fn block_grad_fwd(
+pub(crate) fn block_grad_fwd(
     cost: CostKind,
     eps: f64,
     (sr, lr): (&MetalStorage, &Layout),

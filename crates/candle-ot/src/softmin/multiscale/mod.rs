@@ -31,9 +31,9 @@
 pub(crate) mod cluster;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "metal")]
-mod metal;
+pub(crate) mod metal;
 
 use crate::cost::{CostKind, KernelKind};
 use crate::softmin::online::dims3;

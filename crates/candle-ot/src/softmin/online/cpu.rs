@@ -518,7 +518,24 @@ fn softmin_item<T: Real>(
         });
 }
 
-/// Batched softmin: x (B, N, D), y (B, M, D), h (B, M) → out (B, N).
+/// The sizes `(rows, columns)` that batch item `bi` reduces: its lengths for a ragged batch,
+/// else the full `(n, m)`.
+#[inline]
+pub(crate) fn item_sizes(
+    lens: Option<(&[usize], &[usize])>,
+    bi: usize,
+    n: usize,
+    m: usize,
+) -> (usize, usize) {
+    match lens {
+        Some((r, c)) => (r[bi].min(n), c[bi].min(m)),
+        None => (n, m),
+    }
+}
+
+/// Batched softmin: x (B, N, D), y (B, M, D), h (B, M) → out (B, N). With `lens` (a ragged
+/// batch stored padded: rows and columns per item), item b reduces its first `rows[b]` rows
+/// over its first `cols[b]` columns only and leaves its padding rows untouched.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn softmin<T: Real>(
     cost: CostKind,
@@ -527,29 +544,27 @@ pub(crate) fn softmin<T: Real>(
     y: &[T],
     h: &[T],
     (b, n, m, d): (usize, usize, usize, usize),
+    lens: Option<(&[usize], &[usize])>,
     out: &mut [T],
 ) {
     let level = simd_level();
     crate::threads::install(|| {
         out.par_chunks_mut(n).enumerate().for_each(|(bi, ob)| {
             let _ = b;
-            if cost == CostKind::SqEuclidean && m > 0 {
-                let (xb, yb) = (
-                    &x[bi * n * d..(bi + 1) * n * d],
-                    &y[bi * m * d..(bi + 1) * m * d],
-                );
-                return softmin_item_dot(level, eps, (xb, yb, &h[bi * m..(bi + 1) * m]), d, ob);
+            let (nb, mb) = item_sizes(lens, bi, n, m);
+            if nb == 0 {
+                return;
             }
-            softmin_item(
-                level,
-                cost,
-                eps,
-                &x[bi * n * d..(bi + 1) * n * d],
-                &y[bi * m * d..(bi + 1) * m * d],
-                &h[bi * m..(bi + 1) * m],
-                d,
-                ob,
-            )
+            let (xb, yb, hb) = (
+                &x[bi * n * d..(bi * n + nb) * d],
+                &y[bi * m * d..(bi * m + mb) * d],
+                &h[bi * m..bi * m + mb],
+            );
+            let ob = &mut ob[..nb];
+            if cost == CostKind::SqEuclidean && mb > 0 {
+                return softmin_item_dot(level, eps, (xb, yb, hb), d, ob);
+            }
+            softmin_item(level, cost, eps, xb, yb, hb, d, ob)
         })
     })
 }
@@ -1150,6 +1165,8 @@ fn grad_item<T: Real>(
 }
 
 /// Batched [`lse_weighted_item`]: rows (B, N, D+1), cols (B, M, col_dim) → out (B, N, out_dim).
+/// With `lens` (ragged, see [`softmin`]) item b reduces its first `rows[b]` rows over its first
+/// `cols[b]` columns and leaves its padding rows untouched.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lse_weighted<T: Real>(
     cost: CostKind,
@@ -1158,6 +1175,7 @@ pub(crate) fn lse_weighted<T: Real>(
     cols: &[T],
     (n, m, d): (usize, usize, usize),
     mode: Weighted,
+    lens: Option<(&[usize], &[usize])>,
     out: &mut [T],
 ) {
     let rs = d + 1;
@@ -1166,38 +1184,22 @@ pub(crate) fn lse_weighted<T: Real>(
     let level = simd_level();
     crate::threads::install(|| {
         out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
-            if let Weighted::Grad { with_mass } = mode {
-                if cost == CostKind::SqEuclidean && m > 0 {
-                    return grad_item_dot(
-                        level,
-                        eps,
-                        &rows[bi * n * rs..(bi + 1) * n * rs],
-                        &cols[bi * m * cs..(bi + 1) * m * cs],
-                        d,
-                        with_mass,
-                        ob,
-                    );
-                }
-                return grad_item(
-                    level,
-                    cost,
-                    eps,
-                    &rows[bi * n * rs..(bi + 1) * n * rs],
-                    &cols[bi * m * cs..(bi + 1) * m * cs],
-                    d,
-                    with_mass,
-                    ob,
-                );
+            let (nb, mb) = item_sizes(lens, bi, n, m);
+            if nb == 0 {
+                return;
             }
-            lse_weighted_item(
-                cost,
-                eps,
-                &rows[bi * n * rs..(bi + 1) * n * rs],
-                &cols[bi * m * cs..(bi + 1) * m * cs],
-                d,
-                mode,
-                ob,
-            )
+            let (rb, cb) = (
+                &rows[bi * n * rs..(bi * n + nb) * rs],
+                &cols[bi * m * cs..(bi * m + mb) * cs],
+            );
+            let ob = &mut ob[..nb * od];
+            if let Weighted::Grad { with_mass } = mode {
+                if cost == CostKind::SqEuclidean && mb > 0 {
+                    return grad_item_dot(level, eps, rb, cb, d, with_mass, ob);
+                }
+                return grad_item(level, cost, eps, rb, cb, d, with_mass, ob);
+            }
+            lse_weighted_item(cost, eps, rb, cb, d, mode, ob)
         })
     })
 }
@@ -1274,6 +1276,8 @@ fn kernel_sums_item<T: Real>(
 }
 
 /// Batched [`kernel_sums_item`]: rows (B, N, D), cols (B, M, D+1) → out (B, N, D+1 or 1).
+/// With `lens` (ragged, see [`softmin`]) item b sums its first `cols[b]` columns for its first
+/// `rows[b]` rows and leaves its padding rows untouched.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kernel_sums<T: Real>(
     kind: KernelKind,
@@ -1282,19 +1286,21 @@ pub(crate) fn kernel_sums<T: Real>(
     cols: &[T],
     (n, m, d): (usize, usize, usize),
     grad: bool,
+    lens: Option<(&[usize], &[usize])>,
     out: &mut [T],
 ) {
     let od = if grad { d + 1 } else { 1 };
     crate::threads::install(|| {
         out.par_chunks_mut(n * od).enumerate().for_each(|(bi, ob)| {
+            let (nb, mb) = item_sizes(lens, bi, n, m);
             kernel_sums_item(
                 kind,
                 sigma,
-                &rows[bi * n * d..(bi + 1) * n * d],
-                &cols[bi * m * (d + 1)..(bi + 1) * m * (d + 1)],
+                &rows[bi * n * d..(bi * n + nb) * d],
+                &cols[bi * m * (d + 1)..(bi * m + mb) * (d + 1)],
                 d,
                 grad,
-                ob,
+                &mut ob[..nb * od],
             )
         })
     })

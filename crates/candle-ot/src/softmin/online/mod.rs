@@ -26,6 +26,7 @@ pub(crate) mod real;
 pub use cpu::{roofline, simd_level, RooflineMix, SimdLevel};
 
 use crate::cost::{CostKind, KernelKind};
+use crate::softmin::Lengths;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
     WithDType,
@@ -66,14 +67,75 @@ pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
         .map_err(|_| candle_core::Error::Msg(format!("candle-ot: {what} = {v} exceeds u32")))
 }
 
+/// The sizes of a ragged batch stored padded, `(rows, columns)`: item b of an op reduces its
+/// first `rows[b]` rows over its first `cols[b]` columns (see [`crate::softmin::PointSoftmin::cost_ragged`]).
+pub(crate) type Ragged = (Lengths, Lengths);
+
+/// The lengths as the CPU kernels take them, checked against the op's `(B, N, M)`.
+fn ragged_slices(
+    lens: Option<&Ragged>,
+    b: usize,
+    n: usize,
+    m: usize,
+) -> Result<Option<(&[usize], &[usize])>> {
+    match lens {
+        Some((r, c)) => {
+            r.check(b, n, "the rows")?;
+            c.check(b, m, "the columns")?;
+            Ok(Some((r.as_slice(), c.as_slice())))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The rows and columns swapped (the y-side reductions of a backward).
+fn transpose(lens: Option<&Ragged>) -> Option<Ragged> {
+    lens.map(|(r, c)| (c.clone(), r.clone()))
+}
+
+/// `1` on the first `len[b]` entries of each row of a (B, `n`) mask, `0` on the padding.
+fn length_mask(len: &Lengths, n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let idx = Tensor::arange(0u32, n as u32, device)?.unsqueeze(0)?; // (1, n)
+    let len: Vec<u32> = len.as_slice().iter().map(|&l| l as u32).collect();
+    let len = Tensor::new(len.as_slice(), device)?.unsqueeze(1)?; // (B, 1)
+    idx.broadcast_lt(&len) // (B, n) u8
+}
+
+/// The block patterns that cover each item's own rows and columns: the ragged batch as the
+/// block-sparse GPU kernels' task table (one launch for the whole batch, each task a tile of
+/// one item's rows against that item's columns).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+pub(crate) fn ragged_patterns((r, c): &Ragged) -> Vec<crate::softmin::multiscale::cluster::Blocks> {
+    use crate::softmin::multiscale::cluster::Blocks;
+    r.as_slice()
+        .iter()
+        .zip(c.as_slice())
+        .map(|(&n, &m)| {
+            if n == 0 {
+                Blocks {
+                    rows: vec![],
+                    offsets: vec![0],
+                    spans: vec![],
+                    pairs: 0,
+                    cluster_pairs: 0,
+                }
+            } else {
+                Blocks::dense(n, m)
+            }
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// `(x, y, h) ↦ f`, `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`.
-/// x (B, N, D), y (B, M, D), h (B, M) → f (B, N).
+/// x (B, N, D), y (B, M, D), h (B, M) → f (B, N). With `lens`, a ragged batch: item b reduces
+/// rows `i < rows[b]` over columns `j < cols[b]`; its padding rows are 0.
 #[derive(Clone, Debug)]
 struct SoftminOp {
     cost: CostKind,
     eps: f64,
+    lens: Option<Ragged>,
 }
 
 impl CustomOp3 for SoftminOp {
@@ -95,6 +157,7 @@ impl CustomOp3 for SoftminOp {
         if l3.shape().dims() != [b, m] {
             candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {l3:?}")
         }
+        let lens = ragged_slices(self.lens.as_ref(), b, n, m)?;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let mut out = vec![T::ZERO; b * n];
             let (x, y, h) = (
@@ -102,7 +165,7 @@ impl CustomOp3 for SoftminOp {
                 contiguous::<T>(s2, l2)?,
                 contiguous::<T>(s3, l3)?,
             );
-            cpu::softmin(self.cost, self.eps, x, y, h, (b, n, m, d), &mut out);
+            cpu::softmin(self.cost, self.eps, x, y, h, (b, n, m, d), lens, &mut out);
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n))))
@@ -118,6 +181,18 @@ impl CustomOp3 for SoftminOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if let Some(lens) = &self.lens {
+            let (b, n, _) = dims3(l1, "x")?;
+            ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
+            return crate::softmin::multiscale::cuda::block_softmin_fwd(
+                self.cost,
+                self.eps,
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                &ragged_patterns(lens),
+            );
+        }
         cuda::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -131,6 +206,18 @@ impl CustomOp3 for SoftminOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
+        if let Some(lens) = &self.lens {
+            let (b, n, _) = dims3(l1, "x")?;
+            ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
+            return crate::softmin::multiscale::metal::block_softmin_fwd(
+                self.cost,
+                self.eps,
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                &ragged_patterns(lens),
+            );
+        }
         metal::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -142,13 +229,19 @@ impl CustomOp3 for SoftminOp {
         f: &Tensor,
         grad_f: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        softmin_bwd(self.eps, (x, y, h, f, grad_f), |rows, cols, _| {
+        softmin_bwd(self.eps, (x, y, h, f, grad_f), |rows, cols, transposed| {
+            let lens = if transposed {
+                transpose(self.lens.as_ref())
+            } else {
+                self.lens.clone()
+            };
             lse_weighted(
                 self.cost,
                 self.eps,
                 rows,
                 cols,
                 Weighted::Grad { with_mass: true },
+                lens.as_ref(),
             )
         })
     }
@@ -175,7 +268,9 @@ pub(crate) fn softmin_bwd(
         let ones = h.ones_like()?.unsqueeze(2)?;
         let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, &ones], 2)?; // (B, M, D+2)
         let s = grad(&rows, &cols, false)?; // (B, N, D+1)
-        let mass = s.narrow(2, d, 1)?; // (B, N, 1)
+                                            // The mass is ≈ 1 on every reduced row; rows a ragged reduction skips hold 0 / 0, which
+                                            // the floor turns into 0 (below it nothing is representable that a row could sum to).
+        let mass = s.narrow(2, d, 1)?.maximum(1e-30)?; // (B, N, 1)
         s.narrow(2, 0, d)?
             .broadcast_div(&mass)?
             .broadcast_mul(&grad_f.unsqueeze(2)?)? // (B, N, D)
@@ -204,20 +299,46 @@ pub(crate) fn softmin_bwd(
 /// $\partial f_i / \partial h_j = -\varepsilon \pi_{ij}$ with the row-softmax weights
 /// $\pi_{ij} = \exp\big((f_i - C(x_i, y_j))/\varepsilon + h_j\big)$, streamed the same way.
 pub fn softmin(cost: CostKind, eps: f64, x: &Tensor, y: &Tensor, h: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&y.contiguous()?, &h.contiguous()?, SoftminOp { cost, eps })
+    softmin_ragged(cost, eps, x, y, h, None)
 }
 
-/// Same as [`softmin`], outside the autograd graph (for the loop's inner iterations).
+/// [`softmin`] on a ragged batch stored padded, `lens = (x lengths, y lengths)`: item b
+/// reduces rows `i < x_len[b]` over columns `j < y_len[b]` only (no padding pair is visited,
+/// whatever `h` holds there) and its padding rows are 0, with gradients 0 there. On CUDA and
+/// Metal it runs the block-sparse kernels with one block per item: one launch for the batch.
+pub(crate) fn softmin_ragged(
+    cost: CostKind,
+    eps: f64,
+    x: &Tensor,
+    y: &Tensor,
+    h: &Tensor,
+    lens: Option<&Ragged>,
+) -> Result<Tensor> {
+    let op = SoftminOp {
+        cost,
+        eps,
+        lens: lens.cloned(),
+    };
+    x.contiguous()?
+        .apply_op3(&y.contiguous()?, &h.contiguous()?, op)
+}
+
+/// Same as [`softmin_ragged`], outside the autograd graph (for the loop's inner iterations).
 pub(crate) fn softmin_no_bwd(
     cost: CostKind,
     eps: f64,
     x: &Tensor,
     y: &Tensor,
     h: &Tensor,
+    lens: Option<&Ragged>,
 ) -> Result<Tensor> {
+    let op = SoftminOp {
+        cost,
+        eps,
+        lens: lens.cloned(),
+    };
     x.contiguous()?
-        .apply_op3_no_bwd(&y.contiguous()?, &h.contiguous()?, &SoftminOp { cost, eps })
+        .apply_op3_no_bwd(&y.contiguous()?, &h.contiguous()?, &op)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -228,6 +349,9 @@ struct LseWeightedOp {
     cost: CostKind,
     eps: f64,
     mode: Weighted,
+    /// Ragged rows and columns; on CUDA and Metal only with `Weighted::Grad { with_mass: true }`
+    /// (the wrapper [`lse_weighted`] masks the other modes there).
+    lens: Option<Ragged>,
 }
 
 impl CustomOp2 for LseWeightedOp {
@@ -246,6 +370,7 @@ impl CustomOp2 for LseWeightedOp {
         let (_, m, _) = dims3(l2, "cols")?;
         let d = d1 - 1;
         let od = self.mode.out_dim(d);
+        let lens = ragged_slices(self.lens.as_ref(), b, n, m)?;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let mut out = vec![T::ZERO; b * n * od];
             let (rows, cols) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
@@ -256,6 +381,7 @@ impl CustomOp2 for LseWeightedOp {
                 cols,
                 (n, m, d),
                 self.mode,
+                lens,
                 &mut out,
             );
             T::to_cpu_storage_owned(out)
@@ -271,6 +397,20 @@ impl CustomOp2 for LseWeightedOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if let Some(lens) = &self.lens {
+            let (b, n, _) = dims3(l1, "rows")?;
+            ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
+            if self.mode != (Weighted::Grad { with_mass: true }) {
+                candle_core::bail!("candle-ot: ragged {:?} sums have no CUDA kernel", self.mode)
+            }
+            return crate::softmin::multiscale::cuda::block_grad_fwd(
+                self.cost,
+                self.eps,
+                (s1, l1),
+                (s2, l2),
+                &ragged_patterns(lens),
+            );
+        }
         cuda::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
     }
 
@@ -282,19 +422,66 @@ impl CustomOp2 for LseWeightedOp {
         s2: &candle_core::MetalStorage,
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
+        if let Some(lens) = &self.lens {
+            let (b, n, _) = dims3(l1, "rows")?;
+            ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
+            if self.mode != (Weighted::Grad { with_mass: true }) {
+                candle_core::bail!(
+                    "candle-ot: ragged {:?} sums have no Metal kernel",
+                    self.mode
+                )
+            }
+            return crate::softmin::multiscale::metal::block_grad_fwd(
+                self.cost,
+                self.eps,
+                (s1, l1),
+                (s2, l2),
+                &ragged_patterns(lens),
+            );
+        }
         metal::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
     }
 }
 
+/// The packed sums of [`cpu::lse_weighted`] (on any device), ragged with `lens`. On CUDA and
+/// Metal the ragged modes other than the gradient run padded, with the padding columns masked
+/// (`h = −∞`) and the padding rows zeroed: the same values.
 pub(crate) fn lse_weighted(
     cost: CostKind,
     eps: f64,
     rows: &Tensor,
     cols: &Tensor,
     mode: Weighted,
+    lens: Option<&Ragged>,
 ) -> Result<Tensor> {
+    if let Some((rl, cl)) = lens {
+        if !rows.device().is_cpu() && mode != (Weighted::Grad { with_mass: true }) {
+            let (n, m, d) = (rows.dim(1)?, cols.dim(1)?, rows.dim(2)? - 1);
+            let keep = length_mask(cl, m, cols.device())?; // (B, M)
+            let h = cols.narrow(2, d, 1)?.squeeze(2)?; // (B, M)
+            let h = keep.where_cond(&h, &h.ones_like()?.affine(0.0, f64::NEG_INFINITY)?)?;
+            let cw = cols.dim(2)?;
+            let cols = Tensor::cat(
+                &[
+                    &cols.narrow(2, 0, d)?,
+                    &h.unsqueeze(2)?,
+                    &cols.narrow(2, d + 1, cw - d - 1)?,
+                ],
+                2,
+            )?;
+            let out = lse_weighted(cost, eps, rows, &cols, mode, None)?; // (B, N, K)
+            let rows_kept = length_mask(rl, n, rows.device())?.to_dtype(out.dtype())?;
+            return out.broadcast_mul(&rows_kept.unsqueeze(2)?);
+        }
+    }
+    let op = LseWeightedOp {
+        cost,
+        eps,
+        mode,
+        lens: lens.cloned(),
+    };
     rows.contiguous()?
-        .apply_op2_no_bwd(&cols.contiguous()?, &LseWeightedOp { cost, eps, mode })
+        .apply_op2_no_bwd(&cols.contiguous()?, &op)
 }
 
 /// Streaming plan application `out_i = Σ_j exp(f_i/ε + h_j − C(x_i, y_j)/ε) v_j`.
@@ -311,16 +498,18 @@ pub(crate) fn plan_apply(
     let k = v.dim(2)?;
     let rows = Tensor::cat(&[x, &(f / eps)?.unsqueeze(2)?], 2)?; // (B, N, D+1)
     let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, v], 2)?; // (B, M, D+1+K)
-    lse_weighted(cost, eps, &rows, &cols, Weighted::Values { k })
+    lse_weighted(cost, eps, &rows, &cols, Weighted::Values { k }, None)
 }
 
 // ---------------------------------------------------------------------------------------
 
 /// `(x, y, b) ↦ u`, `u_i = Σ_j k(x_i, y_j) b_j`. x (B, N, D), y (B, M, D), b (B, M) → (B, N).
+/// `lens` (ragged rows and columns) only on the CPU: [`kernel_product_ragged`] masks elsewhere.
 #[derive(Clone, Debug)]
 struct KernelProductOp {
     kind: KernelKind,
     sigma: f64,
+    lens: Option<Ragged>,
 }
 
 impl CustomOp3 for KernelProductOp {
@@ -344,6 +533,7 @@ impl CustomOp3 for KernelProductOp {
                 "candle-ot kernel product: b must be (B, M) = ({b}, {m}), got {l3:?}"
             )
         }
+        let lens = ragged_slices(self.lens.as_ref(), b, n, m)?;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let (x, y, w) = (
                 contiguous::<T>(s1, l1)?,
@@ -357,7 +547,16 @@ impl CustomOp3 for KernelProductOp {
                 cols.push(*wj);
             }
             let mut out = vec![T::ZERO; b * n];
-            cpu::kernel_sums(self.kind, self.sigma, x, &cols, (n, m, d), false, &mut out);
+            cpu::kernel_sums(
+                self.kind,
+                self.sigma,
+                x,
+                &cols,
+                (n, m, d),
+                false,
+                lens,
+                &mut out,
+            );
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((b, n))))
@@ -373,6 +572,9 @@ impl CustomOp3 for KernelProductOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.lens.is_some() {
+            candle_core::bail!("candle-ot: the ragged kernel product runs masked on CUDA")
+        }
         cuda::kernel_product_fwd(self.kind, self.sigma, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -386,6 +588,9 @@ impl CustomOp3 for KernelProductOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
+        if self.lens.is_some() {
+            candle_core::bail!("candle-ot: the ragged kernel product runs masked on Metal")
+        }
         metal::kernel_product_fwd(self.kind, self.sigma, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -400,14 +605,15 @@ impl CustomOp3 for KernelProductOp {
         let d = x.dim(2)?;
         let grad_x = if x.track_op() {
             let cols = Tensor::cat(&[y, &b.unsqueeze(2)?], 2)?; // (B, M, D+1)
-            let s = kernel_sums(self.kind, self.sigma, x, &cols, true)?; // (B, N, D+1)
+            let s = kernel_sums(self.kind, self.sigma, x, &cols, true, self.lens.as_ref())?; // (B, N, D+1)
             Some(s.narrow(2, 0, d)?.broadcast_mul(&grad_u.unsqueeze(2)?)?)
         } else {
             None
         };
         let (grad_y, grad_b) = if y.track_op() || b.track_op() {
             let cols = Tensor::cat(&[x, &grad_u.unsqueeze(2)?], 2)?; // (B, N, D+1)
-            let s = kernel_sums(self.kind, self.sigma, y, &cols, true)?; // (B, M, D+1)
+            let lens = transpose(self.lens.as_ref());
+            let s = kernel_sums(self.kind, self.sigma, y, &cols, true, lens.as_ref())?; // (B, M, D+1)
             let gy = s.narrow(2, 0, d)?.broadcast_mul(&b.unsqueeze(2)?)?;
             let gb = s.narrow(2, d, 1)?.squeeze(2)?;
             (Some(gy), Some(gb))
@@ -430,10 +636,36 @@ pub fn kernel_product(
     y: &Tensor,
     b: &Tensor,
 ) -> Result<Tensor> {
+    kernel_product_ragged(kind, sigma, x, y, b, None)
+}
+
+/// [`kernel_product`] on a ragged batch stored padded, `lens = (x lengths, y lengths)`: rows
+/// `i < x_len[b]` sum columns `j < y_len[b]` only, padding rows are 0. On the CPU no padding
+/// pair is visited; on CUDA and Metal it runs padded with the padding masked (same values).
+pub(crate) fn kernel_product_ragged(
+    kind: KernelKind,
+    sigma: f64,
+    x: &Tensor,
+    y: &Tensor,
+    b: &Tensor,
+    lens: Option<&Ragged>,
+) -> Result<Tensor> {
+    if let Some((xl, yl)) = lens {
+        if !x.device().is_cpu() {
+            let (n, m) = (x.dim(1)?, y.dim(1)?);
+            let keep_y = length_mask(yl, m, y.device())?.to_dtype(b.dtype())?; // (B, M)
+            let keep_x = length_mask(xl, n, x.device())?.to_dtype(b.dtype())?; // (B, N)
+            return kernel_product(kind, sigma, x, y, &(b * keep_y)?)? * keep_x;
+        }
+    }
     x.contiguous()?.apply_op3(
         &y.contiguous()?,
         &b.contiguous()?,
-        KernelProductOp { kind, sigma },
+        KernelProductOp {
+            kind,
+            sigma,
+            lens: lens.cloned(),
+        },
     )
 }
 
@@ -443,6 +675,8 @@ struct KernelSumsOp {
     kind: KernelKind,
     sigma: f64,
     grad: bool,
+    /// Ragged rows and columns (CPU only; the GPU kernel product runs masked).
+    lens: Option<Ragged>,
 }
 
 impl CustomOp2 for KernelSumsOp {
@@ -460,6 +694,7 @@ impl CustomOp2 for KernelSumsOp {
         let (b, n, d) = dims3(l1, "rows")?;
         let (_, m, _) = dims3(l2, "cols")?;
         let od = if self.grad { d + 1 } else { 1 };
+        let lens = ragged_slices(self.lens.as_ref(), b, n, m)?;
         let out = with_float!(s1.dtype(), self.name(), |T| {
             let mut out = vec![T::ZERO; b * n * od];
             let (rows, cols) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
@@ -470,6 +705,7 @@ impl CustomOp2 for KernelSumsOp {
                 cols,
                 (n, m, d),
                 self.grad,
+                lens,
                 &mut out,
             );
             T::to_cpu_storage_owned(out)
@@ -485,6 +721,9 @@ impl CustomOp2 for KernelSumsOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.lens.is_some() {
+            candle_core::bail!("candle-ot: ragged kernel sums run masked on CUDA")
+        }
         cuda::kernel_sums_fwd(self.kind, self.sigma, self.grad, (s1, l1), (s2, l2))
     }
 
@@ -496,6 +735,9 @@ impl CustomOp2 for KernelSumsOp {
         s2: &candle_core::MetalStorage,
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
+        if self.lens.is_some() {
+            candle_core::bail!("candle-ot: ragged kernel sums run masked on Metal")
+        }
         metal::kernel_sums_fwd(self.kind, self.sigma, self.grad, (s1, l1), (s2, l2))
     }
 }
@@ -506,7 +748,14 @@ fn kernel_sums(
     rows: &Tensor,
     cols: &Tensor,
     grad: bool,
+    lens: Option<&Ragged>,
 ) -> Result<Tensor> {
+    let op = KernelSumsOp {
+        kind,
+        sigma,
+        grad,
+        lens: lens.cloned(),
+    };
     rows.contiguous()?
-        .apply_op2_no_bwd(&cols.contiguous()?, &KernelSumsOp { kind, sigma, grad })
+        .apply_op2_no_bwd(&cols.contiguous()?, &op)
 }
