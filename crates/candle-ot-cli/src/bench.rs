@@ -11,6 +11,13 @@
 //! its kept blocks): its pairs/s is the equivalent rate, and `kept_pairs` reports the kept
 //! point pairs of C_xy.
 //!
+//! Ragged batches ([`run_ragged`], `--ragged 64 --min-size 100 --max-size 10000`): B pairs of
+//! clouds with log-uniform sizes (x and y drawn independently, [`random_ragged_clouds`]); one
+//! timed run is the loss plus ∂loss/∂x through [`SamplesLoss::forward_packed`], next to the
+//! same clouds as a padded batch (B, N_max, D) with zero weights on the padding
+//! (`forward_weighted`), and to one single cloud of `--single-size` points for the reference
+//! pair rate. The work is the pair count above summed over the items.
+//!
 //! Grids ([`run_grid`], `--grid 512x512`): [`candle_ot::ImagesLoss`] on random densities
 //! (uniform(0, 1) per pixel, then divided by their sum per batch item: the distribution of
 //! `scripts/geomloss-bench/grid.py`'s inputs, from a different generator) or on two `.npy`

@@ -96,7 +96,9 @@ enum ModeArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// Evaluate a case file (x, y, optional a, b, l; options in the metadata key `params`) and
-    /// write loss, gradients, potentials (and labels_i) as f64 safetensors.
+    /// write loss, gradients, potentials (and labels_i) as f64 safetensors. With integer
+    /// tensors x_lengths, y_lengths the case is a ragged batch: packed x (ΣN_b, D), y, a, b in,
+    /// loss (B,) and packed gradients out.
     Eval {
         /// The case file.
         case: PathBuf,
@@ -252,7 +254,8 @@ enum Cmd {
         threads: Option<usize>,
     },
     /// Time the loss (and gradient) or one softmin pass on random or given points; report
-    /// the median time, the pair count, pairs per second and the peak RSS.
+    /// the median time, the pair count, pairs per second and the peak RSS. `--ragged B`: a
+    /// batch of clouds of different sizes, packed against padded and against one large cloud.
     Bench {
         #[arg(long, value_enum, default_value = "sinkhorn")]
         loss: LossArg,

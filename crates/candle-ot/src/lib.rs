@@ -44,7 +44,7 @@
 //! ## The public surface
 //!
 //! - **The losses and solvers** (crate root): [`SamplesLoss`] (with [`Solution`],
-//!   [`TransportPlan`], the diagnostics), [`ImagesLoss`], [`ImagesBarycenter`],
+//!   [`TransportPlan`], the diagnostics), the named [`SinkhornDivergence`], [`ImagesLoss`], [`ImagesBarycenter`],
 //!   [`FreeSupportBarycenter`], the one-liners of [`loss`], [`OtError`], the thread count.
 //! - **The building blocks**: the differentiable softmin ops and backends of [`softmin`]
 //!   (online, tensorized, grid), the loop of [`sinkhorn`], the ε schedule of [`schedule`],
@@ -103,6 +103,7 @@ pub mod plan;
 pub mod samples_loss;
 pub mod schedule;
 pub mod sinkhorn;
+pub mod sinkhorn_divergence;
 pub mod softmin;
 mod threads;
 
@@ -121,6 +122,7 @@ pub use sinkhorn::{
     Acceleration, DualPotentials, Observer, Phase, Progress, SinkhornDiagnostics, ValueErrorBound,
     ACCURACY_WARNING_THRESHOLD,
 };
+pub use sinkhorn_divergence::SinkhornDivergence;
 pub use threads::{num_threads, set_num_threads};
 
 /// Internals, public for this project's own tests, benches and CLI: the multiscale backend's
