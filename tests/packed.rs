@@ -360,6 +360,113 @@ test_device!(
     ragged_never_reads_padding_metal
 );
 
+/// `solve_packed` gives the potentials and the plan operators packed, equal item by item to the
+/// per-item solve with the batch's diameter: F, G, the raw potentials, π v, πᵀ u, the
+/// marginals, the transfer and the barycentric map, on both backends; the certified bound and
+/// the marginal error of a `tol` solve hold for every item.
+fn solve_packed_potentials_and_plans(dev: &Device) -> Result<()> {
+    if !dtype_supported(DType::F64, dev) {
+        eprintln!("skipping: no f64 on {dev:?}");
+        return Ok(());
+    }
+    let mut r = rng(1617);
+    let (xl, yl) = ([5usize, 1, 31], [2usize, 23, 9]);
+    let (nx, ny) = (xl.iter().sum::<usize>(), yl.iter().sum::<usize>());
+    let x = rand_tensor(&mut r, &[nx, 2], 0., 1.)?.to_device(dev)?;
+    let y = rand_tensor(&mut r, &[ny, 2], 0.1, 1.3)?.to_device(dev)?;
+    let v = rand_tensor(&mut r, &[ny, 3], -1., 1.)?.to_device(dev)?; // (ΣM_b, K)
+    let u = rand_tensor(&mut r, &[nx, 2], -1., 1.)?.to_device(dev)?; // (ΣN_b, K)
+    let d = diameter(&x, &y)?;
+    for backend in [Backend::Online, Backend::Tensorized] {
+        let builder = SamplesLoss::builder(Loss::Sinkhorn)
+            .blur(0.1)
+            .backend(backend)
+            .tol(1e-10)
+            .max_iter(10_000);
+        let sol = builder
+            .clone()
+            .build()?
+            .solve_packed(None, &x, &xl, None, &y, &yl)?;
+        assert_eq!(sol.f.dims(), [nx]);
+        assert_eq!(sol.g.dims(), [ny]);
+        let diag = sol.padded.diagnostics.as_ref().unwrap();
+        assert_eq!(diag.converged, Some(true), "{backend:?}");
+        assert!(diag.marginal_error.unwrap() < 1e-8, "{diag:?}");
+        let bound = diag.value_error_bound.unwrap();
+        assert!(bound.absolute < 1e-8, "{backend:?} {bound:?}");
+        let plan = sol.plan()?;
+        let (f_ba, g_ab, _, _) = sol.raw_potentials()?;
+        let outs = [
+            ("F", sol.f.clone()),
+            ("G", sol.g.clone()),
+            ("f_ba", f_ba.unwrap()),
+            ("g_ab", g_ab.unwrap()),
+            ("π v", plan.apply(&v)?),
+            ("πᵀ u", plan.apply_transpose(&u)?),
+            ("row marginal", plan.row_marginal()?),
+            ("column marginal", plan.col_marginal()?),
+            ("transfer", plan.transfer(&v)?),
+            ("barycentric map", plan.barycentric_map()?),
+        ];
+        let single = builder.clone().diameter(d).build()?;
+        let (xs, ys, vs, us) = (
+            items(&x, &xl)?,
+            items(&y, &yl)?,
+            items(&v, &yl)?,
+            items(&u, &xl)?,
+        );
+        let mut per_item: Vec<Vec<Tensor>> = vec![vec![]; outs.len()];
+        for k in 0..xl.len() {
+            let s = single.solve(None, &xs[k], None, &ys[k])?;
+            let p = s.plan()?;
+            let got = [
+                s.f.clone(),
+                s.g.clone(),
+                s.f_ba.clone().unwrap(),
+                s.g_ab.clone().unwrap(),
+                p.apply(&vs[k])?,
+                p.apply_transpose(&us[k])?,
+                p.row_marginal()?,
+                p.col_marginal()?,
+                p.transfer(&vs[k])?,
+                p.barycentric_map()?,
+            ];
+            for (acc, t) in per_item.iter_mut().zip(got) {
+                acc.push(t);
+            }
+        }
+        for (o, ((name, got), want)) in outs.iter().zip(per_item).enumerate() {
+            // Balanced potentials are defined up to an additive constant per item (the batch
+            // and the single solves stop at different iterates within tol): the first four
+            // outputs are compared centred item by item; the plan operators are invariant.
+            let (got, want) = if o < 4 {
+                let lens: &[usize] = if o % 2 == 0 { &xl } else { &yl };
+                let centre = |ts: Vec<Tensor>| -> Result<Tensor> {
+                    let c = ts
+                        .iter()
+                        .map(|t| t.broadcast_sub(&t.mean_all()?))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&c, 0)
+                };
+                (centre(items(got, lens)?)?, centre(want)?)
+            } else {
+                (got.clone(), Tensor::cat(&want, 0)?)
+            };
+            assert_eq!(got.dims(), want.dims(), "{backend:?} {name}");
+            // Converged solves (batch and items stop at different iterates within tol).
+            let e = max_diff(&got, &want)?;
+            assert!(e < TOL_CONVERGED, "{backend:?} {name}: {e:e}");
+        }
+    }
+    Ok(())
+}
+test_device!(
+    solve_packed_potentials_and_plans,
+    solve_packed_potentials_and_plans_cpu,
+    solve_packed_potentials_and_plans_cuda,
+    solve_packed_potentials_and_plans_metal
+);
+
 /// Uniform weights by default (1/N_b within each item), and clear errors for bad lengths.
 #[test]
 fn packed_defaults_and_errors() -> Result<()> {

@@ -126,13 +126,19 @@ pub(crate) fn converged_value_interval<S: crate::softmin::PointSoftmin>(
     (x, log_a): (&Tensor, &Tensor),
     (y, log_b): (&Tensor, &Tensor),
     pot: &DualPotentials,
+    lens: Option<&(crate::softmin::Lengths, crate::softmin::Lengths)>,
 ) -> Result<Vec<(f64, f64)>> {
     use candle_core::DType;
+    let (xl, yl) = (lens.map(|l| &l.0), lens.map(|l| &l.1));
+    let cost = |p: &Tensor, pl, q: &Tensor, ql| match (pl, ql) {
+        (Some(pl), Some(ql)) => backend.cost_ragged(p, pl, q, ql),
+        _ => backend.cost(p, q),
+    };
     // One OT term: rows p (log-weights lw_r), columns q (lw_c) with potential g on q.
-    let term = |p: &Tensor, q: &Tensor, lw_r: &Tensor, lw_c: &Tensor, g: &Tensor| {
+    let term = |(p, pl), (q, ql), lw_r: &Tensor, lw_c: &Tensor, g: &Tensor| {
         let g = g.detach();
-        let f_t = backend.softmin_no_grad(eps, &backend.cost(p, q)?, &(lw_c + (&g / eps)?)?)?; // (B, N)
-        let g_t = backend.softmin_no_grad(eps, &backend.cost(q, p)?, &(lw_r + (&f_t / eps)?)?)?; // (B, M)
+        let f_t = backend.softmin_no_grad(eps, &cost(p, pl, q, ql)?, &(lw_c + (&g / eps)?)?)?; // (B, N)
+        let g_t = backend.softmin_no_grad(eps, &cost(q, ql, p, pl)?, &(lw_r + (&f_t / eps)?)?)?; // (B, M)
         let host = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec2::<f64>();
         let (f_t, g_t, g) = (host(&f_t)?, host(&g_t)?, host(&g)?);
         let (w_r, w_c) = (host(&lw_r.exp()?)?, host(&lw_c.exp()?)?);
@@ -158,11 +164,11 @@ pub(crate) fn converged_value_interval<S: crate::softmin::PointSoftmin>(
         }
         Ok::<_, candle_core::Error>(out)
     };
-    let ab = term(x, y, log_a, log_b, &pot.g_ab)?;
+    let ab = term((x, xl), (y, yl), log_a, log_b, &pot.g_ab)?;
     match (&pot.f_aa, &pot.g_bb) {
         (Some(f_aa), Some(g_bb)) => {
-            let aa = term(x, x, log_a, log_a, f_aa)?;
-            let bb = term(y, y, log_b, log_b, g_bb)?;
+            let aa = term((x, xl), (x, xl), log_a, log_a, f_aa)?;
+            let bb = term((y, yl), (y, yl), log_b, log_b, g_bb)?;
             Ok(ab
                 .iter()
                 .zip(&aa)

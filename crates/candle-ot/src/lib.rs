@@ -99,6 +99,7 @@ mod kernel_loss;
 pub mod loss;
 mod multiscale;
 pub mod options;
+pub mod packed;
 pub mod plan;
 pub mod samples_loss;
 pub mod schedule;
@@ -116,6 +117,7 @@ pub use error::OtError;
 pub use free_support::{Cloud, FreeSupportBarycenter, FreeSupportDiagnostics, FreeSupportSolution};
 pub use images::{ImagesLoss, ImagesLossBuilder, ImagesLossOptions, ImagesSolution};
 pub use options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
+pub use packed::{PackedPlan, PackedSolution};
 pub use plan::TransportPlan;
 pub use samples_loss::{SamplesLoss, Solution, TargetLoss, F32_PROMOTION_EXPONENT};
 pub use sinkhorn::{

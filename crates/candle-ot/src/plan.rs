@@ -15,7 +15,7 @@
 use crate::cost::{dense_cost, CostKind};
 use crate::error::OtError;
 use crate::options::Backend;
-use crate::softmin::{Online, PointSoftmin, Tensorized};
+use crate::softmin::{Lengths, Online, PointSoftmin, Tensorized};
 use candle_core::{Result, Tensor};
 
 /// The most entries [`TransportPlan::dense`] materialises (B·N·M).
@@ -34,6 +34,9 @@ pub struct TransportPlan {
     pub(crate) f_ba: Tensor,  // (B, N)
     pub(crate) g_ab: Tensor,  // (B, M)
     pub(crate) batched: bool,
+    /// A ragged batch stored padded: the sizes of the items of x and y (the streaming passes
+    /// of the online backend then skip the padding).
+    pub(crate) lengths: Option<(Lengths, Lengths)>,
     /// The dtype of every output: the solve's own, or f32 for an f32 problem solved in f64
     /// (see [`crate::samples_loss::F32_PROMOTION_EXPONENT`]).
     pub(crate) out_dtype: candle_core::DType,
@@ -47,14 +50,40 @@ impl TransportPlan {
 
     /// `Σ_j exp(α_i + β_j − C(p_i, q_j)/ε) v_j` on the plan's backend, with α = f/ε.
     #[allow(clippy::too_many_arguments)]
-    fn stream(&self, p: &Tensor, f: &Tensor, q: &Tensor, h: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// `transposed`: rows y, columns x (for the lengths of a ragged batch).
+    fn stream(
+        &self,
+        (p, f): (&Tensor, &Tensor),
+        (q, h): (&Tensor, &Tensor),
+        v: &Tensor,
+        transposed: bool,
+    ) -> Result<Tensor> {
         match self.backend {
             // The multiscale plan is the exact plan of its potentials, streamed.
             Backend::Online | Backend::Multiscale => {
-                Online { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v)
+                let lens = self.lengths_for(transposed);
+                crate::softmin::online::plan_apply_ragged(
+                    self.cost,
+                    self.eps,
+                    (p, f),
+                    (q, h),
+                    v,
+                    lens.as_ref(),
+                )
             }
             _ => Tensorized { cost: self.cost }.plan_apply(self.eps, p, f, q, h, v),
         }
+    }
+
+    /// The (rows, columns) lengths of a ragged plan, for rows x (or y when `transposed`).
+    fn lengths_for(&self, transposed: bool) -> Option<(Lengths, Lengths)> {
+        self.lengths.as_ref().map(|(xl, yl)| {
+            if transposed {
+                (yl.clone(), xl.clone())
+            } else {
+                (xl.clone(), yl.clone())
+            }
+        })
     }
 
     fn batch_values(&self, v: &Tensor, name: &'static str, k_points: usize) -> Result<Tensor> {
@@ -92,7 +121,7 @@ impl TransportPlan {
         // a_i folds into the row offset: f + ε log a (−∞ rows give exact zeros).
         let f = (&self.f_ba + (&self.log_a * self.eps)?)?;
         let h = (&self.log_b + (&self.g_ab / self.eps)?)?;
-        let out = self.stream(&self.x, &f, &self.y, &h, &v)?;
+        let out = self.stream((&self.x, &f), (&self.y, &h), &v, false)?;
         self.unbatch(out)
     }
 
@@ -103,7 +132,7 @@ impl TransportPlan {
         let g = (&self.g_ab + (&self.log_b * self.eps)?)?;
         let h = (&self.log_a + (&self.f_ba / self.eps)?)?;
         // The cost is symmetric: C(y_j, x_i) = C(x_i, y_j).
-        let out = self.stream(&self.y, &g, &self.x, &h, &u)?;
+        let out = self.stream((&self.y, &g), (&self.x, &h), &u, true)?;
         self.unbatch(out)
     }
 
@@ -114,7 +143,7 @@ impl TransportPlan {
         let (_, m, _) = self.y.dims3()?;
         let v = self.batch_values(v, "v", m)?;
         let h = (&self.log_b + (&self.g_ab / self.eps)?)?;
-        let out = self.stream(&self.x, &self.f_ba, &self.y, &h, &v)?;
+        let out = self.stream((&self.x, &self.f_ba), (&self.y, &h), &v, false)?;
         self.unbatch(out)
     }
 
@@ -157,10 +186,15 @@ impl TransportPlan {
                     log_wp: &Tensor,
                     q: &Tensor,
                     pot_q: &Tensor,
-                    log_wq: &Tensor| {
+                    log_wq: &Tensor,
+                    transposed: bool| {
             let h = (log_wq + (pot_q / eps)?)?; // (B, M)
-            let f_t = backend.softmin_no_grad(eps, &backend.cost(p, q)?, &h)?; // (B, N)
-                                                                               // Zero weights: exp(−∞) = 0 on both sides.
+            let cost = match self.lengths_for(transposed) {
+                Some((pl, ql)) => backend.cost_ragged(p, &pl, q, &ql)?,
+                None => backend.cost(p, q)?,
+            };
+            let f_t = backend.softmin_no_grad(eps, &cost, &h)?; // (B, N)
+                                                                // Zero weights: exp(−∞) = 0 on both sides.
             let mass = (log_wp + ((pot_p - f_t)? / eps)?)?.exp()?; // (B, N)
             (mass - log_wp.exp()?)?.abs()?.sum(1) // (B,)
         };
@@ -171,6 +205,7 @@ impl TransportPlan {
             &self.y,
             &self.g_ab,
             &self.log_b,
+            false,
         )? + side(
             &self.y,
             &self.g_ab,
@@ -178,6 +213,7 @@ impl TransportPlan {
             &self.x,
             &self.f_ba,
             &self.log_a,
+            true,
         )?
     }
 
@@ -207,7 +243,7 @@ impl TransportPlan {
                 &rows,
                 &cols,
                 crate::softmin::online::Weighted::Grad { with_mass: true },
-                None,
+                self.lengths_for(false).as_ref(),
             )?; // (B, N, D + 1)
             let t = (&self.x - s.narrow(2, 0, d)?.broadcast_div(&s.narrow(2, d, 1)?)?)?;
             return self.unbatch(t);

@@ -5,6 +5,7 @@ use crate::divergence::{converged_value_interval, sinkhorn_cost, sinkhorn_potent
 use crate::error::OtError;
 use crate::kernel_loss::{hausdorff_loss, kernel_loss};
 use crate::options::{Backend, Loss, SamplesLossBuilder, SamplesLossOptions};
+use crate::packed::PackedSolution;
 use crate::plan::TransportPlan;
 use crate::schedule::{
     epsilon_schedule, estimate_diameter, estimate_diameter_weighted, schedule_len, MAX_SCHEDULE_LEN,
@@ -275,6 +276,44 @@ impl SamplesLoss {
         y: &Tensor,
         y_lengths: &[usize],
     ) -> Result<Tensor> {
+        Ok(self.run_packed(a, x, x_lengths, b, y, y_lengths)?.loss)
+    }
+
+    /// [`SamplesLoss::forward_packed`] with everything else the solve computes, packed like the
+    /// inputs: the potentials F (ΣN_b,) and G (ΣM_b,), the raw Sinkhorn potentials, the plans
+    /// as operators on packed values ([`PackedPlan`](crate::packed::PackedPlan)), and the
+    /// padded solution with its diagnostics. Errors as `forward_packed`.
+    pub fn solve_packed(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        x_lengths: &[usize],
+        b: Option<&Tensor>,
+        y: &Tensor,
+        y_lengths: &[usize],
+    ) -> Result<PackedSolution> {
+        let padded = self.run_packed(a, x, x_lengths, b, y, y_lengths)?;
+        Ok(PackedSolution {
+            loss: padded.loss.clone(),
+            f: crate::packed::pack(&padded.f, x_lengths)?,
+            g: crate::packed::pack(&padded.g, y_lengths)?,
+            x_lengths: x_lengths.to_vec(),
+            y_lengths: y_lengths.to_vec(),
+            padded,
+        })
+    }
+
+    /// The padded solve of a packed batch (zero weights on the padding, lengths to the
+    /// backend).
+    fn run_packed(
+        &self,
+        a: Option<&Tensor>,
+        x: &Tensor,
+        x_lengths: &[usize],
+        b: Option<&Tensor>,
+        y: &Tensor,
+        y_lengths: &[usize],
+    ) -> Result<Solution> {
         if x_lengths.len() != y_lengths.len() {
             return Err(OtError::Mismatch(format!(
                 "x_lengths has {} items but y_lengths has {}: a packed batch pairs item b of x with item b of y",
@@ -286,9 +325,7 @@ impl SamplesLoss {
         let (a_pad, x_pad) = pad_packed(x, x_lengths, a, ("x", "x_lengths", "a"))?;
         let (b_pad, y_pad) = pad_packed(y, y_lengths, b, ("y", "y_lengths", "b"))?;
         let lens = (Lengths::new(x_lengths), Lengths::new(y_lengths));
-        Ok(self
-            .run_lens(Some(&a_pad), &x_pad, Some(&b_pad), &y_pad, Some(&lens))?
-            .loss)
+        self.run_lens(Some(&a_pad), &x_pad, Some(&b_pad), &y_pad, Some(&lens))
     }
 
     /// This loss against a fixed target `β = Σ_j b_j δ_{y_j}` (y (M, D) or (B, M, D), b (M,) or
@@ -786,6 +823,7 @@ impl SamplesLoss {
                     f_ba: pot.f_ba.detach(),
                     g_ab: pot.g_ab.detach(),
                     batched: p.batched,
+                    lengths: lens.cloned(),
                     out_dtype: p.out_dtype,
                 });
                 if rho.is_none() {
@@ -1044,11 +1082,12 @@ impl Solution {
         let interval = match plan.backend {
             Backend::Tensorized => {
                 let t = Tensorized { cost: plan.cost };
-                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot)?
+                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot, None)?
             }
             _ => {
                 let t = Online { cost: plan.cost };
-                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot)?
+                let lens = plan.lengths.as_ref();
+                converged_value_interval(&t, plan.eps, c_max, xa, yb, &pot, lens)?
             }
         };
         let values = loss.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;

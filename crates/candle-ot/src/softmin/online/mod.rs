@@ -495,10 +495,23 @@ pub(crate) fn plan_apply(
     h: &Tensor,
     v: &Tensor,
 ) -> Result<Tensor> {
+    plan_apply_ragged(cost, eps, (x, f), (y, h), v, None)
+}
+
+/// [`plan_apply`] on a ragged batch stored padded (`lens` = rows, columns): padding pairs are
+/// not visited on the CPU, and masked on CUDA and Metal; padding rows are 0.
+pub(crate) fn plan_apply_ragged(
+    cost: CostKind,
+    eps: f64,
+    (x, f): (&Tensor, &Tensor),
+    (y, h): (&Tensor, &Tensor),
+    v: &Tensor,
+    lens: Option<&Ragged>,
+) -> Result<Tensor> {
     let k = v.dim(2)?;
     let rows = Tensor::cat(&[x, &(f / eps)?.unsqueeze(2)?], 2)?; // (B, N, D+1)
     let cols = Tensor::cat(&[y, &h.unsqueeze(2)?, v], 2)?; // (B, M, D+1+K)
-    lse_weighted(cost, eps, &rows, &cols, Weighted::Values { k }, None)
+    lse_weighted(cost, eps, &rows, &cols, Weighted::Values { k }, lens)
 }
 
 // ---------------------------------------------------------------------------------------
