@@ -12,9 +12,10 @@
 //! Ragged cases (clouds of different sizes, [`SamplesLoss::forward_packed`]): the 1-D integer
 //! tensors `x_lengths` and `y_lengths` (u8, u32, i16, i32 or i64; one size ≥ 1 per item, both
 //! or neither) make `x` the packed points (ΣN_b, D), `y` (ΣM_b, D), and the optional `a`, `b`
-//! packed weights (ΣN_b,), (ΣM_b,) (default uniform within each item). Output (f64): `loss`
-//! (B,), and `grad_x`, `grad_y`, `grad_a`, `grad_b` packed like x, y, a, b; no `F`, `G` (the
-//! packed call returns losses only) and no labels (`l` is an error).
+//! packed weights (ΣN_b,), (ΣM_b,) (default uniform within each item), and `l` packed labels
+//! (ΣM_b, K). Output (f64): `loss` (B,), and `grad_x`, `grad_y`, `grad_a`, `grad_b`, `F`
+//! (ΣN_b,), `G` (ΣM_b,) and `labels_i` (ΣN_b, K) packed like x, y, a, b
+//! ([`SamplesLoss::solve_packed`]).
 //!
 //! Grid cases (metadata `kind` = `grid`, `tests/data/reference/grid/`) hold densities `a`, `b`
 //! shaped `(B, n_1, …, n_D)` (any leading batch axes, or none) and run [`ImagesLoss`] with
@@ -512,9 +513,10 @@ fn packed_uniform(lengths: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(w, k, &Device::Cpu)?)
 }
 
-/// A ragged point-cloud case (`x_lengths`, `y_lengths`): [`SamplesLoss::forward_packed`] on
+/// A ragged point-cloud case (`x_lengths`, `y_lengths`): [`SamplesLoss::solve_packed`] on
 /// the packed x, y (and a, b), with the packed outputs `loss` (B,), `grad_x` (ΣN_b, D),
-/// `grad_y` (ΣM_b, D), `grad_a` (ΣN_b,), `grad_b` (ΣM_b,).
+/// `grad_y` (ΣM_b, D), `grad_a` (ΣN_b,), `grad_b` (ΣM_b,), `F` (ΣN_b,), `G` (ΣM_b,), and
+/// `labels_i` (ΣN_b, K) for packed labels `l` (ΣM_b, K) (Sinkhorn only).
 fn evaluate_ragged(
     case: &Case,
     loss: &SamplesLoss,
@@ -534,8 +536,14 @@ fn evaluate_ragged(
     }
     check_packed(x, &x_lengths, get("a"), ("x", "x_lengths", "a"))?;
     check_packed(y, &y_lengths, get("b"), ("y", "y_lengths", "b"))?;
-    if get("l").is_some() {
-        bail!("label transfer (`l`) is not available for ragged cases (`x_lengths`, `y_lengths`)");
+    let total_y: usize = y_lengths.iter().sum();
+    if let Some(l) = get("l") {
+        if l.rank() != 2 || l.dim(0)? != total_y {
+            bail!(
+                "`l` must be ({total_y}, K), one row of labels per packed point of `y`, got {:?}",
+                l.dims()
+            );
+        }
     }
     let a = match get("a") {
         Some(a) => a.clone(),
@@ -547,7 +555,7 @@ fn evaluate_ragged(
     };
     let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?) };
     let (va, vx, vb, vy) = (var(&a)?, var(x)?, var(&b)?, var(y)?);
-    let value = loss.forward_packed(
+    let sol = loss.solve_packed(
         Some(va.as_tensor()),
         vx.as_tensor(),
         &x_lengths,
@@ -555,6 +563,7 @@ fn evaluate_ragged(
         vy.as_tensor(),
         &y_lengths,
     )?;
+    let value = &sol.loss;
     let grads = value.sum_all()?.backward()?;
     let grad_of = |v: &Var| -> Result<Tensor> {
         match grads.get(v.as_tensor()) {
@@ -568,9 +577,15 @@ fn evaluate_ragged(
     out.insert("grad_y".to_string(), grad_of(&vy)?);
     out.insert("grad_a".to_string(), grad_of(&va)?);
     out.insert("grad_b".to_string(), grad_of(&vb)?);
+    out.insert("F".to_string(), sol.f.to_dtype(DType::F64)?);
+    out.insert("G".to_string(), sol.g.to_dtype(DType::F64)?);
+    if let Some(l) = get("l") {
+        let labels = sol.plan()?.transfer(&l.to_dtype(dtype)?)?; // (ΣN_b, K)
+        out.insert("labels_i".to_string(), labels.to_dtype(DType::F64)?);
+    }
     Ok(Evaluation {
         outputs: out,
-        diagnostics: None,
+        diagnostics: sol.padded.diagnostics,
     })
 }
 

@@ -923,16 +923,24 @@ fn per_item_reference(
         let vb = var(item_w(b, oy, m));
         let vx = var(x.narrow(0, ox, n).unwrap());
         let vy = var(y.narrow(0, oy, m).unwrap());
-        let l = loss
-            .forward_weighted(
-                va.as_tensor(),
+        let sol = loss
+            .solve(
+                Some(va.as_tensor()),
                 vx.as_tensor(),
-                vb.as_tensor(),
+                Some(vb.as_tensor()),
                 vy.as_tensor(),
             )
             .unwrap();
+        let l = &sol.loss;
         let g = l.sum_all().unwrap().backward().unwrap();
-        out.entry("loss").or_default().extend(flat(&l));
+        out.entry("loss").or_default().extend(flat(l));
+        out.entry("F").or_default().extend(flat(&sol.f));
+        out.entry("G").or_default().extend(flat(&sol.g));
+        if opts.loss == Loss::Sinkhorn {
+            // Labels: the item's own points' coordinates, transferred.
+            let labels = sol.transfer(&y.narrow(0, oy, m).unwrap()).unwrap();
+            out.entry("labels_i").or_default().extend(flat(&labels));
+        }
         for (k, v) in [
             ("grad_x", &vx),
             ("grad_y", &vy),
@@ -950,9 +958,10 @@ fn per_item_reference(
 }
 
 /// `eval` on a ragged case (`x_lengths`, `y_lengths` of several integer dtypes) writes the
-/// loss per item (B,) and the packed gradients, equal in f64 to per-item library calls given
-/// the same diameter: debiased Sinkhorn with uniform weights, unbalanced Sinkhorn and the
-/// energy kernel with given weights.
+/// loss per item (B,), the packed gradients, the packed potentials F, G and (Sinkhorn, packed
+/// labels `l`) the packed `labels_i`, equal in f64 to per-item library calls given the same
+/// diameter: debiased Sinkhorn with uniform weights, unbalanced Sinkhorn and the energy
+/// kernel with given weights.
 #[test]
 fn eval_ragged_case_matches_per_item_calls() {
     let s = Scratch::new("ragged");
@@ -1012,17 +1021,24 @@ fn eval_ragged_case_matches_per_item_calls() {
             tensors.push(("a", a.clone()));
             tensors.push(("b", b.clone()));
         }
+        let sinkhorn_case = opts.loss == Loss::Sinkhorn;
+        if sinkhorn_case {
+            tensors.push(("l", y.clone())); // packed labels (ΣM_b, K = 2)
+        }
         write_case(&case, &tensors, Some(params));
         let o = eval(&case, &out, &["--dtype", "f64"]);
         assert!(o.status.success(), "{params}: {}", stderr(&o));
         let got = load(&out);
         let mut names: Vec<&String> = got.keys().collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["grad_a", "grad_b", "grad_x", "grad_y", "loss"],
-            "{params}"
-        );
+        let mut expected = vec!["F", "G", "grad_a", "grad_b", "grad_x", "grad_y", "loss"];
+        if sinkhorn_case {
+            expected.push("labels_i");
+        }
+        expected.sort();
+        assert_eq!(names, expected, "{params}");
+        assert_eq!(got["F"].dims(), &[sn], "{params}");
+        assert_eq!(got["G"].dims(), &[sm], "{params}");
         assert_eq!(got["loss"].dims(), &[xl.len()], "{params}");
         assert_eq!(got["grad_x"].dims(), &[sn, 2], "{params}");
         assert_eq!(got["grad_y"].dims(), &[sm, 2], "{params}");
@@ -1034,7 +1050,12 @@ fn eval_ragged_case_matches_per_item_calls() {
             (None, None)
         };
         let want = per_item_reference(&opts, (wa, &x, &xl), (wb, &y, &yl));
-        for k in ["loss", "grad_x", "grad_y", "grad_a", "grad_b"] {
+        let mut keys = vec!["loss", "grad_x", "grad_y", "grad_a", "grad_b", "F", "G"];
+        if sinkhorn_case {
+            assert_eq!(got["labels_i"].dims(), &[sn, 2], "{params}");
+            keys.push("labels_i");
+        }
+        for k in keys {
             assert_eq!(got[k].dtype(), DType::F64, "{params} {k}");
             let e = rel_err(&flat(&got[k]), &want[k]);
             assert!(e <= TOL_F64, "{params} {k}: rel err {e:.3e}");
@@ -1164,6 +1185,20 @@ fn eval_ragged_bad_cases_fail_cleanly() {
                 ("y_lengths", l(&[3, 5])),
             ],
             vec!["`b`", "(8,)"],
+        ),
+        // Labels not packed like y.
+        (
+            vec![
+                ("x", x.clone()),
+                ("y", y.clone()),
+                (
+                    "l",
+                    Tensor::zeros((7, 2), DType::F64, &Device::Cpu).unwrap(),
+                ),
+                ("x_lengths", l(&[4, 6])),
+                ("y_lengths", l(&[3, 5])),
+            ],
+            vec!["`l`", "(8, K)"],
         ),
     ];
     for (tensors, needles) in cases {
