@@ -244,6 +244,32 @@ pub mod abi {
     pub const GRID_LSE_AXIS_ARGS: &[&str] = &["src", "kern", "dst", "outer", "n", "inner", "scale"];
 }
 
+/// The entry point `{family}_{variant}_{dtype}` (`{family}_{dtype}` when `variant` is empty)
+/// of `list`, one of the `*_KERNELS` lists of [`cuda`] or [`metal`]: the one name builder of
+/// the CUDA and Metal glue, which turns (reduction family, cost or kernel, float type) into a
+/// kernel name, for instance `("softmin", "sqeuclidean", "f32")` into
+/// `softmin_sqeuclidean_f32`. `None` when the list has no such kernel (f64 on Metal, a
+/// family of another source).
+pub fn entry_point(
+    list: &'static [&'static str],
+    family: &str,
+    variant: &str,
+    dtype: &str,
+) -> Option<&'static str> {
+    let matches = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(family).and_then(|r| r.strip_prefix('_')) else {
+            return false;
+        };
+        let rest = if variant.is_empty() {
+            Some(rest)
+        } else {
+            rest.strip_prefix(variant).and_then(|r| r.strip_prefix('_'))
+        };
+        rest == Some(dtype)
+    };
+    list.iter().copied().find(|n| matches(n))
+}
+
 macro_rules! entry_points {
     ($(#[$list_doc:meta])* $list:ident { $($name:ident = $value:literal),* $(,)? }) => {
         $(
@@ -433,6 +459,77 @@ mod tests {
         assert_listed_exactly(metal::KERNEL_SUMS, metal::KERNEL_SUM_KERNELS);
         assert_listed_exactly(cuda::GRID, cuda::GRID_KERNELS);
         assert_listed_exactly(metal::GRID, metal::GRID_KERNELS);
+    }
+
+    /// Every listed name is reachable through [`entry_point`] from its parts, and nothing else.
+    #[test]
+    fn the_name_builder_finds_every_entry_point() {
+        let lists: [&'static [&'static str]; 6] = [
+            cuda::SOFTMIN_KERNELS,
+            cuda::KERNEL_SUM_KERNELS,
+            cuda::GRID_KERNELS,
+            metal::SOFTMIN_KERNELS,
+            metal::KERNEL_SUM_KERNELS,
+            metal::GRID_KERNELS,
+        ];
+        let families = [
+            "block_softmin",
+            "block_lse_grad",
+            "softmin",
+            "lse_grad",
+            "lse_values",
+            "kernel_product",
+            "kernel_sums_grad",
+        ];
+        let variants = [
+            "sqeuclidean",
+            "euclidean",
+            "gaussian",
+            "laplacian",
+            "energy",
+        ];
+        for list in lists {
+            for &name in list {
+                let dtype = &name[name.len() - 3..];
+                let found = if let Some(rest) = name.strip_prefix("grid_lse_axis_") {
+                    assert_eq!(rest, dtype);
+                    entry_point(list, "grid_lse_axis", "", dtype)
+                } else {
+                    let family = families
+                        .iter()
+                        .find(|f| {
+                            name.strip_prefix(**f).is_some_and(|r| {
+                                variants.iter().any(|v| r == format!("_{v}_{dtype}"))
+                            })
+                        })
+                        .unwrap_or_else(|| panic!("{name}: no family"));
+                    let variant = &name[family.len() + 1..name.len() - 4];
+                    entry_point(list, family, variant, dtype)
+                };
+                assert_eq!(found, Some(name));
+            }
+        }
+        assert_eq!(
+            entry_point(cuda::SOFTMIN_KERNELS, "softmin", "sqeuclidean", "f64"),
+            Some("softmin_sqeuclidean_f64")
+        );
+        assert_eq!(
+            entry_point(metal::SOFTMIN_KERNELS, "softmin", "sqeuclidean", "f64"),
+            None
+        );
+        assert_eq!(
+            entry_point(cuda::SOFTMIN_KERNELS, "softmin", "gaussian", "f32"),
+            None
+        );
+        // "softmin" is not a prefix match of "block_softmin", nor "lse_grad" of "lse_values".
+        assert_eq!(
+            entry_point(cuda::SOFTMIN_KERNELS, "lse_grad", "euclidean", "f32"),
+            Some("lse_grad_euclidean_f32")
+        );
+        assert_eq!(
+            entry_point(cuda::SOFTMIN_KERNELS, "softmin", "", "f32"),
+            None
+        );
     }
 
     #[test]

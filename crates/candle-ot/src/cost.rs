@@ -37,6 +37,15 @@ impl CostKind {
             Self::SqEuclidean => 2,
         }
     }
+
+    /// The cost's part of a kernel name (`softmin_{name}_f32`, `candle_ot_kernels::entry_point`).
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    pub(crate) fn kernel_name(self) -> &'static str {
+        match self {
+            Self::SqEuclidean => "sqeuclidean",
+            Self::Euclidean => "euclidean",
+        }
+    }
 }
 
 /// The kernels of the kernel-norm losses (σ = blur).
@@ -48,6 +57,18 @@ pub enum KernelKind {
     Laplacian,
     /// `k(x, y) = −|x − y|` (the energy distance; σ is unused).
     Energy,
+}
+
+impl KernelKind {
+    /// The kernel's part of a kernel name (`kernel_product_{name}_f32`).
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    pub(crate) fn kernel_name(self) -> &'static str {
+        match self {
+            Self::Gaussian => "gaussian",
+            Self::Laplacian => "laplacian",
+            Self::Energy => "energy",
+        }
+    }
 }
 
 /// A tiny shift under the square root, so that `d|x − y|` at `x = y` is `0 · finite = 0`

@@ -5,7 +5,7 @@
 
 use super::GridSoftminOp;
 use crate::softmin::online::cuda::{function, Float};
-use crate::softmin::online::u32_of;
+use crate::softmin::online::{entry, u32_of};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
@@ -23,12 +23,8 @@ fn run<T: Float>(
     len: usize,
 ) -> Result<CudaSlice<T>> {
     let passes = op.passes(dims);
-    let func = function(
-        dev,
-        MODULE,
-        src::GRID,
-        &format!("grid_lse_axis_{}", T::SUFFIX),
-    )?;
+    let name = entry(src::GRID_KERNELS, "grid_lse_axis", "", T::SUFFIX)?;
+    let func = function(dev, MODULE, src::GRID, name)?;
     let stream = dev.cuda_stream();
     // `cur`: the last pass's output (None: the input itself); `spare`: a buffer to reuse.
     let mut cur: Option<CudaSlice<T>> = None;

@@ -8,7 +8,7 @@
 
 use super::GridSoftminOp;
 use crate::softmin::online::metal::{finish, pipeline, F32Input, Source};
-use crate::softmin::online::u32_of;
+use crate::softmin::online::{entry, u32_of};
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, MetalStorage, Result, Shape};
 use candle_metal_kernels::metal::ComputeCommandEncoder;
@@ -30,7 +30,7 @@ pub(super) fn grid_softmin_fwd(
     let input = F32Input::new(s, l, "h")?;
     let len = l.shape().elem_count();
     let shape = l.shape().clone();
-    let entry = src::GRID_LSE_AXIS_F32;
+    let entry = entry(src::GRID_KERNELS, "grid_lse_axis", "", "f32")?;
     let passes = op.passes(l.dims());
     let out_a = dev
         .new_buffer_builder()

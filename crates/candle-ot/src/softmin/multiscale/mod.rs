@@ -23,17 +23,14 @@
 //! Devices: the clustering and the truncation run on the host (the points and the coarse
 //! potentials are copied there once per solve), the coarse loop on the online kernels and the
 //! fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` (`cpu.rs`) and, with
-//! the `cuda` / `metal` features, `cuda_fwd` / `metal_fwd` (`cuda.rs`, `metal.rs`), which launch
-//! `candle-ot-kernels`' `block_softmin_*` / `block_lse_grad_*` with a task table built from the
-//! pattern (row blocks inside one row cluster, each with its column spans). On a device whose
+//! the `cuda` / `metal` features, `cuda_fwd` / `metal_fwd`, which call the online ops' one
+//! launcher per device (`online/{cuda,metal}.rs` with `Tiles::Tasks`) on `candle-ot-kernels`'
+//! `block_softmin_*` / `block_lse_grad_*`, with a task table built from the pattern (row
+//! blocks inside one row cluster, each with its column spans). On a device whose
 //! online kernels are not compiled in, the backend is an `Unsupported` error.
 
 pub(crate) mod cluster;
 pub(crate) mod cpu;
-#[cfg(feature = "cuda")]
-pub(crate) mod cuda;
-#[cfg(feature = "metal")]
-pub(crate) mod metal;
 
 use crate::cost::{CostKind, KernelKind};
 use crate::softmin::online::dims3;
@@ -188,7 +185,8 @@ impl CustomOp3 for BlockSoftminOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        cuda::block_softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), &self.fwd)
+        let tiles = online::Tiles::Tasks(&self.fwd);
+        online::cuda::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), tiles)
     }
 
     #[cfg(feature = "metal")]
@@ -202,7 +200,8 @@ impl CustomOp3 for BlockSoftminOp {
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         self.check(l1, l2, l3)?;
-        metal::block_softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), &self.fwd)
+        let tiles = online::Tiles::Tasks(&self.fwd);
+        online::metal::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3), tiles)
     }
 
     fn bwd(
@@ -291,7 +290,9 @@ impl CustomOp2 for BlockGradOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.check(l1, l2)?;
-        cuda::block_grad_fwd(self.cost, self.eps, (s1, l1), (s2, l2), &self.pattern)
+        let grad = online::Weighted::Grad { with_mass: true };
+        let tiles = online::Tiles::Tasks(&self.pattern);
+        online::cuda::lse_weighted_fwd(self.cost, self.eps, grad, (s1, l1), (s2, l2), tiles)
     }
 
     #[cfg(feature = "metal")]
@@ -303,7 +304,9 @@ impl CustomOp2 for BlockGradOp {
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         self.check(l1, l2)?;
-        metal::block_grad_fwd(self.cost, self.eps, (s1, l1), (s2, l2), &self.pattern)
+        let grad = online::Weighted::Grad { with_mass: true };
+        let tiles = online::Tiles::Tasks(&self.pattern);
+        online::metal::lse_weighted_fwd(self.cost, self.eps, grad, (s1, l1), (s2, l2), tiles)
     }
 }
 

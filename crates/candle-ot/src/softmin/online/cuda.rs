@@ -18,15 +18,17 @@
 //! toolchain (`nvcc`, `ptxas` for sm_80 / sm_90, and NVRTC).
 
 use super::cpu::Weighted;
-use super::{dims3, u32_of};
+use super::{dims3, entry, u32_of, Tiles};
 use crate::cost::{CostKind, KernelKind};
+use crate::softmin::multiscale::cluster::{mean_cluster_rows, task_table};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{sys as nvrtc_sys, Ptx};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{backend::BackendStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
-use candle_ot_kernels::{cuda as src, launch_config};
+use candle_ot_kernels::{block_sparse_block, cuda as src, launch_config, TASK_WORDS};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -147,25 +149,10 @@ fn launch_cfg(rows: usize, batch: usize) -> Result<LaunchConfig> {
 pub(crate) fn contiguous<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
         None => candle_core::bail!("candle-ot: online op inputs must be contiguous"),
-    }
-}
-
-pub(crate) fn cost_name(c: CostKind) -> &'static str {
-    match c {
-        CostKind::SqEuclidean => "sqeuclidean",
-        CostKind::Euclidean => "euclidean",
-    }
-}
-
-fn kernel_name(k: KernelKind) -> &'static str {
-    match k {
-        KernelKind::Gaussian => "gaussian",
-        KernelKind::Laplacian => "laplacian",
-        KernelKind::Energy => "energy",
     }
 }
 
@@ -189,27 +176,53 @@ impl Float for f64 {
     }
 }
 
-/// Launches `entry` of the softmin family or the kernel sums with arguments
-/// `(p1, p2, [p3,] out, B, N, M, D, [K,] par)` and returns `out` (`out_len` elements).
+/// A kernel of `candle-ot-kernels`: the NVRTC module (name and source) and the entry point.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernel {
+    module: &'static str,
+    source: &'static str,
+    entry: &'static str,
+}
+
+impl Kernel {
+    /// `{family}_{variant}_{T}` of the softmin family's source (`softmin`, `lse_grad`,
+    /// `lse_values`, `block_softmin`, `block_lse_grad`).
+    pub(crate) fn softmin<T: Float>(family: &str, variant: &str) -> Result<Self> {
+        Ok(Self {
+            module: "candle_ot_softmin",
+            source: src::SOFTMIN,
+            entry: entry(src::SOFTMIN_KERNELS, family, variant, T::SUFFIX)?,
+        })
+    }
+
+    /// `{family}_{variant}_{T}` of the kernel sums' source (`kernel_product`,
+    /// `kernel_sums_grad`).
+    fn kernel_sums<T: Float>(family: &str, variant: &str) -> Result<Self> {
+        Ok(Self {
+            module: "candle_ot_kernel_sums",
+            source: src::KERNEL_SUMS,
+            entry: entry(src::KERNEL_SUM_KERNELS, family, variant, T::SUFFIX)?,
+        })
+    }
+}
+
+/// The one CUDA launcher of the online and multiscale ops: `kernel(inputs…, out, B, N, M, D,
+/// [K,] par)`, followed by `tasks, spans, ntasks` for [`Tiles::Tasks`] (the argument lists of
+/// `candle_ot_kernels::abi`), on Candle's stream. Returns `out` (`out_len` elements, zero where
+/// no block writes).
 #[allow(clippy::too_many_arguments)]
-fn launch<T: Float>(
+pub(crate) fn launch<T: Float>(
     dev: &CudaDevice,
-    kernel_sums: bool,
-    entry: &str,
-    inputs: &[candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>],
+    kernel: Kernel,
+    inputs: &[CudaView<'_, T>],
     out_len: usize,
     (b, n, m, d): (usize, usize, usize, usize),
     k: Option<usize>,
     par: f64,
+    tiles: Tiles<'_>,
 ) -> Result<CudaSlice<T>> {
-    let (module, source) = if kernel_sums {
-        ("candle_ot_kernel_sums", src::KERNEL_SUMS)
-    } else {
-        ("candle_ot_softmin", src::SOFTMIN)
-    };
-    let func = function(dev, module, source, entry)?;
+    let func = function(dev, kernel.module, kernel.source, kernel.entry)?;
     let out = dev.alloc_zeros::<T>(out_len.max(1))?;
-    let stream = dev.cuda_stream();
     let (bb, nn, mm, dd) = (
         u32_of(b, "B")?,
         u32_of(n, "N")?,
@@ -218,6 +231,39 @@ fn launch<T: Float>(
     );
     let kk = k.map(|k| u32_of(k, "K")).transpose()?;
     let par = T::of(par);
+    // The grid, and for a block-sparse launch its task table on the device.
+    let (cfg, table) = match tiles {
+        Tiles::Rows => {
+            if b == 0 || n == 0 {
+                return Ok(out);
+            }
+            (launch_cfg(n, b)?, None)
+        }
+        Tiles::Tasks(pattern) => {
+            let block = block_sparse_block(nn, bb, mean_cluster_rows(pattern));
+            let (tasks, mut spans) = task_table(pattern, block.1);
+            let ntasks = u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
+            if ntasks == 0 {
+                return Ok(out);
+            }
+            if ntasks > i32::MAX as u32 {
+                candle_core::bail!(
+                    "candle-ot: {ntasks} block-sparse tasks exceed the CUDA grid limit"
+                )
+            }
+            if spans.is_empty() {
+                spans.extend_from_slice(&[0, 0]); // (no zero-length device buffers)
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (ntasks, 1, 1),
+                block_dim: block,
+                shared_mem_bytes: 0,
+            };
+            let table = (dev.clone_htod(&tasks)?, dev.clone_htod(&spans)?, ntasks);
+            (cfg, Some(table))
+        }
+    };
+    let stream = dev.cuda_stream();
     let mut builder = stream.launch_builder(&func);
     for i in inputs {
         builder.arg(i);
@@ -231,53 +277,71 @@ fn launch<T: Float>(
         builder.arg(kk);
     }
     builder.arg(&par);
-    if b > 0 && n > 0 {
-        // SAFETY: the argument list matches the kernel's signature (candle_ot_kernels::abi) and
-        // every buffer holds the sizes the kernel reads and writes.
-        unsafe { builder.launch(launch_cfg(n, b)?) }.w()?;
+    if let Some((tasks, spans, ntasks)) = table.as_ref() {
+        builder.arg(tasks);
+        builder.arg(spans);
+        builder.arg(ntasks);
     }
+    // SAFETY: the argument list matches the kernel's signature (candle_ot_kernels::abi); a task
+    // table only names rows < N of batch items < B and spans within [0, M) (the patterns are
+    // checked against the inputs by the ops), and every buffer holds the sizes the kernel
+    // reads and writes.
+    unsafe { builder.launch(cfg) }.w()?;
     Ok(out)
 }
 
-/// `softmin_{cost}_{t}(x, y, h, out, B, N, M, D, eps)`: x (B, N, D), y (B, M, D), h (B, M) →
+/// `softmin_{cost}_{t}(x, y, h, out, B, N, M, D, eps)`, or with [`Tiles::Tasks`]
+/// `block_softmin_{cost}_{t}(…, tasks, spans, ntasks)`: x (B, N, D), y (B, M, D), h (B, M) →
 /// (B, N).
-pub(super) fn softmin_fwd(
+pub(crate) fn softmin_fwd(
     cost: CostKind,
     eps: f64,
     (sx, lx): (&CudaStorage, &Layout),
     (sy, ly): (&CudaStorage, &Layout),
     (sh, lh): (&CudaStorage, &Layout),
+    tiles: Tiles<'_>,
 ) -> Result<(CudaStorage, Shape)> {
     let (b, n, d) = dims3(lx, "x")?;
     let (_, m, _) = dims3(ly, "y")?;
     if lh.shape().dims() != [b, m] {
         candle_core::bail!("candle-ot softmin: h must be (B, M) = ({b}, {m}), got {lh:?}")
     }
+    let family = match tiles {
+        Tiles::Rows => "softmin",
+        Tiles::Tasks(_) => "block_softmin",
+    };
     let dev = sx.device();
     let storage = with_float!(sx.dtype(), "candle-ot softmin", " on CUDA", |T| {
-        let entry = format!("softmin_{}_{}", cost_name(cost), T::SUFFIX);
+        let kernel = Kernel::softmin::<T>(family, cost.kernel_name())?;
         let ins = [
             contiguous::<T>(sx, lx)?,
             contiguous::<T>(sy, ly)?,
             contiguous::<T>(sh, lh)?,
         ];
-        let out = launch::<T>(dev, false, &entry, &ins, b * n, (b, n, m, d), None, eps)?;
+        let out = launch::<T>(dev, kernel, &ins, b * n, (b, n, m, d), None, eps, tiles)?;
         CudaStorage::wrap_cuda_slice(out, dev.clone())
     });
     Ok((storage, Shape::from((b, n))))
 }
 
-/// Packed softmax-weighted sums: `lse_grad` (rows [p, α], cols [q, h, w] → (B, N, D+1)) or
-/// `lse_values` (cols [q, h, v] → (B, N, K)).
-pub(super) fn lse_weighted_fwd(
+/// Packed softmax-weighted sums: `lse_grad` (rows [p, α], cols [q, h, w] → (B, N, D+1); with
+/// [`Tiles::Tasks`] `block_lse_grad`) or `lse_values` (cols [q, h, v] → (B, N, K); dense only).
+pub(crate) fn lse_weighted_fwd(
     cost: CostKind,
     eps: f64,
     mode: Weighted,
     (sr, lr): (&CudaStorage, &Layout),
     (sc, lc): (&CudaStorage, &Layout),
+    tiles: Tiles<'_>,
 ) -> Result<(CudaStorage, Shape)> {
     let (b, n, d1) = dims3(lr, "rows")?;
     let (_, m, cd) = dims3(lc, "cols")?;
+    if d1 == 0 {
+        candle_core::bail!(
+            "candle-ot: packed rows must have D + 1 values, got {:?}",
+            lr.dims()
+        )
+    }
     let d = d1 - 1;
     if cd != mode.col_dim(d) {
         candle_core::bail!(
@@ -285,19 +349,23 @@ pub(super) fn lse_weighted_fwd(
             mode.col_dim(d)
         )
     }
-    let (family, k) = match mode {
-        Weighted::Grad { with_mass: true } => ("lse_grad", None),
-        Weighted::Values { k } => ("lse_values", Some(k)),
-        Weighted::Grad { with_mass: false } => {
+    let (family, k) = match (mode, tiles) {
+        (Weighted::Grad { with_mass: true }, Tiles::Rows) => ("lse_grad", None),
+        (Weighted::Grad { with_mass: true }, Tiles::Tasks(_)) => ("block_lse_grad", None),
+        (Weighted::Values { k }, Tiles::Rows) => ("lse_values", Some(k)),
+        (Weighted::Values { .. }, Tiles::Tasks(_)) => {
+            candle_core::bail!("candle-ot: the CUDA value sums have no block-sparse kernel")
+        }
+        (Weighted::Grad { with_mass: false }, _) => {
             candle_core::bail!("candle-ot: the CUDA gradient reduction always returns the mass")
         }
     };
     let od = mode.out_dim(d);
     let dev = sr.device();
     let storage = with_float!(sr.dtype(), "candle-ot lse-weighted", " on CUDA", |T| {
-        let entry = format!("{family}_{}_{}", cost_name(cost), T::SUFFIX);
+        let kernel = Kernel::softmin::<T>(family, cost.kernel_name())?;
         let ins = [contiguous::<T>(sr, lr)?, contiguous::<T>(sc, lc)?];
-        let out = launch::<T>(dev, false, &entry, &ins, b * n * od, (b, n, m, d), k, eps)?;
+        let out = launch::<T>(dev, kernel, &ins, b * n * od, (b, n, m, d), k, eps, tiles)?;
         CudaStorage::wrap_cuda_slice(out, dev.clone())
     });
     Ok((storage, Shape::from((b, n, od))))
@@ -318,13 +386,14 @@ pub(super) fn kernel_product_fwd(
     }
     let dev = sx.device();
     let storage = with_float!(sx.dtype(), "candle-ot kernel product", " on CUDA", |T| {
-        let entry = format!("kernel_product_{}_{}", kernel_name(kind), T::SUFFIX);
+        let kernel = Kernel::kernel_sums::<T>("kernel_product", kind.kernel_name())?;
         let ins = [
             contiguous::<T>(sx, lx)?,
             contiguous::<T>(sy, ly)?,
             contiguous::<T>(sb, lb)?,
         ];
-        let out = launch::<T>(dev, true, &entry, &ins, b * n, (b, n, m, d), None, sigma)?;
+        let dims = (b, n, m, d);
+        let out = launch::<T>(dev, kernel, &ins, b * n, dims, None, sigma, Tiles::Rows)?;
         CudaStorage::wrap_cuda_slice(out, dev.clone())
     });
     Ok((storage, Shape::from((b, n))))
@@ -352,18 +421,10 @@ pub(super) fn kernel_sums_fwd(
     }
     let dev = sr.device();
     let storage = with_float!(sr.dtype(), "candle-ot kernel sums", " on CUDA", |T| {
-        let entry = format!("kernel_sums_grad_{}_{}", kernel_name(kind), T::SUFFIX);
+        let kernel = Kernel::kernel_sums::<T>("kernel_sums_grad", kind.kernel_name())?;
         let ins = [contiguous::<T>(sr, lr)?, contiguous::<T>(sc, lc)?];
-        let out = launch::<T>(
-            dev,
-            true,
-            &entry,
-            &ins,
-            b * n * (d + 1),
-            (b, n, m, d),
-            None,
-            sigma,
-        )?;
+        let (dims, len) = ((b, n, m, d), b * n * (d + 1));
+        let out = launch::<T>(dev, kernel, &ins, len, dims, None, sigma, Tiles::Rows)?;
         CudaStorage::wrap_cuda_slice(out, dev.clone())
     });
     Ok((storage, Shape::from((b, n, d + 1))))

@@ -28,13 +28,16 @@
 //! backend, the kernels run in a CPU emulation) and how to run the tests on Apple hardware.
 
 use super::cpu::Weighted;
-use super::{dims3, u32_of};
+use super::{dims3, entry, u32_of, Tiles};
 use crate::cost::{CostKind, KernelKind};
+use crate::softmin::multiscale::cluster::{mean_cluster_rows, task_table};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
 use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
 use candle_metal_kernels::metal::{ComputeCommandEncoder, ComputePipeline, Library};
-use candle_ot_kernels::{abi, launch_config, metal as src, MAX_D, MAX_LANES};
+use candle_ot_kernels::{
+    abi, block_sparse_block, launch_config, metal as src, MAX_D, MAX_LANES, TASK_WORDS,
+};
 use objc2_metal::{MTLCompileOptions, MTLSize};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -211,9 +214,11 @@ struct Scalars {
     par: f32,
 }
 
-/// Encodes `entry(inputs..., out, B, N, M, D, [K,] par)` (the argument order of
-/// `candle_ot_kernels::abi`) and returns `out` as a storage of `out_len` elements in `dtype`
-/// (converted back from f32 when the inputs were f16 / bf16).
+/// The one Metal launcher of the online and multiscale ops: encodes `entry(inputs…, out, B,
+/// N, M, D, [K,] par)`, followed by `tasks, spans, ntasks` for [`Tiles::Tasks`] (the argument
+/// order of `candle_ot_kernels::abi`), and returns `out` as a storage of `out_len` elements in
+/// `dtype` (converted back from f32 when the inputs were f16 / bf16), zero where no
+/// threadgroup writes.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     dev: &MetalDevice,
@@ -224,6 +229,7 @@ fn launch(
     out_len: usize,
     out_shape: Shape,
     s: Scalars,
+    tiles: Tiles<'_>,
     dtype: DType,
 ) -> Result<(MetalStorage, Shape)> {
     if s.d as usize > MAX_D as usize {
@@ -232,7 +238,12 @@ fn launch(
             s.d
         )
     }
-    let nargs = inputs.len() + 5 + s.k.is_some() as usize + 1;
+    let table_args = if matches!(tiles, Tiles::Tasks(_)) {
+        3
+    } else {
+        0
+    };
+    let nargs = inputs.len() + 5 + s.k.is_some() as usize + 1 + table_args;
     debug_assert_eq!(
         args.len(),
         nargs,
@@ -244,8 +255,50 @@ fn launch(
         .with_size_for(out_len.max(1), DType::F32)
         .with_label(entry)
         .build()?;
-    if s.b > 0 && s.n > 0 {
-        let (groups, threads) = dispatch_sizes(&pipeline, s.n, s.b);
+    // The threadgroups, and for a block-sparse launch its task table; `None`: nothing to do.
+    let dispatch = match tiles {
+        Tiles::Rows if s.b == 0 || s.n == 0 => None,
+        Tiles::Rows => {
+            let (groups, threads) = dispatch_sizes(&pipeline, s.n, s.b);
+            Some((groups, threads, None))
+        }
+        Tiles::Tasks(pattern) => {
+            // As `dispatch_sizes`: fewer rows per threadgroup if the pipeline allows fewer
+            // threads (lanes stay a power of two for the lane merge).
+            let (mut lanes, rows, _) = block_sparse_block(s.n, s.b, mean_cluster_rows(pattern));
+            let max = pipeline.max_total_threads_per_threadgroup().max(1);
+            while lanes as usize > max {
+                lanes /= 2;
+            }
+            let per_group = (rows as usize).min(max / lanes as usize).max(1);
+            let (tasks, mut spans) = task_table(pattern, per_group as u32);
+            let ntasks = u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
+            if ntasks == 0 {
+                None
+            } else {
+                if spans.is_empty() {
+                    spans.extend_from_slice(&[0, 0]); // (Metal has no empty buffers)
+                }
+                let table = (
+                    dev.new_buffer_with_data(&tasks)?,
+                    dev.new_buffer_with_data(&spans)?,
+                    ntasks,
+                );
+                let groups = MTLSize {
+                    width: ntasks as usize,
+                    height: 1,
+                    depth: 1,
+                };
+                let threads = MTLSize {
+                    width: lanes as usize,
+                    height: per_group,
+                    depth: 1,
+                };
+                Some((groups, threads, Some(table)))
+            }
+        }
+    };
+    if let Some((groups, threads, table)) = dispatch {
         let guard = dev.command_encoder()?;
         {
             let enc: &ComputeCommandEncoder = guard.as_ref();
@@ -262,7 +315,14 @@ fn launch(
                 i += 1;
             }
             enc.set_bytes(i, &s.par);
-            debug_assert_eq!(i + 1, nargs);
+            i += 1;
+            if let Some((tasks, spans, ntasks)) = table.as_ref() {
+                enc.set_input_buffer(i, Some(tasks), 0);
+                enc.set_input_buffer(i + 1, Some(spans), 0);
+                enc.set_bytes(i + 2, ntasks);
+                i += 3;
+            }
+            debug_assert_eq!(i, nargs);
             enc.dispatch_thread_groups(groups, threads);
         }
         // Release Candle's command-queue lock before any other op (the cast below) runs.
@@ -291,51 +351,16 @@ pub(crate) fn finish(
     Ok((storage, out_shape))
 }
 
-fn softmin_entry(cost: CostKind) -> &'static str {
-    match cost {
-        CostKind::SqEuclidean => src::SOFTMIN_SQEUCLIDEAN_F32,
-        CostKind::Euclidean => src::SOFTMIN_EUCLIDEAN_F32,
-    }
-}
-
-fn lse_grad_entry(cost: CostKind) -> &'static str {
-    match cost {
-        CostKind::SqEuclidean => src::LSE_GRAD_SQEUCLIDEAN_F32,
-        CostKind::Euclidean => src::LSE_GRAD_EUCLIDEAN_F32,
-    }
-}
-
-fn lse_values_entry(cost: CostKind) -> &'static str {
-    match cost {
-        CostKind::SqEuclidean => src::LSE_VALUES_SQEUCLIDEAN_F32,
-        CostKind::Euclidean => src::LSE_VALUES_EUCLIDEAN_F32,
-    }
-}
-
-fn kernel_product_entry(kind: KernelKind) -> &'static str {
-    match kind {
-        KernelKind::Gaussian => src::KERNEL_PRODUCT_GAUSSIAN_F32,
-        KernelKind::Laplacian => src::KERNEL_PRODUCT_LAPLACIAN_F32,
-        KernelKind::Energy => src::KERNEL_PRODUCT_ENERGY_F32,
-    }
-}
-
-fn kernel_sums_grad_entry(kind: KernelKind) -> &'static str {
-    match kind {
-        KernelKind::Gaussian => src::KERNEL_SUMS_GRAD_GAUSSIAN_F32,
-        KernelKind::Laplacian => src::KERNEL_SUMS_GRAD_LAPLACIAN_F32,
-        KernelKind::Energy => src::KERNEL_SUMS_GRAD_ENERGY_F32,
-    }
-}
-
-/// `softmin_{cost}_f32(x, y, h, out, B, N, M, D, eps)`: x (B, N, D), y (B, M, D), h (B, M) →
+/// `softmin_{cost}_f32(x, y, h, out, B, N, M, D, eps)`, or with [`Tiles::Tasks`]
+/// `block_softmin_{cost}_f32(…, tasks, spans, ntasks)`: x (B, N, D), y (B, M, D), h (B, M) →
 /// (B, N).
-pub(super) fn softmin_fwd(
+pub(crate) fn softmin_fwd(
     cost: CostKind,
     eps: f64,
     (sx, lx): (&MetalStorage, &Layout),
     (sy, ly): (&MetalStorage, &Layout),
     (sh, lh): (&MetalStorage, &Layout),
+    tiles: Tiles<'_>,
 ) -> Result<(MetalStorage, Shape)> {
     let (b, n, d) = dims3(lx, "x")?;
     let (by, m, dy) = dims3(ly, "y")?;
@@ -363,27 +388,36 @@ pub(super) fn softmin_fwd(
         k: None,
         par: eps as f32,
     };
+    let (family, args) = match tiles {
+        Tiles::Rows => ("softmin", abi::SOFTMIN_ARGS),
+        Tiles::Tasks(_) => ("block_softmin", abi::BLOCK_SOFTMIN_ARGS),
+    };
+    let name = entry(src::SOFTMIN_KERNELS, family, cost.kernel_name(), "f32")?;
+    let shape = Shape::from((b, n));
     launch(
         sx.device(),
         Source::Softmin,
-        softmin_entry(cost),
-        abi::SOFTMIN_ARGS,
+        name,
+        args,
         &inputs,
         b * n,
-        Shape::from((b, n)),
+        shape,
         s,
+        tiles,
         dtype,
     )
 }
 
 /// Packed softmax-weighted sums: `lse_grad` (rows [p, α] (B, N, D+1), cols [q, h, w]
-/// (B, M, D+2) → (B, N, D+1)) or `lse_values` (cols [q, h, v] (B, M, D+1+K) → (B, N, K)).
-pub(super) fn lse_weighted_fwd(
+/// (B, M, D+2) → (B, N, D+1); with [`Tiles::Tasks`] `block_lse_grad`) or `lse_values` (cols
+/// [q, h, v] (B, M, D+1+K) → (B, N, K); dense only).
+pub(crate) fn lse_weighted_fwd(
     cost: CostKind,
     eps: f64,
     mode: Weighted,
     (sr, lr): (&MetalStorage, &Layout),
     (sc, lc): (&MetalStorage, &Layout),
+    tiles: Tiles<'_>,
 ) -> Result<(MetalStorage, Shape)> {
     let (b, n, d1) = dims3(lr, "rows")?;
     let (bc, m, cd) = dims3(lc, "cols")?;
@@ -401,17 +435,22 @@ pub(super) fn lse_weighted_fwd(
             mode.col_dim(d)
         )
     }
-    let (entry, args, k) = match mode {
-        Weighted::Grad { with_mass: true } => (lse_grad_entry(cost), abi::LSE_GRAD_ARGS, None),
-        Weighted::Values { k } => (
-            lse_values_entry(cost),
-            abi::LSE_VALUES_ARGS,
-            Some(u32_of(k, "K")?),
-        ),
-        Weighted::Grad { with_mass: false } => {
+    let (family, args, k) = match (mode, tiles) {
+        (Weighted::Grad { with_mass: true }, Tiles::Rows) => ("lse_grad", abi::LSE_GRAD_ARGS, None),
+        (Weighted::Grad { with_mass: true }, Tiles::Tasks(_)) => {
+            ("block_lse_grad", abi::BLOCK_LSE_GRAD_ARGS, None)
+        }
+        (Weighted::Values { k }, Tiles::Rows) => {
+            ("lse_values", abi::LSE_VALUES_ARGS, Some(u32_of(k, "K")?))
+        }
+        (Weighted::Values { .. }, Tiles::Tasks(_)) => {
+            candle_core::bail!("candle-ot: the Metal value sums have no block-sparse kernel")
+        }
+        (Weighted::Grad { with_mass: false }, _) => {
             candle_core::bail!("candle-ot: the Metal gradient reduction always returns the mass")
         }
     };
+    let name = entry(src::SOFTMIN_KERNELS, family, cost.kernel_name(), "f32")?;
     let od = mode.out_dim(d);
     let dtype = common_dtype(&[(sr, "rows"), (sc, "cols")])?;
     let inputs = [
@@ -429,12 +468,13 @@ pub(super) fn lse_weighted_fwd(
     launch(
         sr.device(),
         Source::Softmin,
-        entry,
+        name,
         args,
         &inputs,
         b * n * od,
         Shape::from((b, n, od)),
         s,
+        tiles,
         dtype,
     )
 }
@@ -474,15 +514,22 @@ pub(super) fn kernel_product_fwd(
         k: None,
         par: sigma as f32,
     };
+    let name = entry(
+        src::KERNEL_SUM_KERNELS,
+        "kernel_product",
+        kind.kernel_name(),
+        "f32",
+    )?;
     launch(
         sx.device(),
         Source::KernelSums,
-        kernel_product_entry(kind),
+        name,
         abi::KERNEL_PRODUCT_ARGS,
         &inputs,
         b * n,
         Shape::from((b, n)),
         s,
+        Tiles::Rows,
         dtype,
     )
 }
@@ -522,15 +569,22 @@ pub(super) fn kernel_sums_fwd(
         k: None,
         par: sigma as f32,
     };
+    let name = entry(
+        src::KERNEL_SUM_KERNELS,
+        "kernel_sums_grad",
+        kind.kernel_name(),
+        "f32",
+    )?;
     launch(
         sr.device(),
         Source::KernelSums,
-        kernel_sums_grad_entry(kind),
+        name,
         abi::KERNEL_SUMS_GRAD_ARGS,
         &inputs,
         b * n * (d + 1),
         Shape::from((b, n, d + 1)),
         s,
+        Tiles::Rows,
         dtype,
     )
 }
@@ -539,10 +593,18 @@ pub(super) fn kernel_sums_fwd(
 mod tests {
     use super::*;
 
+    /// Every kernel the Metal glue asks the name builder for exists in the Metal sources.
     #[test]
     fn entry_points_exist_in_the_sources() {
         for c in [CostKind::SqEuclidean, CostKind::Euclidean] {
-            for e in [softmin_entry(c), lse_grad_entry(c), lse_values_entry(c)] {
+            for family in [
+                "softmin",
+                "lse_grad",
+                "lse_values",
+                "block_softmin",
+                "block_lse_grad",
+            ] {
+                let e = entry(src::SOFTMIN_KERNELS, family, c.kernel_name(), "f32").unwrap();
                 assert!(src::SOFTMIN_KERNELS.contains(&e), "{e}");
             }
         }
@@ -551,9 +613,11 @@ mod tests {
             KernelKind::Laplacian,
             KernelKind::Energy,
         ] {
-            for e in [kernel_product_entry(k), kernel_sums_grad_entry(k)] {
+            for family in ["kernel_product", "kernel_sums_grad"] {
+                let e = entry(src::KERNEL_SUM_KERNELS, family, k.kernel_name(), "f32").unwrap();
                 assert!(src::KERNEL_SUM_KERNELS.contains(&e), "{e}");
             }
         }
+        assert!(entry(src::GRID_KERNELS, "grid_lse_axis", "", "f32").is_ok());
     }
 }

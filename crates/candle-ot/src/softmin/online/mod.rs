@@ -60,6 +60,36 @@ pub(crate) fn dims3(l: &Layout, name: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// The kernel `{family}_{variant}_{dtype}` of `list` (a `*_KERNELS` list of
+/// `candle_ot_kernels::{cuda, metal}`), through the kernels crate's one name builder
+/// ([`candle_ot_kernels::entry_point`]), or a clear error when the build has none.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+pub(crate) fn entry(
+    list: &'static [&'static str],
+    family: &str,
+    variant: &str,
+    dtype: &str,
+) -> Result<&'static str> {
+    candle_ot_kernels::entry_point(list, family, variant, dtype).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "candle-ot: no kernel {family}_{variant}_{dtype} in candle-ot-kernels"
+        ))
+    })
+}
+
+/// How a GPU launch covers the output rows (the CUDA and Metal launchers share it).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Tiles<'a> {
+    /// Every row of every batch item: the dense grid `(ceil(N / ROWS), B)` of
+    /// `candle_ot_kernels::launch_config`, each row reduced over all M columns.
+    Rows,
+    /// One block (threadgroup) per task of the block-sparse task table of these patterns (one
+    /// per batch item; `multiscale::cluster::task_table`): the multiscale fine level's kept
+    /// blocks, or a ragged batch's per-item tiles. Rows no task covers are left at 0.
+    Tasks(&'a [crate::softmin::multiscale::cluster::Blocks]),
+}
+
 /// A size as the kernels' `u32`, or a clear error (the GPU kernels take 32-bit sizes).
 #[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -181,19 +211,17 @@ impl CustomOp3 for SoftminOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if let Some(lens) = &self.lens {
-            let (b, n, _) = dims3(l1, "x")?;
-            ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
-            return crate::softmin::multiscale::cuda::block_softmin_fwd(
-                self.cost,
-                self.eps,
-                (s1, l1),
-                (s2, l2),
-                (s3, l3),
-                &ragged_patterns(lens),
-            );
+        let ins = ((s1, l1), (s2, l2), (s3, l3));
+        match &self.lens {
+            Some(lens) => {
+                let (b, n, _) = dims3(l1, "x")?;
+                ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
+                let patterns = ragged_patterns(lens);
+                let tiles = Tiles::Tasks(&patterns);
+                cuda::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
+            }
+            None => cuda::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, Tiles::Rows),
         }
-        cuda::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "metal")]
@@ -206,19 +234,17 @@ impl CustomOp3 for SoftminOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        if let Some(lens) = &self.lens {
-            let (b, n, _) = dims3(l1, "x")?;
-            ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
-            return crate::softmin::multiscale::metal::block_softmin_fwd(
-                self.cost,
-                self.eps,
-                (s1, l1),
-                (s2, l2),
-                (s3, l3),
-                &ragged_patterns(lens),
-            );
+        let ins = ((s1, l1), (s2, l2), (s3, l3));
+        match &self.lens {
+            Some(lens) => {
+                let (b, n, _) = dims3(l1, "x")?;
+                ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
+                let patterns = ragged_patterns(lens);
+                let tiles = Tiles::Tasks(&patterns);
+                metal::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
+            }
+            None => metal::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, Tiles::Rows),
         }
-        metal::softmin_fwd(self.cost, self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -397,21 +423,17 @@ impl CustomOp2 for LseWeightedOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if let Some(lens) = &self.lens {
-            let (b, n, _) = dims3(l1, "rows")?;
-            ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
-            if self.mode != (Weighted::Grad { with_mass: true }) {
-                candle_core::bail!("candle-ot: ragged {:?} sums have no CUDA kernel", self.mode)
+        let (cost, eps, mode) = (self.cost, self.eps, self.mode);
+        match &self.lens {
+            Some(lens) => {
+                let (b, n, _) = dims3(l1, "rows")?;
+                ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
+                let patterns = ragged_patterns(lens);
+                let tiles = Tiles::Tasks(&patterns);
+                cuda::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
             }
-            return crate::softmin::multiscale::cuda::block_grad_fwd(
-                self.cost,
-                self.eps,
-                (s1, l1),
-                (s2, l2),
-                &ragged_patterns(lens),
-            );
+            None => cuda::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), Tiles::Rows),
         }
-        cuda::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
     }
 
     #[cfg(feature = "metal")]
@@ -422,24 +444,17 @@ impl CustomOp2 for LseWeightedOp {
         s2: &candle_core::MetalStorage,
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        if let Some(lens) = &self.lens {
-            let (b, n, _) = dims3(l1, "rows")?;
-            ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
-            if self.mode != (Weighted::Grad { with_mass: true }) {
-                candle_core::bail!(
-                    "candle-ot: ragged {:?} sums have no Metal kernel",
-                    self.mode
-                )
+        let (cost, eps, mode) = (self.cost, self.eps, self.mode);
+        match &self.lens {
+            Some(lens) => {
+                let (b, n, _) = dims3(l1, "rows")?;
+                ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
+                let patterns = ragged_patterns(lens);
+                let tiles = Tiles::Tasks(&patterns);
+                metal::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
             }
-            return crate::softmin::multiscale::metal::block_grad_fwd(
-                self.cost,
-                self.eps,
-                (s1, l1),
-                (s2, l2),
-                &ragged_patterns(lens),
-            );
+            None => metal::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), Tiles::Rows),
         }
-        metal::lse_weighted_fwd(self.cost, self.eps, self.mode, (s1, l1), (s2, l2))
     }
 }
 
