@@ -4,7 +4,9 @@
 #      (what the CUDA 13.0 driver, 580, loads);
 #   2. ptxas on that PTX (-v, warnings as errors, register spills fail), register use printed;
 #   3. NVRTC on common.cuh + <file>.cu concatenated (as candle-ot-kernels ships the sources);
-#   4. cargo clippy --features cuda --all-targets on the Rust crates (CHECK_CUDA_RUST=0 skips).
+#   4. cargo clippy --features cuda --all-targets on the Rust crates, with candle-ot's `nccl`
+#      feature (src/distributed/nccl.rs, cudarc's NCCL bindings: no NCCL needed to type-check)
+#      (CHECK_CUDA_RUST=0 skips).
 # The pinned CUDA 13.0 toolchain comes from PyPI into a venv under $HOME/.cache (reused).
 # usage: bash .ci/check-cuda.sh
 set -euo pipefail
@@ -61,8 +63,8 @@ if [ "${CHECK_CUDA_RUST:-1}" != 0 ]; then
   t0=$(date +%s)
   CARGO_TARGET_DIR="${CUDA_CHECK_TARGET_DIR:-$root/target/cuda-check}" \
     cargo clippy -p candle-ot -p candle-ot-cli -p candle-ot-tests -p candle-ot-examples \
-      --features cuda --all-targets -- -D warnings \
-    || { echo "check-cuda: cargo clippy --features cuda FAILED"; exit 1; }
-  echo "  cargo clippy --features cuda --all-targets: ok ($(( $(date +%s) - t0 )) s)"
+      --features cuda,candle-ot/nccl --all-targets -- -D warnings \
+    || { echo "check-cuda: cargo clippy --features cuda,candle-ot/nccl FAILED"; exit 1; }
+  echo "  cargo clippy --features cuda,candle-ot/nccl --all-targets: ok ($(( $(date +%s) - t0 )) s)"
 fi
 echo "check-cuda: ok"

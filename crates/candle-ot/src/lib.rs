@@ -91,6 +91,7 @@
 
 pub mod barycenter;
 pub mod cost;
+pub mod distributed;
 mod divergence;
 pub mod error;
 pub mod free_support;

@@ -953,7 +953,7 @@ pub const F32_PROMOTION_EXPONENT: f64 = 1.0;
 impl SamplesLossOptions {
     /// The largest exponent the loss forms on data of this diameter (see
     /// [`F32_PROMOTION_EXPONENT`]); ∞ for the energy kernel.
-    fn largest_exponent(&self, diameter: f64) -> f64 {
+    pub(crate) fn largest_exponent(&self, diameter: f64) -> f64 {
         let pf = self.p as f64;
         match self.loss {
             Loss::Sinkhorn | Loss::Hausdorff => diameter.powf(pf) / pf / self.blur.powf(pf),
