@@ -73,7 +73,10 @@ fn main() -> Result<()> {
             .forward_weighted(a.as_tensor(), xv.as_tensor(), b.as_tensor(), yv.as_tensor())?
             .backward()?;
         for v in [&xv, &yv, &a, &b] {
-            g.get(v).expect("a gradient").sum_all()?.to_scalar::<f32>()?;
+            g.get(v)
+                .expect("a gradient")
+                .sum_all()?
+                .to_scalar::<f32>()?;
         }
         t_all.push(t.elapsed().as_secs_f64());
 
@@ -95,7 +98,13 @@ fn main() -> Result<()> {
     println!("|---|---|---|");
     println!("| one softmin pass | {p:.4} | |");
     println!("| loss alone | {l:.4} | ({:.1} passes in all) |", l / p);
-    println!("| loss + ∂x | {gx:.4} | {:.2} (2 reductions) |", (gx - l) / p);
-    println!("| loss + ∂x, ∂y, ∂a, ∂b | {ga:.4} | {:.2} (4 reductions) |", (ga - l) / p);
+    println!(
+        "| loss + ∂x | {gx:.4} | {:.2} (2 reductions) |",
+        (gx - l) / p
+    );
+    println!(
+        "| loss + ∂x, ∂y, ∂a, ∂b | {ga:.4} | {:.2} (4 reductions) |",
+        (ga - l) / p
+    );
     Ok(())
 }
