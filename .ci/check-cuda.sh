@@ -4,8 +4,8 @@
 #      (what the CUDA 13.0 driver, 580, loads);
 #   2. ptxas on that PTX (-v, warnings as errors, register spills fail), register use printed;
 #   3. NVRTC on common.cuh + <file>.cu concatenated (as candle-ot-kernels ships the sources);
-#   4. cargo clippy --features cuda --all-targets on the Rust crates, with candle-ot's `nccl`
-#      feature (src/distributed/nccl.rs, cudarc's NCCL bindings: no NCCL needed to type-check)
+#   4. cargo clippy --features cuda --all-targets on the Rust crates, with the `nccl` features
+#      (src/distributed/nccl.rs, the sharded example; cudarc's NCCL bindings: no NCCL needed)
 #      (CHECK_CUDA_RUST=0 skips).
 # The pinned CUDA 13.0 toolchain comes from PyPI into a venv under $HOME/.cache (reused).
 # usage: bash .ci/check-cuda.sh
@@ -63,8 +63,8 @@ if [ "${CHECK_CUDA_RUST:-1}" != 0 ]; then
   t0=$(date +%s)
   CARGO_TARGET_DIR="${CUDA_CHECK_TARGET_DIR:-$root/target/cuda-check}" \
     cargo clippy -p candle-ot -p candle-ot-cli -p candle-ot-tests -p candle-ot-examples \
-      --features cuda,candle-ot/nccl --all-targets -- -D warnings \
-    || { echo "check-cuda: cargo clippy --features cuda,candle-ot/nccl FAILED"; exit 1; }
-  echo "  cargo clippy --features cuda,candle-ot/nccl --all-targets: ok ($(( $(date +%s) - t0 )) s)"
+      --features cuda,candle-ot/nccl,candle-ot-examples/nccl --all-targets -- -D warnings \
+    || { echo "check-cuda: cargo clippy --features cuda,nccl FAILED"; exit 1; }
+  echo "  cargo clippy --features cuda,nccl --all-targets: ok ($(( $(date +%s) - t0 )) s)"
 fi
 echo "check-cuda: ok"
