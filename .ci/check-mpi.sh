@@ -33,4 +33,23 @@ for n in 1 2 3; do
   timeout 600 mpirun -n "$n" --oversubscribe "$exe" \
     || { echo "check-mpi: mpirun -n $n FAILED"; exit 1; }
 done
+
+# The launcher: `mpirun -n 2 candle-ot bench --sharded --json` prints one line (rank 0's), with
+# "ranks": 2 and the loss of the one-process `bench` (f64, 1e-12).
+cli="$(cargo build -p candle-ot-cli --features mpi --profile test --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*\/candle-ot\)".*/\1/p' | tail -1)"
+[ -x "$cli" ] || { echo "check-mpi: no candle-ot executable"; exit 1; }
+args=(bench --n 300 --m 200 --dtype f64 --grad --reps 1 --warmup 0 --json --threads 1)
+one="$("$cli" "${args[@]}")"
+two="$(timeout 300 mpirun -n 2 --oversubscribe "$cli" "${args[@]}" --sharded)"
+python3 - "$one" "$two" <<'PY' || { echo "check-mpi: bench --sharded FAILED"; exit 1; }
+import json, sys
+one, out = json.loads(sys.argv[1]), sys.argv[2].strip().splitlines()
+assert len(out) == 1, f"one line from rank 0 only, got {out}"
+two = json.loads(out[0])
+assert two["ranks"] == 2 and "ranks" not in one, (one, two)
+assert abs(two["loss"] - one["loss"]) <= 1e-12 * abs(one["loss"]), (one["loss"], two["loss"])
+assert two["pairs"] == one["pairs"] and two["softmin_passes"] == one["softmin_passes"]
+print(f"  bench --sharded on 2 ranks: loss {two['loss']:.15e} = bench's {one['loss']:.15e}")
+PY
 echo "check-mpi: ok ($(( $(date +%s) - t0 )) s)"

@@ -242,3 +242,42 @@ fn errors_stop_every_rank() -> Result<()> {
     }
     Ok(())
 }
+
+/// `candle-ot bench --sharded`'s runner on 1 and 3 ranks times the same problem as `bench`:
+/// the same loss (f64, 1e-12), pair count and softmin passes.
+#[test]
+fn cli_bench_sharded_equals_bench() -> Result<()> {
+    use candle_ot_cli::bench::{run, run_sharded, BenchConfig, BenchOp};
+    let cfg = BenchConfig {
+        options: candle_ot::SamplesLossOptions {
+            backend: candle_ot::Backend::Online,
+            ..Default::default()
+        },
+        n: 70,
+        m: 50,
+        d: 3,
+        device: Device::Cpu,
+        dtype: DType::F64,
+        grad: true,
+        op: BenchOp::Loss,
+        reps: 1,
+        warmup: 0,
+        seed: 3,
+        input: None,
+    };
+    let one = run(&cfg).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    for p in [1usize, 3] {
+        for r in on_ranks(p, |comm| run_sharded(&cfg, comm).map_err(|e| e.to_string())) {
+            let r = r.map_err(candle_core::Error::Msg)?;
+            assert!(
+                (r.loss - one.loss).abs() <= 1e-12 * one.loss.abs(),
+                "P = {p}: {} vs {}",
+                r.loss,
+                one.loss
+            );
+            assert_eq!(r.pairs, one.pairs);
+            assert_eq!(r.softmin_passes, one.softmin_passes);
+        }
+    }
+    Ok(())
+}

@@ -282,6 +282,107 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     })
 }
 
+/// `bench --sharded`: the loss (and its gradient with `grad`) of [`run`]'s problem, with the
+/// rows of x and y split evenly over the ranks of `comm`
+/// ([`candle_ot::distributed::shard_range`]) and solved by
+/// [`SamplesLoss::solve_sharded`]. Every rank builds the same inputs and keeps its rows. A run
+/// is timed by its slowest rank (the times are all-reduced with max); the pair count is the
+/// whole problem's, so `pairs_per_s` is the rate of all ranks together; `peak_rss_bytes` is the
+/// largest over the ranks. Every rank returns the same result.
+pub fn run_sharded(
+    cfg: &BenchConfig,
+    comm: &dyn candle_ot::distributed::Collective,
+) -> Result<BenchResult> {
+    use candle_ot::distributed::{shard_range, ReduceOp};
+    if cfg.op != BenchOp::Loss {
+        bail!("bench --sharded times the loss (--op loss), not one softmin pass");
+    }
+    let (x, y, a, b) = match &cfg.input {
+        Some(path) => {
+            let case = crate::eval::read_case(path)?;
+            let t = |k: &str| case.tensors.get(k).cloned();
+            (
+                t("x").ok_or_else(|| anyhow!("{} has no x", path.display()))?,
+                t("y").ok_or_else(|| anyhow!("{} has no y", path.display()))?,
+                t("a"),
+                t("b"),
+            )
+        }
+        None => {
+            let (x, y) = random_clouds(cfg.seed, cfg.n, cfg.m, cfg.d)?;
+            (x, y, None, None)
+        }
+    };
+    // The points axis: 0 for (N, D), 1 for (B, N, D); weights (N,) or (B, N) alike.
+    let axis = x.rank() - 2;
+    let (n, m) = (x.dim(axis)?, y.dim(axis)?);
+    let batch = if x.rank() == 3 { x.dim(0)? } else { 1 };
+    let (rank, size) = (comm.rank(), comm.size());
+    let (xr, yr) = (shard_range(n, rank, size), shard_range(m, rank, size));
+    let shard = |t: &Tensor, r: &std::ops::Range<usize>| -> Result<Tensor> {
+        Ok(t.narrow(axis, r.start, r.len())?
+            .to_dtype(cfg.dtype)?
+            .to_device(&cfg.device)?)
+    };
+    let (x, y) = (shard(&x, &xr)?, shard(&y, &yr)?);
+    let a = a.map(|t| shard(&t, &xr)).transpose()?;
+    let b = b.map(|t| shard(&t, &yr)).transpose()?;
+    let loss = SamplesLoss::from_options(cfg.options.clone())?;
+    let o = loss.options();
+    let (mut times, mut value, mut k_passes, mut diag) = (Vec::new(), 0.0, 0usize, None);
+    for rep in 0..cfg.warmup + cfg.reps {
+        cfg.device.synchronize()?;
+        let t0 = Instant::now();
+        let xv = Var::from_tensor(&x)?;
+        let xt = if cfg.grad {
+            xv.as_tensor().clone()
+        } else {
+            x.clone()
+        };
+        let sol = loss.solve_sharded(comm, a.as_ref(), &xt, b.as_ref(), &y)?;
+        let total = sol.loss.sum_all()?;
+        if cfg.grad {
+            let g = total.backward()?;
+            // A rank without points of x has no gradient to read.
+            if let Some(gx) = g.get(xv.as_tensor()) {
+                gx.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        cfg.device.synchronize()?;
+        let t = comm.all_reduce(&[t0.elapsed().as_secs_f64()], ReduceOp::Max)?[0];
+        if rep >= cfg.warmup {
+            times.push(t);
+        }
+        value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if let Some(d) = &sol.diagnostics {
+            k_passes = d.eps_list.len() + d.extra_iterations;
+            diag = Some((d.softmin_passes, d.extra_iterations, d.converged));
+        }
+    }
+    if times.is_empty() {
+        bail!("--reps must be at least 1");
+    }
+    let pairs = batch as f64 * loss_pairs(o, n, m, k_passes, cfg.grad);
+    let median_s = median(&times);
+    let rss = comm.all_reduce(&[peak_rss_bytes() as f64], ReduceOp::Max)?[0] as u64;
+    Ok(BenchResult {
+        median_s,
+        pairs,
+        pairs_per_s: pairs / median_s,
+        peak_rss_bytes: rss,
+        loss: value,
+        times_s: times,
+        kept_pairs: None,
+        kept_fraction: None,
+        softmin_passes: diag.map(|d| d.0),
+        extra_iterations: diag.map(|d| d.1),
+        converged: diag.and_then(|d| d.2),
+        update_error: None,
+        marginal_error: None,
+        schedule_steps: diag.map(|_| k_passes),
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Grids.
 

@@ -372,6 +372,15 @@ enum Cmd {
         /// --ragged: skip the padded batch (it visits B·N_max·M_max pairs and can be slow).
         #[arg(long, requires = "ragged")]
         no_padded: bool,
+        /// Split the rows of x and y over MPI ranks and time SamplesLoss::solve_sharded:
+        /// `mpirun -n P candle-ot bench --sharded …`. Rank 0 prints the line of `bench` plus
+        /// the number of ranks (`"ranks": P` with --json); the other ranks print nothing. Needs
+        /// the `mpi` feature (cargo build --release -p candle-ot-cli --features mpi).
+        #[arg(
+            long,
+            conflicts_with_all = ["grid", "load_npy", "ragged", "compare_online", "op"]
+        )]
+        sharded: bool,
     },
 }
 
@@ -768,6 +777,7 @@ fn run(cli: Cli) -> Result<()> {
             max_size,
             single_size,
             no_padded,
+            sharded,
         } => {
             if let Some(t) = threads {
                 candle_ot::set_num_threads(t)?;
@@ -857,7 +867,15 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 input,
             };
-            let r = bench::run(&cfg)?;
+            let (r, ranks) = if sharded {
+                match run_sharded_bench(&cfg)? {
+                    Some(r) => r,
+                    // Ranks other than 0 print nothing.
+                    None => return Ok(()),
+                }
+            } else {
+                (bench::run(&cfg)?, None)
+            };
             if r.converged == Some(false) {
                 eprintln!(
                     "warning: not converged after {} extra iterations (tol {:e}); raise --max-iter or --tol",
@@ -865,59 +883,95 @@ fn run(cli: Cli) -> Result<()> {
                     cfg.options.tol.unwrap_or(f64::NAN)
                 );
             }
-            if json {
-                let kept = match (r.kept_pairs, r.kept_fraction) {
-                    (Some(k), Some(f)) => {
-                        format!(",\"kept_pairs\":{k},\"kept_fraction\":{f:e}")
-                    }
-                    _ => String::new(),
-                };
-                let mut kept = kept;
-                if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
-                    kept.push_str(&format!(",\"softmin_passes\":{p},\"extra_iterations\":{e}"));
-                }
-                if let Some(c) = r.converged {
-                    kept.push_str(&format!(",\"converged\":{c}"));
-                }
-                if let Some(e) = r.update_error {
-                    kept.push_str(&format!(",\"update_error\":{e:e}"));
-                }
-                if let Some(e) = r.marginal_error {
-                    kept.push_str(&format!(",\"marginal_error\":{e:e}"));
-                }
-                println!(
-                    "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}{kept}}}",
-                    r.median_s, r.pairs, r.pairs_per_s, r.peak_rss_bytes, r.loss
-                );
-            } else {
-                println!(
-                    "median {:.4} s over {} runs ({:?}), {:.3e} pairs, {:.3e} pairs/s, peak RSS {:.1} MiB, {} {:.9e}, {} threads",
-                    r.median_s,
-                    r.times_s.len(),
-                    r.times_s,
-                    r.pairs,
-                    r.pairs_per_s,
-                    r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
-                    if matches!(cfg.op, bench::BenchOp::Softmin) { "mean softmin" } else { "loss" },
-                    r.loss,
-                    candle_ot::num_threads()
-                );
-                if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
-                    println!(
-                        "sinkhorn: {p} softmin passes, {e} extra tol iterations (converged: {:?}, update error {:?}, marginal L1 error {:?})",
-                        r.converged, r.update_error, r.marginal_error
-                    );
-                }
-                if let (Some(k), Some(f)) = (r.kept_pairs, r.kept_fraction) {
-                    println!(
-                        "multiscale: kept {k} point pairs of C_xy ({:.2} % of N·M)",
-                        100.0 * f
-                    );
-                }
-            }
+            print_bench(&cfg, &r, json, ranks);
         }
     }
     Ok(())
+}
+
+/// `bench --sharded` over the ranks of `MPI_COMM_WORLD`: `Some((result, Some(ranks)))` on rank
+/// 0, `None` on the others.
+#[cfg(feature = "mpi")]
+fn run_sharded_bench(
+    cfg: &bench::BenchConfig,
+) -> Result<Option<(bench::BenchResult, Option<usize>)>> {
+    use candle_ot::distributed::{rsmpi, Collective, Mpi};
+    let universe =
+        rsmpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
+    let comm = Mpi::new(universe.world());
+    let r = bench::run_sharded(cfg, &comm)?;
+    Ok((comm.rank() == 0).then(|| (r, Some(comm.size()))))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_sharded_bench(
+    _: &bench::BenchConfig,
+) -> Result<Option<(bench::BenchResult, Option<usize>)>> {
+    bail!("bench --sharded runs over MPI: build with --features mpi (cargo build --release -p candle-ot-cli --features mpi) and launch with mpirun -n P")
+}
+
+/// Prints a `bench` result: one JSON line with `json`, else text; `ranks`: the MPI ranks of a
+/// `--sharded` run.
+fn print_bench(cfg: &bench::BenchConfig, r: &bench::BenchResult, json: bool, ranks: Option<usize>) {
+    if json {
+        let kept = match (r.kept_pairs, r.kept_fraction) {
+            (Some(k), Some(f)) => {
+                format!(",\"kept_pairs\":{k},\"kept_fraction\":{f:e}")
+            }
+            _ => String::new(),
+        };
+        let mut kept = kept;
+        if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
+            kept.push_str(&format!(",\"softmin_passes\":{p},\"extra_iterations\":{e}"));
+        }
+        if let Some(c) = r.converged {
+            kept.push_str(&format!(",\"converged\":{c}"));
+        }
+        if let Some(e) = r.update_error {
+            kept.push_str(&format!(",\"update_error\":{e:e}"));
+        }
+        if let Some(e) = r.marginal_error {
+            kept.push_str(&format!(",\"marginal_error\":{e:e}"));
+        }
+        if let Some(p) = ranks {
+            kept.push_str(&format!(",\"ranks\":{p}"));
+        }
+        println!(
+            "{{\"median_s\":{:e},\"pairs\":{:e},\"pairs_per_s\":{:e},\"peak_rss_bytes\":{},\"loss\":{:e}{kept}}}",
+            r.median_s, r.pairs, r.pairs_per_s, r.peak_rss_bytes, r.loss
+        );
+    } else {
+        println!(
+            "median {:.4} s over {} runs ({:?}), {:.3e} pairs, {:.3e} pairs/s, peak RSS {:.1} MiB, {} {:.9e}, {} threads",
+            r.median_s,
+            r.times_s.len(),
+            r.times_s,
+            r.pairs,
+            r.pairs_per_s,
+            r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            if matches!(cfg.op, bench::BenchOp::Softmin) { "mean softmin" } else { "loss" },
+            r.loss,
+            candle_ot::num_threads()
+        );
+        if let Some(p) = ranks {
+            println!(
+                "sharded over {p} MPI ranks ({} threads each)",
+                candle_ot::num_threads()
+            );
+        }
+        if let (Some(p), Some(e)) = (r.softmin_passes, r.extra_iterations) {
+            println!(
+                "sinkhorn: {p} softmin passes, {e} extra tol iterations (converged: {:?}, update error {:?}, marginal L1 error {:?})",
+                r.converged, r.update_error, r.marginal_error
+            );
+        }
+        if let (Some(k), Some(f)) = (r.kept_pairs, r.kept_fraction) {
+            println!(
+                "multiscale: kept {k} point pairs of C_xy ({:.2} % of N·M)",
+                100.0 * f
+            );
+        }
+    }
 }
 
 fn print_ragged_bench(cfg: &bench::RaggedBenchConfig, r: &bench::RaggedBenchResult, json: bool) {
