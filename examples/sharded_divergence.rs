@@ -95,9 +95,17 @@ fn cloud(stream: u64, rows: std::ops::Range<usize>, d: usize, shift: f64) -> Res
     Ok(Tensor::from_vec(v, (rows.len(), d), &Device::Cpu)?)
 }
 
+/// The collectives, the device the ranks compute on, and what must outlive the collectives
+/// (the MPI universe: dropped after them). Fields drop in this order.
+struct Engine {
+    comm: Box<dyn Collective>,
+    device: Device,
+    _guard: Box<dyn std::any::Any>,
+}
+
 /// The engine: NCCL (one process per GPU), MPI, or one process.
 #[cfg(feature = "nccl")]
-fn engine(args: &Args) -> Result<(Box<dyn Collective>, Device)> {
+fn engine(args: &Args) -> Result<Engine> {
     use candle_core::cuda::cudarc::nccl::Id;
     let env = |k: &str| -> Result<usize> {
         std::env::var(k)
@@ -133,23 +141,32 @@ fn engine(args: &Args) -> Result<(Box<dyn Collective>, Device)> {
     };
     let device = Device::new_cuda(rank)?;
     let comm = candle_ot::distributed::Nccl::from_rank(&device, rank, world, id)?;
-    Ok((Box::new(comm), device))
+    Ok(Engine {
+        comm: Box::new(comm),
+        device,
+        _guard: Box::new(()),
+    })
 }
 
 #[cfg(all(feature = "mpi", not(feature = "nccl")))]
-fn engine(_: &Args) -> Result<(Box<dyn Collective>, Device)> {
+fn engine(_: &Args) -> Result<Engine> {
     use candle_ot::distributed::{rsmpi, Mpi};
-    // The universe lives until the process exits (MPI_Finalize at exit is not needed for
-    // correctness here; leaking it keeps the example's control flow simple).
-    let universe = Box::leak(Box::new(
-        rsmpi::initialize().context("MPI was already initialised")?,
-    ));
-    Ok((Box::new(Mpi::new(universe.world())), Device::Cpu))
+    let universe = rsmpi::initialize().context("MPI was already initialised")?;
+    Ok(Engine {
+        comm: Box::new(Mpi::new(universe.world())),
+        device: Device::Cpu,
+        // MPI_Finalize when the engine is dropped, after the communicator.
+        _guard: Box::new(universe),
+    })
 }
 
 #[cfg(not(any(feature = "mpi", feature = "nccl")))]
-fn engine(_: &Args) -> Result<(Box<dyn Collective>, Device)> {
-    Ok((Box::new(candle_ot::distributed::Single), Device::Cpu))
+fn engine(_: &Args) -> Result<Engine> {
+    Ok(Engine {
+        comm: Box::new(candle_ot::distributed::Single),
+        device: Device::Cpu,
+        _guard: Box::new(()),
+    })
 }
 
 fn main() -> Result<()> {
@@ -161,11 +178,12 @@ fn main() -> Result<()> {
 /// one-process value.
 fn run(args: &Args) -> Result<(f64, Option<f64>)> {
     candle_ot::set_num_threads(args.threads)?;
-    let (comm, device) = engine(args)?;
+    let engine = engine(args)?;
+    let (comm, device) = (&engine.comm, &engine.device);
     let (rank, size) = (comm.rank(), comm.size());
     let (n, d) = (args.n, args.d);
     let (xr, yr) = (shard_range(n, rank, size), shard_range(n, rank, size));
-    let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(args.dtype)?.to_device(&device)?) };
+    let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(args.dtype)?.to_device(device)?) };
     let x = Var::from_tensor(&to(cloud(0, xr.clone(), d, 0.0)?)?)?; // (N_r, D)
     let y = to(cloud(1, yr.clone(), d, 0.3)?)?; // (M_r, D)
     let loss = SamplesLoss::builder(Loss::Sinkhorn)
