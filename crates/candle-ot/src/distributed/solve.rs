@@ -632,15 +632,15 @@ impl SamplesLoss {
         let (rank, size) = (comm.rank(), comm.size());
         let offset = |c: &[usize]| c[..rank].iter().sum::<usize>();
         let (xo, yo) = (offset(&p.x_counts), offset(&p.y_counts));
-        let mut sol = ShardedSolution {
-            loss: Tensor::zeros(1, p.x.dtype(), p.x.device())?,
-            f: Tensor::zeros(1, p.x.dtype(), p.x.device())?,
-            g: Tensor::zeros(1, p.x.dtype(), p.x.device())?,
+        let solution = |loss, f, g, eps| ShardedSolution {
+            loss,
+            f,
+            g,
             f_ba: None,
             g_ab: None,
             f_aa: None,
             g_bb: None,
-            eps: None,
+            eps,
             backend: Backend::Online,
             diagnostics: None,
             compute_dtype: p.x.dtype(),
@@ -683,10 +683,9 @@ impl SamplesLoss {
                 let (log_a, log_b) = (log(&p.a)?, log(&p.b)?);
                 let (pot, mut diag) = sinkhorn_loop(sh, &p.x, &p.y, &log_a, &log_b, &params)?;
                 diag.update_error = comm.all_reduce(&[diag.update_error], ReduceOp::Max)?[0];
-                sol.loss = global(&sinkhorn_cost(&p.a, &p.b, &pot, eps, rho)?)?;
+                let loss = global(&sinkhorn_cost(&p.a, &p.b, &pot, eps, rho)?)?;
                 let (f, g) = sinkhorn_potentials(&pot)?;
-                sol.f = f.detach();
-                sol.g = g.detach();
+                let mut sol = solution(loss, f.detach(), g.detach(), Some(eps));
                 // The plan: this rank's rows against every column, both ways.
                 let (f_ba, g_ab) = (pot.f_ba.detach(), pot.g_ab.detach());
                 let (_, x_all) = sh.gather_cloud(&p.x.detach())?; // (B, N, D)
@@ -724,11 +723,11 @@ impl SamplesLoss {
                 sol.g_ab = Some(g_ab);
                 sol.f_aa = pot.f_aa.map(|t| t.detach());
                 sol.g_bb = pot.g_bb.map(|t| t.detach());
-                sol.eps = Some(eps);
                 if let Some(w) = diag.accuracy_warning() {
                     warn_rank0(comm, &w);
                 }
                 sol.diagnostics = Some(diag);
+                Ok(sol)
             }
             Loss::Hausdorff => {
                 let (local, f, g) = hausdorff_loss(
@@ -740,10 +739,7 @@ impl SamplesLoss {
                     (&p.b, &p.y, &log(&p.b)?),
                     None,
                 )?;
-                sol.loss = global(&local)?;
-                sol.f = f;
-                sol.g = g;
-                sol.eps = Some(eps);
+                Ok(solution(global(&local)?, f, g, Some(eps)))
             }
             Loss::Energy | Loss::Gaussian | Loss::Laplacian => {
                 let kind = match o.loss {
@@ -752,12 +748,9 @@ impl SamplesLoss {
                     _ => KernelKind::Laplacian,
                 };
                 let (loss, f, g) = sharded_kernel_loss(sh, kind, o.blur, p)?;
-                sol.loss = loss;
-                sol.f = f;
-                sol.g = g;
+                Ok(solution(loss, f, g, None))
             }
         }
-        Ok(sol)
     }
 }
 
