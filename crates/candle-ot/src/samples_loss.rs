@@ -759,6 +759,7 @@ impl SamplesLoss {
                                 default_cluster_scale(diameter, p.x.dim(2).unwrap_or(1))
                             }
                         }),
+                        setup_on_device: false,
                     };
                     let (pot, diag, mut msd) =
                         crate::multiscale::solve(ms, &p.x, &p.a, &p.y, &p.b, &params)?;

@@ -163,11 +163,97 @@ impl Blocks {
     }
 }
 
+/// A batch of block patterns (one [`Blocks`] per batch item) with its GPU task tables.
+///
+/// A block-sparse launch needs the pattern as a task table on the device ([`task_table`]). The
+/// fine level of the multiscale loop launches the same pattern tens of times (every iteration,
+/// both sides of the backward); the table is built and uploaded on the first launch for a
+/// given device and rows-per-task, and every later launch reuses the upload. The cache is
+/// device-independent: the device glue hands [`Pattern::table`] its own upload closure and a
+/// key naming the device, and gets back what that closure built (a CUDA slice pair, Metal
+/// buffers), so the same code path is unit-tested on the CPU.
+#[derive(Debug, Default)]
+pub(crate) struct Pattern {
+    /// One pattern per batch item.
+    pub blocks: Vec<Blocks>,
+    tables: TableCache,
+}
+
+/// Uploaded task tables, keyed by (rows per task, device).
+#[derive(Default)]
+struct TableCache(std::sync::Mutex<Vec<TableEntry>>);
+
+type TableEntry = (u32, String, std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for TableCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|t| t.len()).unwrap_or(0);
+        write!(f, "TableCache({n} uploaded)")
+    }
+}
+
+impl Pattern {
+    /// The pattern of a batch, no table uploaded yet.
+    pub fn new(blocks: Vec<Blocks>) -> Self {
+        Self {
+            blocks,
+            tables: TableCache::default(),
+        }
+    }
+
+    /// The mean number of rows per row cluster ([`mean_cluster_rows`]).
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    pub fn mean_cluster_rows(&self) -> u32 {
+        mean_cluster_rows(&self.blocks)
+    }
+
+    /// The task table of this pattern with `rows_per_task` rows per task on the device named
+    /// `device`: `upload(tasks, spans)` (the vectors of [`task_table`]) runs on the first call
+    /// for that key, and later calls return its cached result.
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal", test)), allow(dead_code))]
+    pub fn table<T: std::any::Any + Send + Sync>(
+        &self,
+        rows_per_task: u32,
+        device: &str,
+        upload: impl FnOnce(Vec<u32>, Vec<u32>) -> candle_core::Result<T>,
+    ) -> candle_core::Result<std::sync::Arc<T>> {
+        let mut cache =
+            self.tables.0.lock().map_err(|_| {
+                candle_core::Error::Msg("candle-ot: task table cache poisoned".into())
+            })?;
+        for (r, d, t) in cache.iter() {
+            if *r == rows_per_task && d == device {
+                if let Ok(t) = t.clone().downcast::<T>() {
+                    return Ok(t);
+                }
+            }
+        }
+        let (tasks, spans) = task_table(&self.blocks, rows_per_task);
+        let t = std::sync::Arc::new(upload(tasks, spans)?);
+        cache.push((rows_per_task, device.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    /// How many task tables were built and uploaded (one per device and rows-per-task).
+    #[cfg(test)]
+    pub fn tables_built(&self) -> usize {
+        self.tables.0.lock().map(|t| t.len()).unwrap_or(0)
+    }
+}
+
+impl std::ops::Deref for Pattern {
+    type Target = [Blocks];
+
+    fn deref(&self) -> &[Blocks] {
+        &self.blocks
+    }
+}
+
 /// The GPU task table of a batch of patterns (one per batch item) for the block-sparse kernels
 /// (`candle_ot_kernels`' `block_*` entry points): 5 `u32` per task (`b, row_start, row_end,
 /// span_begin, span_end`), each task at most `rows_per_task` rows of one row cluster, and the
 /// spans of every batch item concatenated (2 `u32` each, column ranges within the batch item).
-#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "metal", test)), allow(dead_code))]
 pub(crate) fn task_table(patterns: &[Blocks], rows_per_task: u32) -> (Vec<u32>, Vec<u32>) {
     let step = rows_per_task.max(1);
     let (mut tasks, mut spans) = (Vec::new(), Vec::new());
@@ -190,7 +276,7 @@ pub(crate) fn task_table(patterns: &[Blocks], rows_per_task: u32) -> (Vec<u32>, 
 }
 
 /// The mean number of rows per row cluster over a batch of patterns (at least 1).
-#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "metal", test)), allow(dead_code))]
 pub(crate) fn mean_cluster_rows(patterns: &[Blocks]) -> u32 {
     let clusters: usize = patterns.iter().map(|p| p.rows.len()).sum();
     let rows: u64 = patterns
@@ -233,6 +319,41 @@ mod tests {
         assert_eq!(b.spans_of(1), &[(0, 1), (4, 6)]);
         assert_eq!(b.pairs, 2 * 4 + 3 * 3);
         assert_eq!(b.cluster_pairs, 4);
+    }
+
+    #[test]
+    fn task_tables_are_built_once_per_device_and_rows_per_task() {
+        let rows = [(0, 2), (2, 7)];
+        let cols = [(0, 1), (1, 4), (4, 6)];
+        let p = Pattern::new(vec![Blocks::from_lists(
+            &rows,
+            &cols,
+            &[vec![0, 1], vec![0, 2]],
+        )]);
+        let mut uploads = 0;
+        let mut get = |r: u32, dev: &str| {
+            p.table(r, dev, |t, s| {
+                uploads += 1;
+                Ok((t, s))
+            })
+            .unwrap()
+        };
+        let first = get(3, "gpu0");
+        for _ in 0..10 {
+            // the iterations of a solve: no new upload
+            assert!(std::sync::Arc::ptr_eq(&first, &get(3, "gpu0")));
+        }
+        assert_eq!(first.0, task_table(&p.blocks, 3).0);
+        get(4, "gpu0"); // other rows per task
+        get(3, "gpu1"); // other device
+        drop(get);
+        assert_eq!(uploads, 3);
+        assert_eq!(p.tables_built(), 3);
+        // a failed upload caches nothing
+        assert!(p
+            .table::<u8>(5, "gpu0", |_, _| candle_core::bail!("no memory"))
+            .is_err());
+        assert_eq!(p.tables_built(), 3);
     }
 
     #[test]

@@ -31,6 +31,7 @@
 
 pub(crate) mod cluster;
 pub(crate) mod cpu;
+pub(crate) mod on_device;
 
 use crate::cost::{CostKind, KernelKind};
 use crate::softmin::online::dims3;
@@ -39,7 +40,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
     Tensor, WithDType,
 };
-use cluster::{grid_cluster, Blocks, Clustering};
+use cluster::{grid_cluster, Blocks, Clustering, Pattern};
 use std::sync::Arc;
 
 /// The largest dimension the multiscale backend clusters (a voxel grid in D > 3 has too many
@@ -111,8 +112,8 @@ fn check_pattern(p: &[Blocks], b: usize, n: usize, m: usize, op: &str) -> Result
 struct BlockSoftminOp {
     cost: CostKind,
     eps: f64,
-    fwd: Arc<Vec<Blocks>>,
-    tr: Arc<Vec<Blocks>>,
+    fwd: Arc<Pattern>,
+    tr: Arc<Pattern>,
 }
 
 impl BlockSoftminOp {
@@ -225,7 +226,7 @@ impl CustomOp3 for BlockSoftminOp {
 struct BlockGradOp {
     cost: CostKind,
     eps: f64,
-    pattern: Arc<Vec<Blocks>>,
+    pattern: Arc<Pattern>,
 }
 
 impl BlockGradOp {
@@ -315,7 +316,7 @@ fn block_grad(
     eps: f64,
     rows: &Tensor,
     cols: &Tensor,
-    pattern: &Arc<Vec<Blocks>>,
+    pattern: &Arc<Pattern>,
 ) -> Result<Tensor> {
     rows.contiguous()?.apply_op2_no_bwd(
         &cols.contiguous()?,
@@ -364,8 +365,8 @@ pub struct BlockCost {
     pub x: Tensor,
     /// Columns, (B, M, D).
     pub y: Tensor,
-    fwd: Arc<Vec<Blocks>>,
-    tr: Arc<Vec<Blocks>>,
+    fwd: Arc<Pattern>,
+    tr: Arc<Pattern>,
 }
 
 impl BlockCost {
@@ -411,8 +412,8 @@ impl PointSoftmin for BlockSparse {
         Ok(BlockCost {
             x: x.contiguous()?,
             y: y.contiguous()?,
-            fwd: Arc::new(vec![Blocks::dense(n, m); b]),
-            tr: Arc::new(vec![Blocks::dense(m, n); b]),
+            fwd: Arc::new(Pattern::new(vec![Blocks::dense(n, m); b])),
+            tr: Arc::new(Pattern::new(vec![Blocks::dense(m, n); b])),
         })
     }
 
@@ -474,26 +475,13 @@ pub(crate) struct Clouds {
 pub(crate) fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
     let (b, n, d) = x.dims3()?;
     let dev = x.device();
-    // Host copies (to the CPU first: Metal has no f64).
     let cpu = candle_core::Device::Cpu;
-    let xs = x
-        .detach()
-        .to_device(&cpu)?
-        .to_dtype(DType::F64)?
-        .to_vec3::<f64>()?;
-    let ws = w
-        .detach()
-        .to_device(&cpu)?
-        .to_dtype(DType::F64)?
-        .to_vec2::<f64>()?;
-    let clusters: Vec<Clustering> = xs
-        .iter()
-        .zip(&ws)
-        .map(|(xb, wb)| {
-            let flat: Vec<f64> = xb.iter().flatten().copied().collect();
-            grid_cluster(&flat, wb, d, scale)
-        })
-        .collect();
+    // Keys and sums on the device, a counting sort of the keys on the host (`on_device`);
+    // the host code when the voxel grid is too fine for exact keys.
+    let clusters = match on_device::cluster(x, w, scale, None)? {
+        Some(c) => c,
+        None => host_clusters(x, w, scale)?,
+    };
     let nc = clusters.iter().map(|c| c.len()).max().unwrap_or(1);
     let mut cen = Vec::with_capacity(b * nc * d);
     let mut logw = Vec::with_capacity(b * nc);
@@ -541,6 +529,31 @@ pub(crate) fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
         log_sorted,
         inverse,
     })
+}
+
+/// [`grid_cluster`] of every batch item on host copies of the points (to the CPU first: Metal
+/// has no f64).
+fn host_clusters(x: &Tensor, w: &Tensor, scale: f64) -> Result<Vec<Clustering>> {
+    let d = x.dim(2)?;
+    let cpu = candle_core::Device::Cpu;
+    let xs = x
+        .detach()
+        .to_device(&cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec3::<f64>()?;
+    let ws = w
+        .detach()
+        .to_device(&cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    Ok(xs
+        .iter()
+        .zip(&ws)
+        .map(|(xb, wb)| {
+            let flat: Vec<f64> = xb.iter().flatten().copied().collect();
+            grid_cluster(&flat, wb, d, scale)
+        })
+        .collect())
 }
 
 /// Back to the input order: t (B, N) in cluster order.
@@ -654,6 +667,9 @@ pub(crate) struct MultiscaleParams {
     pub cost: CostKind,
     pub truncate: f64,
     pub cluster_scale: f64,
+    /// Run the truncation with the tensor ops of [`on_device`] even on the CPU (tests: the
+    /// GPU path, checked against the host code).
+    pub setup_on_device: bool,
 }
 
 /// The costs of the fine level after kernel truncation (`xy`, `yx`, `xx`, `yy`, the last two
@@ -698,18 +714,40 @@ pub(crate) fn truncate(
     // against the coarse columns, one column per cluster).
     let singles =
         |c: &Clustering| -> Vec<(u32, u32)> { (0..c.len() as u32).map(|j| (j, j + 1)).collect() };
-    type Patterns = [Arc<Vec<Blocks>>; 4];
+    type Patterns = [Arc<Pattern>; 4];
     let pattern = |rx: &[Clustering],
                    ry: &[Clustering],
                    f: &Tensor,
                    g: &Tensor,
                    sym: bool|
      -> Result<Patterns> {
-        let (f, g) = (host(f)?, host(g)?);
+        // On the CPU the host code (rayon, f64); elsewhere the tensor ops of `on_device`, so
+        // that only the kept pairs leave the device.
+        let on_host = !ms.setup_on_device && f.device().is_cpu();
+        let (fh, gh) = if on_host {
+            (host(f)?, host(g)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let (mut fwd, mut tr, mut ext_fwd, mut ext_tr) = (vec![], vec![], vec![], vec![]);
         for bi in 0..bsz {
             let (r, c) = (&rx[bi], &ry[bi]);
-            let keep = kept_lists(ms.cost, d, r, c, &f[bi], &g[bi], thresh, sym);
+            let keep = if on_host {
+                kept_lists(ms.cost, d, r, c, &fh[bi], &gh[bi], thresh, sym)
+            } else {
+                let dev = f.device();
+                let dt = on_device::setup_dtype(dev);
+                let pot = |t: &Tensor, n: usize| t.get(bi)?.narrow(0, 0, n)?.to_dtype(dt);
+                on_device::kept_lists(
+                    ms.cost,
+                    &on_device::centroids(r, d, dt, dev)?,
+                    &on_device::centroids(c, d, dt, dev)?,
+                    &pot(f, r.len())?,
+                    &pot(g, c.len())?,
+                    thresh,
+                    sym,
+                )?
+            };
             let keep_t = transpose_lists(&keep, c.len());
             fwd.push(Blocks::from_lists(&r.ranges, &c.ranges, &keep));
             ext_fwd.push(Blocks::from_lists(&r.ranges, &singles(c), &keep));
@@ -717,13 +755,13 @@ pub(crate) fn truncate(
             ext_tr.push(Blocks::from_lists(&c.ranges, &singles(r), &keep_t));
         }
         Ok([
-            Arc::new(fwd),
-            Arc::new(tr),
-            Arc::new(ext_fwd),
-            Arc::new(ext_tr),
+            Arc::new(Pattern::new(fwd)),
+            Arc::new(Pattern::new(tr)),
+            Arc::new(Pattern::new(ext_fwd)),
+            Arc::new(Pattern::new(ext_tr)),
         ])
     };
-    let cost = |x: &Tensor, y: &Tensor, fwd: &Arc<Vec<Blocks>>, tr: &Arc<Vec<Blocks>>| BlockCost {
+    let cost = |x: &Tensor, y: &Tensor, fwd: &Arc<Pattern>, tr: &Arc<Pattern>| BlockCost {
         x: x.clone(),
         y: y.clone(),
         fwd: fwd.clone(),
@@ -731,7 +769,7 @@ pub(crate) fn truncate(
     };
     let (sx, sy) = (&cx.sorted.detach(), &cy.sorted.detach());
     // Extrapolation costs carry no transpose: they are never differentiated.
-    let none = Arc::new(Vec::new());
+    let none = Arc::new(Pattern::default());
     let [fwd, tr, ext_xy, ext_yx] = pattern(&cx.clusters, &cy.clusters, f_ba, g_ab, false)?;
     let xy = cost(sx, sy, &fwd, &tr);
     let yx = cost(sy, sx, &tr, &fwd);
@@ -769,6 +807,74 @@ pub(crate) fn truncate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The truncation through the tensor ops (the GPU path) keeps exactly the host code's
+    /// blocks, for every pattern of a debiased solve: C_xy, its transpose, C_xx, C_yy and the
+    /// extrapolation patterns.
+    #[test]
+    fn device_truncation_keeps_the_same_pairs() -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let dev = candle_core::Device::Cpu;
+        let (b, n, m, d) = (2, 700, 500, 3);
+        let mut rand = |shape: &[usize]| {
+            let len: usize = shape.iter().product();
+            let v: Vec<f64> = (0..len).map(|_| rng.random::<f64>()).collect();
+            Tensor::from_vec(v, shape, &dev)
+        };
+        let (x, y) = (rand(&[b, n, d])?, rand(&[b, m, d])?);
+        let (a, w) = (rand(&[b, n])?, rand(&[b, m])?);
+        let scale = 0.1;
+        let (cx, cy) = (clouds(&x, &a, scale)?, clouds(&y, &w, scale)?);
+        let ncx = cx.coarse.dim(1)?;
+        let ncy = cy.coarse.dim(1)?;
+        let (f, g) = ((rand(&[b, ncx])? * 0.01)?, (rand(&[b, ncy])? * 0.01)?);
+        let (faa, gbb) = ((rand(&[b, ncx])? * 0.01)?, (rand(&[b, ncy])? * 0.01)?);
+        for cost in [CostKind::SqEuclidean, CostKind::Euclidean] {
+            let run = |on_device: bool| {
+                let ms = MultiscaleParams {
+                    cost,
+                    truncate: 5.0,
+                    cluster_scale: scale,
+                    setup_on_device: on_device,
+                };
+                truncate(ms, &cx, &cy, &f, &g, Some(&faa), Some(&gbb), 0.005)
+            };
+            let (host, device) = (run(false)?, run(true)?);
+            let pats = |t: &Truncated| -> Vec<Arc<Pattern>> {
+                let c = |c: &BlockCost| [c.fwd.clone(), c.tr.clone()];
+                let o = |c: &Option<BlockCost>| c.as_ref().map(|c| c.fwd.clone());
+                let mut v: Vec<Arc<Pattern>> = [&t.xy, &t.yx].into_iter().flat_map(c).collect();
+                v.extend([t.ext_xy.fwd.clone(), t.ext_yx.fwd.clone()]);
+                v.extend(
+                    [o(&t.xx), o(&t.yy), o(&t.ext_xx), o(&t.ext_yy)]
+                        .into_iter()
+                        .flatten(),
+                );
+                v
+            };
+            let (ph, pd) = (pats(&host), pats(&device));
+            assert_eq!(ph.len(), 10);
+            for (u, v) in ph.iter().zip(&pd) {
+                for (p, q) in u.iter().zip(v.iter()) {
+                    assert_eq!(
+                        (&p.rows, &p.offsets, &p.spans),
+                        (&q.rows, &q.offsets, &q.spans)
+                    );
+                    assert_eq!((p.pairs, p.cluster_pairs), (q.pairs, q.cluster_pairs));
+                }
+            }
+            assert_eq!(host.kept_pairs, device.kept_pairs);
+            assert_eq!(host.kept_pairs_sym, device.kept_pairs_sym);
+            // Truncated, not everything.
+            assert!(
+                host.kept_pairs < (b * n * m) as u64 / 2,
+                "{}",
+                host.kept_pairs
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn jump_is_the_last_eps_not_below_the_cluster_scale() {

@@ -20,7 +20,6 @@
 use super::cpu::Weighted;
 use super::{dims3, entry, u32_of, Tiles};
 use crate::cost::{CostKind, KernelKind};
-use crate::softmin::multiscale::cluster::{mean_cluster_rows, task_table};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
@@ -240,26 +239,39 @@ pub(crate) fn launch<T: Float>(
             (launch_cfg(n, b)?, None)
         }
         Tiles::Tasks(pattern) => {
-            let block = block_sparse_block(nn, bb, mean_cluster_rows(pattern));
-            let (tasks, mut spans) = task_table(pattern, block.1);
-            let ntasks = u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
-            if ntasks == 0 {
+            let block = block_sparse_block(nn, bb, pattern.mean_cluster_rows());
+            // Built and uploaded on the first launch of this pattern on this device, then
+            // reused by every iteration (`Pattern::table`).
+            let table = pattern.table(
+                block.1,
+                &format!("cuda {:?}", dev.id()),
+                |tasks, mut spans| {
+                    let ntasks =
+                        u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
+                    if ntasks > i32::MAX as u32 {
+                        candle_core::bail!(
+                            "candle-ot: {ntasks} block-sparse tasks exceed the CUDA grid limit"
+                        )
+                    }
+                    if spans.is_empty() {
+                        spans.extend_from_slice(&[0, 0]); // (no zero-length device buffers)
+                    }
+                    let tasks = if tasks.is_empty() {
+                        vec![0; TASK_WORDS]
+                    } else {
+                        tasks
+                    };
+                    Ok((dev.clone_htod(&tasks)?, dev.clone_htod(&spans)?, ntasks))
+                },
+            )?;
+            if table.2 == 0 {
                 return Ok(out);
             }
-            if ntasks > i32::MAX as u32 {
-                candle_core::bail!(
-                    "candle-ot: {ntasks} block-sparse tasks exceed the CUDA grid limit"
-                )
-            }
-            if spans.is_empty() {
-                spans.extend_from_slice(&[0, 0]); // (no zero-length device buffers)
-            }
             let cfg = LaunchConfig {
-                grid_dim: (ntasks, 1, 1),
+                grid_dim: (table.2, 1, 1),
                 block_dim: block,
                 shared_mem_bytes: 0,
             };
-            let table = (dev.clone_htod(&tasks)?, dev.clone_htod(&spans)?, ntasks);
             (cfg, Some(table))
         }
     };
@@ -277,7 +289,8 @@ pub(crate) fn launch<T: Float>(
         builder.arg(kk);
     }
     builder.arg(&par);
-    if let Some((tasks, spans, ntasks)) = table.as_ref() {
+    if let Some(table) = table.as_ref() {
+        let (tasks, spans, ntasks) = &**table;
         builder.arg(tasks);
         builder.arg(spans);
         builder.arg(ntasks);

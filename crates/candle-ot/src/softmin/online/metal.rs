@@ -30,7 +30,6 @@
 use super::cpu::Weighted;
 use super::{dims3, entry, u32_of, Tiles};
 use crate::cost::{CostKind, KernelKind};
-use crate::softmin::multiscale::cluster::{mean_cluster_rows, task_table};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
 use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
@@ -265,25 +264,35 @@ fn launch(
         Tiles::Tasks(pattern) => {
             // As `dispatch_sizes`: fewer rows per threadgroup if the pipeline allows fewer
             // threads (lanes stay a power of two for the lane merge).
-            let (mut lanes, rows, _) = block_sparse_block(s.n, s.b, mean_cluster_rows(pattern));
+            let (mut lanes, rows, _) = block_sparse_block(s.n, s.b, pattern.mean_cluster_rows());
             let max = pipeline.max_total_threads_per_threadgroup().max(1);
             while lanes as usize > max {
                 lanes /= 2;
             }
             let per_group = (rows as usize).min(max / lanes as usize).max(1);
-            let (tasks, mut spans) = task_table(pattern, per_group as u32);
-            let ntasks = u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
-            if ntasks == 0 {
-                None
-            } else {
+            // Built and uploaded on the first launch of this pattern on this device, then
+            // reused by every iteration (`Pattern::table`).
+            let key = format!("metal {:?}", dev.id());
+            let table = pattern.table(per_group as u32, &key, |tasks, mut spans| {
+                let ntasks = u32_of(tasks.len() / TASK_WORDS, "the number of block-sparse tasks")?;
                 if spans.is_empty() {
                     spans.extend_from_slice(&[0, 0]); // (Metal has no empty buffers)
                 }
-                let table = (
+                let tasks = if tasks.is_empty() {
+                    vec![0; TASK_WORDS]
+                } else {
+                    tasks
+                };
+                Ok((
                     dev.new_buffer_with_data(&tasks)?,
                     dev.new_buffer_with_data(&spans)?,
                     ntasks,
-                );
+                ))
+            })?;
+            let ntasks = table.2;
+            if ntasks == 0 {
+                None
+            } else {
                 let groups = MTLSize {
                     width: ntasks as usize,
                     height: 1,
@@ -316,7 +325,8 @@ fn launch(
             }
             enc.set_bytes(i, &s.par);
             i += 1;
-            if let Some((tasks, spans, ntasks)) = table.as_ref() {
+            if let Some(table) = table.as_ref() {
+                let (tasks, spans, ntasks) = &**table;
                 enc.set_input_buffer(i, Some(tasks), 0);
                 enc.set_input_buffer(i + 1, Some(spans), 0);
                 enc.set_bytes(i + 2, ntasks);

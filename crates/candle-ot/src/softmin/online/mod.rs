@@ -87,7 +87,7 @@ pub(crate) enum Tiles<'a> {
     /// One block (threadgroup) per task of the block-sparse task table of these patterns (one
     /// per batch item; `multiscale::cluster::task_table`): the multiscale fine level's kept
     /// blocks, or a ragged batch's per-item tiles. Rows no task covers are left at 0.
-    Tasks(&'a [crate::softmin::multiscale::cluster::Blocks]),
+    Tasks(&'a crate::softmin::multiscale::cluster::Pattern),
 }
 
 /// A size as the kernels' `u32`, or a clear error (the GPU kernels take 32-bit sizes).
@@ -135,9 +135,10 @@ fn length_mask(len: &Lengths, n: usize, device: &candle_core::Device) -> Result<
 /// block-sparse GPU kernels' task table (one launch for the whole batch, each task a tile of
 /// one item's rows against that item's columns).
 #[cfg(any(feature = "cuda", feature = "metal"))]
-pub(crate) fn ragged_patterns((r, c): &Ragged) -> Vec<crate::softmin::multiscale::cluster::Blocks> {
-    use crate::softmin::multiscale::cluster::Blocks;
-    r.as_slice()
+pub(crate) fn ragged_patterns((r, c): &Ragged) -> crate::softmin::multiscale::cluster::Pattern {
+    use crate::softmin::multiscale::cluster::{Blocks, Pattern};
+    let blocks = r
+        .as_slice()
         .iter()
         .zip(c.as_slice())
         .map(|(&n, &m)| {
@@ -153,7 +154,8 @@ pub(crate) fn ragged_patterns((r, c): &Ragged) -> Vec<crate::softmin::multiscale
                 Blocks::dense(n, m)
             }
         })
-        .collect()
+        .collect();
+    Pattern::new(blocks)
 }
 
 // ---------------------------------------------------------------------------------------
