@@ -20,13 +20,16 @@
 //! [`crate::sinkhorn::sinkhorn_multilevel`] lives in `crate::multiscale`. Results are
 //! returned in the input order.
 //!
-//! Devices: the clustering and the truncation run on the host (the points and the coarse
-//! potentials are copied there once per solve), the coarse loop on the online kernels and the
-//! fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` (`cpu.rs`) and, with
+//! Devices: the clustering's voxel keys and cluster sums and the truncation's scores are Candle
+//! tensor ops on the points' device ([`on_device`]); the host receives one `u32` key per point
+//! (a stable counting sort) and the kept pairs. On the CPU the truncation keeps its rayon host
+//! code (`kept_lists`), which the tensor path matches exactly in tests. The coarse loop runs on
+//! the online kernels and the fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` (`cpu.rs`) and, with
 //! the `cuda` / `metal` features, `cuda_fwd` / `metal_fwd`, which call the online ops' one
 //! launcher per device (`online/{cuda,metal}.rs` with `Tiles::Tasks`) on `candle-ot-kernels`'
 //! `block_softmin_*` / `block_lse_grad_*`, with a task table built from the pattern (row
-//! blocks inside one row cluster, each with its column spans). On a device whose
+//! blocks inside one row cluster, each with its column spans), uploaded once per pattern and
+//! device and reused by every iteration ([`cluster::Pattern::table`]). On a device whose
 //! online kernels are not compiled in, the backend is an `Unsupported` error.
 
 pub(crate) mod cluster;

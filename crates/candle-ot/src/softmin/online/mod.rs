@@ -158,6 +158,23 @@ pub(crate) fn ragged_patterns((r, c): &Ragged) -> crate::softmin::multiscale::cl
     Pattern::new(blocks)
 }
 
+/// The block pattern of a GPU launch over rows `l1` (B, N, ·) and columns `l2` (B, M, ·):
+/// `None` (the dense grid, [`Tiles::Rows`]) without lengths, else the ragged batch's per-item
+/// tiles ([`ragged_patterns`]), its lengths checked against the shapes first.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn ragged_pattern(
+    lens: Option<&Ragged>,
+    l1: &Layout,
+    l2: &Layout,
+) -> Result<Option<crate::softmin::multiscale::cluster::Pattern>> {
+    let Some(lens) = lens else {
+        return Ok(None);
+    };
+    let (b, n, _) = dims3(l1, "rows")?;
+    ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
+    Ok(Some(ragged_patterns(lens)))
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// `(x, y, h) ↦ f`, `f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`.
@@ -214,16 +231,9 @@ impl CustomOp3 for SoftminOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let ins = ((s1, l1), (s2, l2), (s3, l3));
-        match &self.lens {
-            Some(lens) => {
-                let (b, n, _) = dims3(l1, "x")?;
-                ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
-                let patterns = ragged_patterns(lens);
-                let tiles = Tiles::Tasks(&patterns);
-                cuda::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
-            }
-            None => cuda::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, Tiles::Rows),
-        }
+        let pattern = ragged_pattern(self.lens.as_ref(), l1, l2)?;
+        let tiles = pattern.as_ref().map_or(Tiles::Rows, Tiles::Tasks);
+        cuda::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
     }
 
     #[cfg(feature = "metal")]
@@ -237,16 +247,9 @@ impl CustomOp3 for SoftminOp {
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let ins = ((s1, l1), (s2, l2), (s3, l3));
-        match &self.lens {
-            Some(lens) => {
-                let (b, n, _) = dims3(l1, "x")?;
-                ragged_slices(Some(lens), b, n, dims3(l2, "y")?.1)?;
-                let patterns = ragged_patterns(lens);
-                let tiles = Tiles::Tasks(&patterns);
-                metal::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
-            }
-            None => metal::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, Tiles::Rows),
-        }
+        let pattern = ragged_pattern(self.lens.as_ref(), l1, l2)?;
+        let tiles = pattern.as_ref().map_or(Tiles::Rows, Tiles::Tasks);
+        metal::softmin_fwd(self.cost, self.eps, ins.0, ins.1, ins.2, tiles)
     }
 
     fn bwd(
@@ -426,16 +429,9 @@ impl CustomOp2 for LseWeightedOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (cost, eps, mode) = (self.cost, self.eps, self.mode);
-        match &self.lens {
-            Some(lens) => {
-                let (b, n, _) = dims3(l1, "rows")?;
-                ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
-                let patterns = ragged_patterns(lens);
-                let tiles = Tiles::Tasks(&patterns);
-                cuda::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
-            }
-            None => cuda::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), Tiles::Rows),
-        }
+        let pattern = ragged_pattern(self.lens.as_ref(), l1, l2)?;
+        let tiles = pattern.as_ref().map_or(Tiles::Rows, Tiles::Tasks);
+        cuda::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
     }
 
     #[cfg(feature = "metal")]
@@ -447,16 +443,9 @@ impl CustomOp2 for LseWeightedOp {
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (cost, eps, mode) = (self.cost, self.eps, self.mode);
-        match &self.lens {
-            Some(lens) => {
-                let (b, n, _) = dims3(l1, "rows")?;
-                ragged_slices(Some(lens), b, n, dims3(l2, "cols")?.1)?;
-                let patterns = ragged_patterns(lens);
-                let tiles = Tiles::Tasks(&patterns);
-                metal::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
-            }
-            None => metal::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), Tiles::Rows),
-        }
+        let pattern = ragged_pattern(self.lens.as_ref(), l1, l2)?;
+        let tiles = pattern.as_ref().map_or(Tiles::Rows, Tiles::Tasks);
+        metal::lse_weighted_fwd(cost, eps, mode, (s1, l1), (s2, l2), tiles)
     }
 }
 
