@@ -346,7 +346,6 @@ mod tests {
         assert_eq!(first.0, task_table(&p.blocks, 3).0);
         get(4, "gpu0"); // other rows per task
         get(3, "gpu1"); // other device
-        drop(get);
         assert_eq!(uploads, 3);
         assert_eq!(p.tables_built(), 3);
         // a failed upload caches nothing

@@ -214,11 +214,14 @@ pub(crate) fn centroids(c: &Clustering, d: usize, dtype: DType, dev: &Device) ->
         .to_device(dev)
 }
 
+/// One item's points in cluster order: `(perm, ranges)` as in [`Clustering`].
+type Sorted = (Vec<u32>, Vec<(u32, u32)>);
+
 /// The stable counting sort of one batch item's voxel keys: the clusters of
 /// [`super::cluster::grid_cluster`] (non-empty voxels in key order, points in input order inside
 /// a voxel) without the coordinates: `(perm, ranges)`. O(N + cells) when the key space is at
 /// most a few times N, else a comparison sort of (key, index) pairs (same order).
-fn sort_keys(keys: &[u32], cells: usize) -> (Vec<u32>, Vec<(u32, u32)>) {
+fn sort_keys(keys: &[u32], cells: usize) -> Sorted {
     let n = keys.len();
     let mut perm = vec![0u32; n];
     let mut ranges = Vec::new();
@@ -318,8 +321,7 @@ pub(crate) fn cluster(
         .sum(D::Minus1)? // (B, N), integers below 2^32 (2^24 in f32): exact
         .to_dtype(DType::U32)?
         .to_vec2::<u32>()?;
-    let sorted: Vec<(Vec<u32>, Vec<(u32, u32)>)> =
-        keys.iter().map(|k| sort_keys(k, total as usize)).collect();
+    let sorted: Vec<Sorted> = keys.iter().map(|k| sort_keys(k, total as usize)).collect();
     let nc = sorted.iter().map(|s| s.1.len()).max().unwrap_or(1);
 
     // The cluster sums: points in cluster order, scattered into their cluster.
