@@ -7,6 +7,7 @@
 //! not the online updates), so their values differ by about as much as either differs from the
 //! converged value: `fixed_schedule_error_is_the_schedule_s_own` checks that.
 
+#[macro_use]
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -384,3 +385,59 @@ fn multiscale_with_tol_is_never_far_from_online() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue #15 item 3: the multiscale set-up on the device (voxel keys, cluster sums and the
+/// truncation's scores as Candle tensor ops, `internals::multiscale_setup` with
+/// `truncation_on_device`) keeps the same pairs as the host code of before (host clustering,
+/// host truncation on CPU copies), for C_xy and for C_xx + C_yy. On the CPU both are f64 and
+/// the kept pairs are equal; on a GPU (f64 on CUDA, f32 on Metal) pairs at an f32 rounding of
+/// the threshold may differ, so the test allows 1e-4 of them there.
+fn setup_on_device_keeps_the_host_pairs(dev: &Device) -> Result<()> {
+    use candle_ot::internals::multiscale_setup;
+    let mut r = rng(1515);
+    for (p, cost, eps, d) in [
+        (2, CostKind::SqEuclidean, 0.0025, 3),
+        (1, CostKind::Euclidean, 0.05, 3),
+        (2, CostKind::SqEuclidean, 0.01, 2),
+    ] {
+        let x = uniform(&mut r, &[2, 3001, d], 0.0, 1.0, DType::F32, &Device::Cpu)?;
+        let y = uniform(&mut r, &[2, 2500, d], 0.1, 0.9, DType::F32, &Device::Cpu)?;
+        let a = uniform(&mut r, &[2, 3001], 0.0, 1.0, DType::F32, &Device::Cpu)?;
+        let b = uniform(&mut r, &[2, 2500], 0.5, 1.0, DType::F32, &Device::Cpu)?;
+        let host = multiscale_setup(cost, &x, &a, &y, &b, 0.05, eps, 5.0, true, false)?;
+        let (xd, ad, yd, bd) = (
+            x.to_device(dev)?,
+            a.to_device(dev)?,
+            y.to_device(dev)?,
+            b.to_device(dev)?,
+        );
+        let on_dev = multiscale_setup(cost, &xd, &ad, &yd, &bd, 0.05, eps, 5.0, false, true)?;
+        let all = (2 * 3001 * 2500) as f64;
+        assert!(
+            (host.0 as f64) < 0.5 * all && host.0 > 0,
+            "p = {p}: kept {} of {all}: nothing truncated",
+            host.0
+        );
+        if dev.is_cpu() {
+            assert_eq!(host, on_dev, "p = {p}, D = {d}");
+        } else {
+            let rel = |u: u64, v: u64| (u as f64 - v as f64).abs() / (v as f64);
+            assert!(
+                rel(on_dev.0, host.0) <= 1e-4,
+                "p = {p}: {on_dev:?} vs {host:?}"
+            );
+            assert!(
+                rel(on_dev.1, host.1) <= 1e-4,
+                "p = {p}: {on_dev:?} vs {host:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+test_device!(
+    setup_on_device_keeps_the_host_pairs,
+    setup_on_device_keeps_the_host_pairs_cpu,
+    setup_on_device_keeps_the_host_pairs_cuda,
+    setup_on_device_keeps_the_host_pairs_metal
+);

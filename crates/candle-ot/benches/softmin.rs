@@ -70,5 +70,56 @@ fn bench_grid_softmin(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_softmin, bench_grid_softmin);
+/// The multiscale set-up of one debiased solve (issue #15 item 3): clustering both clouds and
+/// truncating C_xy, C_xx, C_yy, N = M = 100k uniform points in the unit cube, f32, clusters at
+/// 0.05 (`Auto`'s `cluster_scale = blur`: 8000 voxels), ε = 0.05², truncate 5. Variants: the
+/// host code of before #15 (`host`), today's CPU default (keys and sums as tensor ops, host
+/// truncation: `keys+host_truncation`), and the GPU path run on the CPU (`all_tensor_ops`).
+fn bench_multiscale_setup(c: &mut Criterion) {
+    use candle_ot::internals::multiscale_setup;
+    let dev = Device::Cpu;
+    let n = 100_000usize;
+    let x = Tensor::rand(0f32, 1., (1, n, 3), &dev).unwrap();
+    let y = Tensor::rand(0f32, 1., (1, n, 3), &dev).unwrap();
+    let w = Tensor::full(1.0 / n as f32, (1, n), &dev).unwrap();
+    let mut group = c.benchmark_group("multiscale_setup_100k");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(2 * n as u64));
+    let mut kept = Vec::new();
+    for (name, host_clustering, on_device) in [
+        ("host", true, false),
+        ("keys+host_truncation", false, false),
+        ("all_tensor_ops", false, true),
+    ] {
+        group.bench_function(name, |bencher| {
+            bencher.iter(|| {
+                let k = multiscale_setup(
+                    CostKind::SqEuclidean,
+                    &x,
+                    &w,
+                    &y,
+                    &w,
+                    0.05,
+                    0.0025,
+                    5.0,
+                    host_clustering,
+                    on_device,
+                )
+                .unwrap();
+                kept.push(k);
+                k
+            })
+        });
+    }
+    group.finish();
+    // Every variant keeps the same pairs.
+    assert!(kept.windows(2).all(|w| w[0] == w[1]), "{kept:?}");
+}
+
+criterion_group!(
+    benches,
+    bench_softmin,
+    bench_grid_softmin,
+    bench_multiscale_setup
+);
 criterion_main!(benches);

@@ -139,7 +139,9 @@ pub mod internals {
         sinkhorn_multilevel, CostSet, Level, Multilevel, Pair, Refined, SoftminLevel, TrackFn,
     };
     #[doc(inline)]
-    pub use crate::softmin::multiscale::{block_softmin, jump_index, BlockCost, BlockSparse};
+    pub use crate::softmin::multiscale::{
+        block_softmin, jump_index, multiscale_setup, BlockCost, BlockSparse,
+    };
     #[doc(inline)]
     pub use crate::softmin::online::{roofline, RooflineMix};
 }

@@ -476,12 +476,23 @@ pub(crate) struct Clouds {
 }
 
 pub(crate) fn clouds(x: &Tensor, w: &Tensor, scale: f64) -> Result<Clouds> {
+    clouds_with(x, w, scale, false)
+}
+
+/// [`clouds`], clustering with the host code when `on_host` (benchmarks: the set-up before
+/// #15).
+fn clouds_with(x: &Tensor, w: &Tensor, scale: f64, on_host: bool) -> Result<Clouds> {
     let (b, n, d) = x.dims3()?;
     let dev = x.device();
     let cpu = candle_core::Device::Cpu;
     // Keys and sums on the device, a counting sort of the keys on the host (`on_device`);
     // the host code when the voxel grid is too fine for exact keys.
-    let clusters = match on_device::cluster(x, w, scale, None)? {
+    let on_device = if on_host {
+        None
+    } else {
+        on_device::cluster(x, w, scale, None)?
+    };
+    let clusters = match on_device {
         Some(c) => c,
         None => host_clusters(x, w, scale)?,
     };
@@ -557,6 +568,41 @@ fn host_clusters(x: &Tensor, w: &Tensor, scale: f64) -> Result<Vec<Clustering>> 
             grid_cluster(&flat, wb, d, scale)
         })
         .collect())
+}
+
+#[doc(hidden)]
+/// The set-up of one debiased multiscale solve, for benchmarks: clusters `x` (B, N, D) with
+/// weights `a` (B, N) and `y` (B, M, D) with `b` (B, M) at `cluster_scale`, then truncates
+/// C_xy, C_xx and C_yy at `eps` with zero coarse potentials (the blocks within `truncate·ε` of
+/// cost: a ball, as at a real jump). `host_clustering`: the host code's clustering (before
+/// #15) instead of the keys and sums of [`on_device`]; `truncation_on_device`: the tensor-op
+/// truncation (the GPU path) even on the CPU. Returns the kept pairs of C_xy and of
+/// C_xx + C_yy.
+#[allow(clippy::too_many_arguments)]
+pub fn multiscale_setup(
+    cost: CostKind,
+    x: &Tensor,
+    a: &Tensor,
+    y: &Tensor,
+    b: &Tensor,
+    cluster_scale: f64,
+    eps: f64,
+    truncate_at: f64,
+    host_clustering: bool,
+    truncation_on_device: bool,
+) -> Result<(u64, u64)> {
+    let cx = clouds_with(x, a, cluster_scale, host_clustering)?;
+    let cy = clouds_with(y, b, cluster_scale, host_clustering)?;
+    let zeros = |c: &Clouds| c.log_coarse.zeros_like();
+    let (f, g) = (zeros(&cx)?, zeros(&cy)?);
+    let ms = MultiscaleParams {
+        cost,
+        truncate: truncate_at,
+        cluster_scale,
+        setup_on_device: truncation_on_device,
+    };
+    let t = truncate(ms, &cx, &cy, &f, &g, Some(&f), Some(&g), eps)?;
+    Ok((t.kept_pairs, t.kept_pairs_sym))
 }
 
 /// Back to the input order: t (B, N) in cluster order.
