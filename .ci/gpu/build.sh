@@ -17,11 +17,11 @@ build() {
 # First pass compiles the rlibs (linking may fail without stubs); then the stubs are generated
 # from the undefined CUDA symbols, and the final link uses them.
 build cargo build --release -p candle-ot-cli --features cuda || true
-build cargo test --release -p candle-ot-tests --features cuda --no-run --test devices --test twins --test grid_twins || true
+build cargo test --release -p candle-ot-tests --features cuda --no-run --test devices --test twins --test grid_twins --test multiscale --test packed || true
 bash .ci/gpu/cuda-link-stubs.sh "$target/release/deps" "$stubs"
 build cargo build --release -p candle-ot-cli --features cuda
 json="$(build cargo test --release -p candle-ot-tests --features cuda --no-run \
-  --test devices --test twins --test grid_twins --message-format=json)"
+  --test devices --test twins --test grid_twins --test multiscale --test packed --message-format=json)"
 rm -rf gpu-carry && mkdir -p gpu-carry
 cp "$target/release/candle-ot" gpu-carry/
 echo "$json" | python3 -c '
