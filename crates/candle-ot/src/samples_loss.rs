@@ -151,6 +151,165 @@ fn shape_err(name: &'static str, expected: impl Into<String>, t: &Tensor) -> can
     .into()
 }
 
+/// The points after the checks that [`SamplesLoss::solve`] and the sharded solve share.
+pub(crate) struct CheckedPoints {
+    /// The inputs were (B, N, D) (else (N, D), given a batch axis here).
+    pub batched: bool,
+    /// x as (B, N, D) in the compute dtype.
+    pub x: Tensor,
+    /// y as (B, M, D) in the compute dtype.
+    pub y: Tensor,
+    /// The caller's shapes, for messages.
+    pub x_dims: Vec<usize>,
+    /// The caller's shape of y.
+    pub y_dims: Vec<usize>,
+    /// The input dtype.
+    pub in_dtype: DType,
+    /// The compute dtype: f64, or f32 for f32 / f16 / bf16 inputs.
+    pub dtype: DType,
+}
+
+/// The checks of x and y shared by [`SamplesLoss::solve`] and the sharded solve: ranks 2 or 3
+/// alike, one device, equal batch sizes and dimensions D ≥ 1, float dtypes of one precision
+/// (no f64 on Metal), finite coordinates. `rows` names the row counts in messages (`("N",
+/// "M")`, or `("N_r", "M_r")` for a rank's shard). Empty clouds pass: the callers decide.
+pub(crate) fn check_points(x: &Tensor, y: &Tensor, rows: (&str, &str)) -> Result<CheckedPoints> {
+    let (rn, rm) = rows;
+    let batched = match (x.rank(), y.rank()) {
+        (2, 2) => false,
+        (3, 3) => true,
+        (2 | 3, _) => {
+            return Err(shape_err(
+                "y",
+                format!("({rm}, D) or (B, {rm}, D) like x {:?}", x.dims()),
+                y,
+            ))
+        }
+        _ => return Err(shape_err("x", format!("({rn}, D) or (B, {rn}, D)"), x)),
+    };
+    if !x.device().same_device(y.device()) {
+        return Err(OtError::Mismatch(format!(
+            "x and y must be on the same device, got {:?} and {:?}",
+            x.device().location(),
+            y.device().location()
+        ))
+        .into());
+    }
+    // Shapes in messages are the caller's own (no batch axis added for (N, D) inputs).
+    let (x_dims, y_dims) = (x.dims().to_vec(), y.dims().to_vec());
+    let (x, y) = if batched {
+        (x.clone(), y.clone())
+    } else {
+        (x.unsqueeze(0)?, y.unsqueeze(0)?)
+    };
+    let (bx, _, d) = x.dims3()?;
+    let (by, _, dy) = y.dims3()?;
+    if bx != by {
+        return Err(OtError::Mismatch(format!(
+            "x and y must have the same batch size, got x {x_dims:?} and y {y_dims:?}"
+        ))
+        .into());
+    }
+    if d != dy {
+        return Err(OtError::Mismatch(format!(
+            "x and y must have the same dimension D, got x {x_dims:?} and y {y_dims:?}"
+        ))
+        .into());
+    }
+    if d == 0 {
+        return Err(OtError::Shape {
+            name: "x, y",
+            expected: "points of dimension D >= 1".into(),
+            got: x_dims,
+        }
+        .into());
+    }
+    let in_dtype = x.dtype();
+    let dtype = match (x.dtype(), y.dtype()) {
+        (DType::F64, DType::F64) => DType::F64,
+        (DType::F32 | DType::F16 | DType::BF16, DType::F32 | DType::F16 | DType::BF16) => {
+            DType::F32
+        }
+        (dx, dy) => {
+            return Err(OtError::Unsupported(format!(
+                "x and y must be floating point of the same precision (f64, or f32/f16/bf16), got {dx:?} and {dy:?}"
+            ))
+            .into())
+        }
+    };
+    if dtype == DType::F64 && x.device().is_metal() {
+        return Err(OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into());
+    }
+    let x = x.to_dtype(dtype)?;
+    let y = y.to_dtype(dtype)?;
+    if x.elem_count() > 0 && !all_finite(&x)? {
+        return Err(OtError::NonFinite { name: "x" }.into());
+    }
+    if y.elem_count() > 0 && !all_finite(&y)? {
+        return Err(OtError::NonFinite { name: "y" }.into());
+    }
+    Ok(CheckedPoints {
+        batched,
+        x,
+        y,
+        x_dims,
+        y_dims,
+        in_dtype,
+        dtype,
+    })
+}
+
+/// One weight tensor `w` for `k` points of `pts` (`whose` names them in messages): (k,), or
+/// (B, k) for a batch; on the points' device; finite and ≥ 0. Returns (B, k) in the compute
+/// dtype.
+pub(crate) fn check_weights(
+    w: &Tensor,
+    name: &'static str,
+    pts: &CheckedPoints,
+    k: usize,
+    whose: &str,
+) -> Result<Tensor> {
+    let bx = pts.x.dim(0)?;
+    let expected = if pts.batched {
+        format!("({bx}, {k}) to match {whose}")
+    } else {
+        format!("({k},) to match {whose}")
+    };
+    let w = match (pts.batched, w.dims()) {
+        (false, [kk]) if *kk == k => w.unsqueeze(0)?,
+        (true, [bb, kk]) if *bb == bx && *kk == k => w.clone(),
+        _ => return Err(shape_err(name, expected, w)),
+    };
+    if !w.device().same_device(pts.x.device()) {
+        return Err(OtError::Mismatch(format!(
+            "{name} must be on the device of the points, got {:?}",
+            w.device().location()
+        ))
+        .into());
+    }
+    let w = w.to_dtype(pts.dtype)?;
+    if w.elem_count() == 0 {
+        return Ok(w);
+    }
+    if !all_finite(&w)? {
+        return Err(OtError::NonFinite { name }.into());
+    }
+    let min = w
+        .detach()
+        .flatten_all()?
+        .min(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if min < 0.0 {
+        return Err(OtError::Weights {
+            name,
+            reason: format!("weights must be >= 0, got a minimum of {min}"),
+        }
+        .into());
+    }
+    Ok(w)
+}
+
 /// Sum of `t * 0`: NaN when `t` holds a NaN or an infinity. One reduction, one scalar read.
 /// The unit roundoff `u` of a float dtype (half an ulp at 1): a sum of `n` values rounded to
 /// it is off by up to `n·u` relative.
@@ -412,134 +571,30 @@ impl SamplesLoss {
         b: Option<&Tensor>,
         y: &Tensor,
     ) -> Result<Prepared> {
-        let batched = match (x.rank(), y.rank()) {
-            (2, 2) => false,
-            (3, 3) => true,
-            (2 | 3, _) => {
-                return Err(shape_err(
-                    "y",
-                    format!("(M, D) or (B, M, D) like x {:?}", x.dims()),
-                    y,
-                ))
-            }
-            _ => return Err(shape_err("x", "(N, D) or (B, N, D)", x)),
-        };
-        if !x.device().same_device(y.device()) {
-            return Err(OtError::Mismatch(format!(
-                "x and y must be on the same device, got {:?} and {:?}",
-                x.device().location(),
-                y.device().location()
-            ))
-            .into());
-        }
-        // Shapes in messages are the caller's own (no batch axis added for (N, D) inputs).
-        let (x_dims, y_dims) = (x.dims().to_vec(), y.dims().to_vec());
-        let (x, y) = if batched {
-            (x.clone(), y.clone())
-        } else {
-            (x.unsqueeze(0)?, y.unsqueeze(0)?)
-        };
-        let (bx, n, d) = x.dims3()?;
-        let (by, m, dy) = y.dims3()?;
-        if bx != by {
-            return Err(OtError::Mismatch(format!(
-                "x and y must have the same batch size, got x {x_dims:?} and y {y_dims:?}"
-            ))
-            .into());
-        }
-        if d != dy {
-            return Err(OtError::Mismatch(format!(
-                "x and y must have the same dimension D, got x {x_dims:?} and y {y_dims:?}"
-            ))
-            .into());
-        }
-        if d == 0 {
-            return Err(OtError::Shape {
-                name: "x, y",
-                expected: "points of dimension D >= 1".into(),
-                got: x_dims,
-            }
-            .into());
-        }
+        let pts = check_points(x, y, ("N", "M"))?;
+        let (x, y) = (pts.x.clone(), pts.y.clone());
+        let (batched, in_dtype, dtype) = (pts.batched, pts.in_dtype, pts.dtype);
+        let (bx, n, _) = x.dims3()?;
+        let m = y.dim(1)?;
         if n == 0 || bx == 0 {
             return Err(OtError::Empty {
                 name: "x",
-                got: x_dims,
+                got: pts.x_dims.clone(),
             }
             .into());
         }
         if m == 0 {
             return Err(OtError::Empty {
                 name: "y",
-                got: y_dims,
+                got: pts.y_dims.clone(),
             }
             .into());
-        }
-        let in_dtype = x.dtype();
-        let dtype = match (x.dtype(), y.dtype()) {
-            (DType::F64, DType::F64) => DType::F64,
-            (DType::F32 | DType::F16 | DType::BF16, DType::F32 | DType::F16 | DType::BF16) => {
-                DType::F32
-            }
-            (dx, dy) => {
-                return Err(OtError::Unsupported(format!(
-                    "x and y must be floating point of the same precision (f64, or f32/f16/bf16), got {dx:?} and {dy:?}"
-                ))
-                .into())
-            }
-        };
-        if dtype == DType::F64 && x.device().is_metal() {
-            return Err(
-                OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into(),
-            );
-        }
-        let x = x.to_dtype(dtype)?;
-        let y = y.to_dtype(dtype)?;
-        if !all_finite(&x)? {
-            return Err(OtError::NonFinite { name: "x" }.into());
-        }
-        if !all_finite(&y)? {
-            return Err(OtError::NonFinite { name: "y" }.into());
         }
         let weights = |w: Option<&Tensor>, name: &'static str, k: usize| -> Result<Tensor> {
             let w = match w {
                 None => return Tensor::full(1.0 / k as f64, (bx, k), x.device())?.to_dtype(dtype),
-                Some(w) => w,
+                Some(w) => check_weights(w, name, &pts, k, "the points")?,
             };
-            let expected = if batched {
-                format!("({bx}, {k}) to match the points")
-            } else {
-                format!("({k},) to match the points")
-            };
-            let w = match (batched, w.dims()) {
-                (false, [kk]) if *kk == k => w.unsqueeze(0)?,
-                (true, [bb, kk]) if *bb == bx && *kk == k => w.clone(),
-                _ => return Err(shape_err(name, expected, w)),
-            };
-            if !w.device().same_device(x.device()) {
-                return Err(OtError::Mismatch(format!(
-                    "{name} must be on the device of the points, got {:?}",
-                    w.device().location()
-                ))
-                .into());
-            }
-            let w = w.to_dtype(dtype)?;
-            if !all_finite(&w)? {
-                return Err(OtError::NonFinite { name }.into());
-            }
-            let min = w
-                .detach()
-                .flatten_all()?
-                .min(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            if min < 0.0 {
-                return Err(OtError::Weights {
-                    name,
-                    reason: format!("weights must be >= 0, got a minimum of {min}"),
-                }
-                .into());
-            }
             let sums = w.detach().to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
             if let Some(i) = sums.iter().position(|s| *s <= 0.0) {
                 return Err(OtError::Weights {

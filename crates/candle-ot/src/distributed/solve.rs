@@ -12,7 +12,7 @@ use crate::error::OtError;
 use crate::kernel_loss::hausdorff_loss;
 use crate::options::{Backend, Loss};
 use crate::plan::TransportPlan;
-use crate::samples_loss::{all_finite, unit_roundoff, F32_PROMOTION_EXPONENT};
+use crate::samples_loss::{check_points, check_weights, unit_roundoff, F32_PROMOTION_EXPONENT};
 use crate::schedule::{epsilon_schedule, schedule_len, MAX_SCHEDULE_LEN};
 use crate::sinkhorn::{sinkhorn_loop, LoopParams, SinkhornDiagnostics};
 use crate::softmin::{Online, PointSoftmin, Tensorized};
@@ -793,136 +793,30 @@ fn sharded_kernel_loss<S: PointSoftmin>(
 
 /// One rank's own checks, in the order of [`SamplesLoss::solve`]'s.
 fn check_local(a: Option<&Tensor>, x: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<Local> {
-    let shape = |name, expected: String, t: &Tensor| -> candle_core::Error {
-        OtError::Shape {
-            name,
-            expected,
-            got: t.dims().to_vec(),
-        }
-        .into()
-    };
-    let batched = match (x.rank(), y.rank()) {
-        (2, 2) => false,
-        (3, 3) => true,
-        (2 | 3, _) => {
-            return Err(shape(
-                "y",
-                format!("(M_r, D) or (B, M_r, D) like x {:?}", x.dims()),
-                y,
-            ))
-        }
-        _ => return Err(shape("x", "(N_r, D) or (B, N_r, D)".into(), x)),
-    };
-    if !x.device().same_device(y.device()) {
-        return Err(OtError::Mismatch(format!(
-            "x and y must be on the same device, got {:?} and {:?}",
-            x.device().location(),
-            y.device().location()
-        ))
-        .into());
-    }
-    let (x_dims, y_dims) = (x.dims().to_vec(), y.dims().to_vec());
-    let (x, y) = if batched {
-        (x.clone(), y.clone())
-    } else {
-        (x.unsqueeze(0)?, y.unsqueeze(0)?)
-    };
-    let (bx, nr, d) = x.dims3()?;
-    let (by, mr, dy) = y.dims3()?;
-    if bx != by {
-        return Err(OtError::Mismatch(format!(
-            "x and y must have the same batch size, got x {x_dims:?} and y {y_dims:?}"
-        ))
-        .into());
-    }
-    if d != dy {
-        return Err(OtError::Mismatch(format!(
-            "x and y must have the same dimension D, got x {x_dims:?} and y {y_dims:?}"
-        ))
-        .into());
-    }
-    if d == 0 || bx == 0 {
+    let pts = check_points(x, y, ("N_r", "M_r"))?;
+    let (bx, nr, _) = pts.x.dims3()?;
+    let mr = pts.y.dim(1)?;
+    if bx == 0 {
         return Err(OtError::Shape {
             name: "x, y",
-            expected: "points of dimension D >= 1 in B >= 1 batch items".into(),
-            got: x_dims,
+            expected: "points in B >= 1 batch items".into(),
+            got: pts.x_dims,
         }
         .into());
     }
-    let in_dtype = x.dtype();
-    let dtype = match (x.dtype(), y.dtype()) {
-        (DType::F64, DType::F64) => DType::F64,
-        (DType::F32 | DType::F16 | DType::BF16, DType::F32 | DType::F16 | DType::BF16) => {
-            DType::F32
-        }
-        (dx, dy) => {
-            return Err(OtError::Unsupported(format!(
-                "x and y must be floating point of the same precision (f64, or f32/f16/bf16), got {dx:?} and {dy:?}"
-            ))
-            .into())
-        }
-    };
-    if dtype == DType::F64 && x.device().is_metal() {
-        return Err(OtError::Unsupported("f64 on a Metal device (Metal has no f64)".into()).into());
-    }
-    let x = x.to_dtype(dtype)?;
-    let y = y.to_dtype(dtype)?;
-    let finite = |t: &Tensor| -> Result<bool> { Ok(t.elem_count() == 0 || all_finite(t)?) };
-    if !finite(&x)? {
-        return Err(OtError::NonFinite { name: "x" }.into());
-    }
-    if !finite(&y)? {
-        return Err(OtError::NonFinite { name: "y" }.into());
-    }
     let weights = |w: Option<&Tensor>, name: &'static str, k: usize| -> Result<Option<Tensor>> {
-        let Some(w) = w else { return Ok(None) };
-        let expected = if batched {
-            format!("({bx}, {k}) to match this rank's points")
-        } else {
-            format!("({k},) to match this rank's points")
-        };
-        let w = match (batched, w.dims()) {
-            (false, [kk]) if *kk == k => w.unsqueeze(0)?,
-            (true, [bb, kk]) if *bb == bx && *kk == k => w.clone(),
-            _ => return Err(shape(name, expected, w)),
-        };
-        if !w.device().same_device(x.device()) {
-            return Err(OtError::Mismatch(format!(
-                "{name} must be on the device of the points, got {:?}",
-                w.device().location()
-            ))
-            .into());
-        }
-        let w = w.to_dtype(dtype)?;
-        if !finite(&w)? {
-            return Err(OtError::NonFinite { name }.into());
-        }
-        if w.elem_count() > 0 {
-            let min = w
-                .detach()
-                .flatten_all()?
-                .min(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            if min < 0.0 {
-                return Err(OtError::Weights {
-                    name,
-                    reason: format!("weights must be >= 0, got a minimum of {min}"),
-                }
-                .into());
-            }
-        }
-        Ok(Some(w))
+        w.map(|w| check_weights(w, name, &pts, k, "this rank's points"))
+            .transpose()
     };
     let a = weights(a, "a", nr)?;
     let b = weights(b, "b", mr)?;
     Ok(Local {
         a,
-        x,
+        x: pts.x,
         b,
-        y,
-        batched,
-        in_dtype,
-        dtype,
+        y: pts.y,
+        batched: pts.batched,
+        in_dtype: pts.in_dtype,
+        dtype: pts.dtype,
     })
 }
