@@ -5,11 +5,14 @@
 //! `scale`; each non-empty cell is a cluster with the summed weight `ā_I = Σ_{i∈I} a_i` and the
 //! weighted centroid `x̄_I = Σ_{i∈I} a_i x_i / ā_I` (the plain mean when `ā_I = 0`); points are
 //! sorted cluster by cluster (a stable sort on the cells in lexicographic order, so points keep
-//! their input order inside a cluster) and the permutation is kept.
+//! their input order inside a cluster) and the permutation is kept. It is the reference of
+//! `on_device::cluster` (the same clusters from tensor ops on the points' device), and the
+//! fallback when the voxel grid is too fine for exact `u32` keys.
 //!
 //! [`Blocks`] is the block-sparse pattern of one cost matrix: for each row cluster, the column
 //! *point ranges* of its kept column clusters, with consecutive clusters merged into one range
 //! (clusters are sorted along the grid's last axis, so a ball of kept cells is a few long runs).
+//! [`Pattern`] holds the patterns of a batch with their GPU task tables, uploaded once.
 
 /// One clustered cloud (one batch item).
 #[derive(Clone, Debug)]
