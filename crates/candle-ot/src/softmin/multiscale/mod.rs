@@ -21,7 +21,7 @@
 //! returned in the input order.
 //!
 //! Devices: the clustering's voxel keys and cluster sums and the truncation's scores are Candle
-//! tensor ops on the points' device ([`on_device`]); the host receives one `u32` key per point
+//! tensor ops on the points' device (`on_device`); the host receives one `u32` key per point
 //! (a stable counting sort) and the kept pairs. On the CPU the truncation keeps its rayon host
 //! code (`kept_lists`), which the tensor path matches exactly in tests. The coarse loop runs on
 //! the online kernels and the fine loop on block-sparse kernels: the two fine-level ops have `cpu_fwd` (`cpu.rs`) and, with
@@ -29,7 +29,7 @@
 //! launcher per device (`online/{cuda,metal}.rs` with `Tiles::Tasks`) on `candle-ot-kernels`'
 //! `block_softmin_*` / `block_lse_grad_*`, with a task table built from the pattern (row
 //! blocks inside one row cluster, each with its column spans), uploaded once per pattern and
-//! device and reused by every iteration ([`cluster::Pattern::table`]). On a device whose
+//! device and reused by every iteration (`cluster::Pattern::table`). On a device whose
 //! online kernels are not compiled in, the backend is an `Unsupported` error.
 
 pub(crate) mod cluster;
@@ -575,7 +575,7 @@ fn host_clusters(x: &Tensor, w: &Tensor, scale: f64) -> Result<Vec<Clustering>> 
 /// weights `a` (B, N) and `y` (B, M, D) with `b` (B, M) at `cluster_scale`, then truncates
 /// C_xy, C_xx and C_yy at `eps` with zero coarse potentials (the blocks within `truncate·ε` of
 /// cost: a ball, as at a real jump). `host_clustering`: the host code's clustering (before
-/// #15) instead of the keys and sums of [`on_device`]; `truncation_on_device`: the tensor-op
+/// #15) instead of the keys and sums of `on_device`; `truncation_on_device`: the tensor-op
 /// truncation (the GPU path) even on the CPU. Returns the kept pairs of C_xy and of
 /// C_xx + C_yy.
 #[allow(clippy::too_many_arguments)]
@@ -716,7 +716,7 @@ pub(crate) struct MultiscaleParams {
     pub cost: CostKind,
     pub truncate: f64,
     pub cluster_scale: f64,
-    /// Run the truncation with the tensor ops of [`on_device`] even on the CPU (tests: the
+    /// Run the truncation with the tensor ops of `on_device` even on the CPU (tests: the
     /// GPU path, checked against the host code).
     pub setup_on_device: bool,
 }
