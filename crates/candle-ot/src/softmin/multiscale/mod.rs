@@ -625,7 +625,7 @@ fn kept_lists(
     g: &[f64],
     thresh: f64,
     sym: bool,
-) -> Vec<Vec<u32>> {
+) -> Result<Vec<Vec<u32>>> {
     use rayon::prelude::*;
     let nc = ry.len();
     let p1 = cost == CostKind::Euclidean;
@@ -664,39 +664,57 @@ fn kept_lists(
                         best = (s, j);
                     }
                 }
-                if let Err(at) = l.binary_search(&(best.1 as u32)) {
-                    l.insert(at, best.1 as u32);
-                }
+                insert_sorted(&mut l, best.1 as u32);
                 l
             })
             .collect()
     });
-    let mut seen = vec![false; nc];
-    for l in &lists {
-        for &j in l {
-            seen[j as usize] = true;
-        }
-    }
-    if seen.iter().any(|s| !s) {
-        // Columns that no row kept: add their best row (one more pass over the scores).
-        let mut col_best = vec![(f64::NEG_INFINITY, 0usize); nc];
+    // Columns that no row kept: add their best row (one more pass over the scores).
+    cover_columns(&mut lists, nc, || {
+        let mut col_best = vec![(f64::NEG_INFINITY, 0u32); nc];
         let mut buf = Vec::new();
         for i in 0..rx.len() {
             row(i, &mut buf);
             for (j, &s) in buf.iter().enumerate() {
                 if s > col_best[j].0 {
-                    col_best[j] = (s, i);
+                    col_best[j] = (s, i as u32);
                 }
             }
         }
-        for j in (0..nc).filter(|&j| !seen[j]) {
-            let i = col_best[j].1;
-            if let Err(at) = lists[i].binary_search(&(j as u32)) {
-                lists[i].insert(at, j as u32);
-            }
+        Ok(col_best.into_iter().map(|b| b.1).collect())
+    })?;
+    Ok(lists)
+}
+
+/// Inserts `j` into the sorted list `l` unless it holds it already.
+fn insert_sorted(l: &mut Vec<u32>, j: u32) {
+    if let Err(at) = l.binary_search(&j) {
+        l.insert(at, j);
+    }
+}
+
+/// Adds every column of `0..nc` that no list holds to the list of its best row: `best_rows()`
+/// gives the best row of every column, and runs only when a column is missing (the host and
+/// the tensor-op truncations share this rule: no fine potential is a softmin over nothing).
+fn cover_columns(
+    lists: &mut [Vec<u32>],
+    nc: usize,
+    best_rows: impl FnOnce() -> Result<Vec<u32>>,
+) -> Result<()> {
+    let mut seen = vec![false; nc];
+    for l in lists.iter() {
+        for &j in l {
+            seen[j as usize] = true;
         }
     }
-    lists
+    if seen.iter().all(|&s| s) {
+        return Ok(());
+    }
+    let best = best_rows()?;
+    for j in (0..nc).filter(|&j| !seen[j]) {
+        insert_sorted(&mut lists[best[j] as usize], j as u32);
+    }
+    Ok(())
 }
 
 /// The transposed lists: row J of the result holds the I whose list holds J (sorted).
@@ -782,15 +800,22 @@ pub(crate) fn truncate(
         for bi in 0..bsz {
             let (r, c) = (&rx[bi], &ry[bi]);
             let keep = if on_host {
-                kept_lists(ms.cost, d, r, c, &fh[bi], &gh[bi], thresh, sym)
+                kept_lists(ms.cost, d, r, c, &fh[bi], &gh[bi], thresh, sym)?
             } else {
                 let dev = f.device();
                 let dt = on_device::setup_dtype(dev);
                 let pot = |t: &Tensor, n: usize| t.get(bi)?.narrow(0, 0, n)?.to_dtype(dt);
+                let xc = on_device::centroids(r, d, dt, dev)?;
+                // C_xx / C_yy: the rows are the columns, one upload.
+                let yc = if sym {
+                    xc.clone()
+                } else {
+                    on_device::centroids(c, d, dt, dev)?
+                };
                 on_device::kept_lists(
                     ms.cost,
-                    &on_device::centroids(r, d, dt, dev)?,
-                    &on_device::centroids(c, d, dt, dev)?,
+                    &xc,
+                    &yc,
                     &pot(f, r.len())?,
                     &pot(g, c.len())?,
                     thresh,

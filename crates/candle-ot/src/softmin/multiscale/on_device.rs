@@ -172,37 +172,19 @@ fn kept_lists_chunked(
         });
         for (k, mut l) in kept.into_iter().enumerate() {
             let i = r0 + k;
-            for extra in [Some(row_best[k]), (sym && i < nj).then_some(i as u32)]
-                .into_iter()
-                .flatten()
-            {
-                if let Err(at) = l.binary_search(&extra) {
-                    l.insert(at, extra);
-                }
+            super::insert_sorted(&mut l, row_best[k]);
+            if sym && i < nj {
+                super::insert_sorted(&mut l, i as u32);
             }
             lists.push(l);
         }
         r0 += r;
     }
     // Columns that no row kept: add their best row (as the host code does).
-    let mut seen = vec![false; nj];
-    for l in &lists {
-        for &j in l {
-            seen[j as usize] = true;
-        }
-    }
-    if seen.iter().any(|s| !s) {
-        let best = match col_best {
-            Some((_, a)) => a.to_vec1::<u32>()?,
-            None => vec![0; nj],
-        };
-        for j in (0..nj).filter(|&j| !seen[j]) {
-            let i = best[j] as usize;
-            if let Err(at) = lists[i].binary_search(&(j as u32)) {
-                lists[i].insert(at, j as u32);
-            }
-        }
-    }
+    super::cover_columns(&mut lists, nj, || match col_best {
+        Some((_, a)) => a.to_vec1::<u32>(),
+        None => Ok(vec![0; nj]),
+    })?;
     Ok(lists)
 }
 
@@ -523,7 +505,7 @@ mod tests {
                 weights: vec![1.0; ny],
             };
             for thresh in [-0.02, -0.1, -5.0] {
-                let want = super::super::kept_lists(cost, d, &rx, &ry, &f, &g, thresh, sym);
+                let want = super::super::kept_lists(cost, d, &rx, &ry, &f, &g, thresh, sym)?;
                 let t = |v: &[f64], n: usize, k: usize| Tensor::from_slice(v, (n, k), &dev);
                 let (xt, yt) = (t(&xc, nx, d)?, t(&yc, ny, d)?);
                 let (ft, gt) = (t(&f, nx, 1)?.squeeze(1)?, t(&g, ny, 1)?.squeeze(1)?);
